@@ -1,0 +1,281 @@
+"""BackPACK extension that backpropagates label directions and reduces them per module.
+
+One backward pass carries, alongside the gradient, a ``_Backpropagated`` quantity:
+
+* ``first``: ``[K, N, *shape]`` the directions of ``likelihoods`` pulled back to the
+  current tensor (``Jᵀ V``), from which exact, Î₁ and v₁ follow.
+* ``second``: for Î₂ only, ``(jacobians [S, N, *shape], coefficients [K, N, S])``: for
+  every activation ``z ↦ σ(z)`` met so far with ``σ'' ≠ 0``, the Jacobian of its input
+  ``z`` with respect to the current tensor, and the residual coefficients
+  ``σ''(z) ⊙ ∂(V_kᵀh)/∂σ(z)``. Then ``∂²(V_kᵀh)/∂θ_i² = Σ_s coef_ks (∂z_s/∂θ_i)²``.
+
+Each parameter's quantities are reduced to batch sums (``diagonal_terms``) inside its
+module's hook, so per-input tensors exist for one module at a time only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, Optional, Tuple
+
+import torch
+from backpack.core.derivatives.avgpool1d import AvgPool1DDerivatives
+from backpack.core.derivatives.avgpool2d import AvgPool2DDerivatives
+from backpack.core.derivatives.avgpool3d import AvgPool3DDerivatives
+from backpack.core.derivatives.batchnorm_nd import BatchNormNdDerivatives
+from backpack.core.derivatives.conv1d import Conv1DDerivatives
+from backpack.core.derivatives.conv2d import Conv2DDerivatives
+from backpack.core.derivatives.conv3d import Conv3DDerivatives
+from backpack.core.derivatives.conv_transpose1d import ConvTranspose1DDerivatives
+from backpack.core.derivatives.conv_transpose2d import ConvTranspose2DDerivatives
+from backpack.core.derivatives.conv_transpose3d import ConvTranspose3DDerivatives
+from backpack.core.derivatives.dropout import DropoutDerivatives
+from backpack.core.derivatives.elu import ELUDerivatives
+from backpack.core.derivatives.flatten import FlattenDerivatives
+from backpack.core.derivatives.leakyrelu import LeakyReLUDerivatives
+from backpack.core.derivatives.linear import LinearDerivatives
+from backpack.core.derivatives.logsigmoid import LogSigmoidDerivatives
+from backpack.core.derivatives.maxpool1d import MaxPool1DDerivatives
+from backpack.core.derivatives.maxpool2d import MaxPool2DDerivatives
+from backpack.core.derivatives.maxpool3d import MaxPool3DDerivatives
+from backpack.core.derivatives.relu import ReLUDerivatives
+from backpack.core.derivatives.selu import SELUDerivatives
+from backpack.core.derivatives.sigmoid import SigmoidDerivatives
+from backpack.core.derivatives.tanh import TanhDerivatives
+from backpack.core.derivatives.zeropad2d import ZeroPad2dDerivatives
+from backpack.extensions.backprop_extension import BackpropExtension
+from backpack.extensions.module_extension import ModuleExtension
+from torch import Tensor, nn
+
+from fimhooks.diagonal_terms import batch_sums, per_input_terms, rank_one_batch_sums
+from fimhooks.likelihoods import Likelihood
+
+#: Savefield on parameters; the monitor removes it inside the same module hook.
+SAVEFIELD = "_fimhooks_sums"
+
+#: Second-order Jacobians handled per chunk at a parameter (bounds peak memory).
+_CHUNK = 64
+
+
+@dataclass
+class _Backpropagated:
+    first: Tensor
+    second: Optional[Tuple[Tensor, Tensor]] = None
+
+
+@dataclass
+class _LabelContext:
+    """What the loss module hands to the parameter reductions of one backward pass."""
+
+    weights: Optional[Tensor]  # [N, K] float64, None when only Î₁ is collected
+    fourth_weights: Optional[Tensor]  # [N, K] float64
+    coefficients: Optional[Tensor]  # [N, M, K] float64
+    num_inputs: int
+
+
+class FisherExtension(BackpropExtension):
+    """Backpropagates directions (and Î₂ residual Jacobians) for the diagonal terms.
+
+    Args:
+        likelihood: The model's likelihood.
+        terms: Which of ``exact, v1, v2, I1, I2`` to reduce per parameter.
+        mc_samples: Label draws per input (``M``).
+        generator: Callable ``device -> torch.Generator`` for the label draws.
+    """
+
+    def __init__(self, likelihood: Likelihood, terms: FrozenSet[str], mc_samples: int, generator):
+        super().__init__(savefield=SAVEFIELD, module_exts=_module_extensions())
+        self.likelihood = likelihood
+        self.terms = terms
+        self.exact_pass = bool(terms & {"exact", "I2", "v1", "v2"})
+        self.second_order = "I2" in terms
+        self.mc_samples = mc_samples
+        self.generator = generator
+        self.context: Optional[_LabelContext] = None
+
+    def expects_backpropagation_quantities(self) -> bool:  # noqa: D102
+        return True
+
+    def reset(self) -> None:
+        """Forget quantities of an earlier backward pass (keys are data pointers)."""
+        self.saved_quantities._saved_quantities.clear()
+        self.context = None
+
+    def has_quantity_for(self, tensor: Tensor) -> bool:
+        """Whether a quantity was propagated back to ``tensor``."""
+        return tensor.data_ptr() in self.saved_quantities._saved_quantities
+
+    def start(self, h: Tensor) -> Tensor:
+        """Draw labels and return the directions for the network output ``h [N, C]``.
+
+        Returns:
+            ``[K, N, C]`` in ``h``'s dtype.
+        """
+        lik, m = self.likelihood, self.mc_samples
+        generator = self.generator(h.device)
+        h64 = h.double()
+        if not self.exact_pass:
+            self.context = _LabelContext(None, None, None, h.shape[0])
+            return lik.sampled_residuals(h64, m, generator).to(h.dtype)
+        self.context = _LabelContext(
+            weights=lik.weights(h64),
+            fourth_weights=lik.fourth_weights(h64),
+            coefficients=lik.sample_coefficients(h64, m, generator),
+            num_inputs=h.shape[0],
+        )
+        return lik.directions(h64).to(h.dtype)
+
+    def output_terms(self, U: Tensor, W: Optional[Tensor]) -> Dict[str, Tensor]:
+        """Per-input terms from ``U`` and ``W`` ``[K, N, *P]`` (cast to float64)."""
+        ctx = self.context
+        return per_input_terms(
+            U.double(),
+            None if W is None else W.double(),
+            ctx.weights,
+            ctx.fourth_weights,
+            self.likelihood.kappa,
+            ctx.coefficients,
+            self.terms,
+        )
+
+
+class _Loss(ModuleExtension):
+    """Starts the backpropagation from the loss's input; the user's labels are unused."""
+
+    def backpropagate(self, ext, module, g_inp, g_out, bp_quantity):  # noqa: D102
+        h = module.input0.detach()
+        if isinstance(module, nn.CrossEntropyLoss) and h.dim() != 2:
+            raise ValueError(
+                "fimhooks supports nn.CrossEntropyLoss on logits of shape [N, C]; "
+                f"got shape {tuple(h.shape)}."
+            )
+        directions = ext.start(h.reshape(h.shape[0], -1))
+        return _Backpropagated(directions.reshape(directions.shape[:1] + h.shape))
+
+
+class _PassThrough(ModuleExtension):
+    """Multiplies all backpropagated matrices by the module's transposed Jacobian."""
+
+    def __init__(self, derivatives, params=None):
+        self.derivatives = derivatives
+        super().__init__(params=params)
+
+    def backpropagate(self, ext, module, g_inp, g_out, bp: _Backpropagated):  # noqa: D102
+        jac_t = self.derivatives.jac_t_mat_prod
+        first = jac_t(module, g_inp, g_out, bp.first)
+        second = bp.second
+        if second is not None:
+            second = (jac_t(module, g_inp, g_out, second[0]), second[1])
+        return _Backpropagated(first, second)
+
+
+class _Activation(_PassThrough):
+    """Element-wise activation: adds a residual source where ``σ'' ≠ 0`` (Î₂ only)."""
+
+    def backpropagate(self, ext, module, g_inp, g_out, bp: _Backpropagated):  # noqa: D102
+        out = super().backpropagate(ext, module, g_inp, g_out, bp)
+        if not ext.second_order or self.derivatives.hessian_is_zero(module):
+            return out
+        z = module.input0
+        n, width = z.shape[0], z[0].numel()
+        d2f = self.derivatives.d2f(module, g_inp, g_out)
+        coefficients = (d2f.unsqueeze(0) * bp.first).reshape(-1, n, width)
+        identity = torch.eye(width, dtype=z.dtype, device=z.device)
+        jacobians = identity.reshape(width, 1, *z.shape[1:]).expand(width, *z.shape)
+        if out.second is not None:
+            jacobians = torch.cat([out.second[0], jacobians])
+            coefficients = torch.cat([out.second[1], coefficients], dim=2)
+        return _Backpropagated(out.first, (jacobians, coefficients))
+
+
+class _Parameterized(_PassThrough):
+    """Module with parameters: reduces per-input terms to batch sums per parameter."""
+
+    def __init__(self, derivatives, params=("weight", "bias")):
+        for name in params:
+            setattr(self, name, self._make_reduction(name))
+        super().__init__(derivatives, params=list(params))
+
+    def _make_reduction(self, name: str):
+        def reduce(ext, module, g_inp, g_out, bp: _Backpropagated) -> Dict[str, Tensor]:
+            if _is_rank_one(module):
+                terms = ext.output_terms(bp.first, _output_second_derivatives(bp))
+                if name == "bias":
+                    return batch_sums(terms)
+                return rank_one_batch_sums(terms, module.input0.detach().double())
+            return self.generic_sums(ext, module, g_inp, g_out, bp, name)
+
+        return reduce
+
+    def generic_sums(self, ext, module, g_inp, g_out, bp, name) -> Dict[str, Tensor]:
+        """Batch sums from per-input Jacobian products (any layer; used as reference)."""
+        param_mjp = self.derivatives.param_mjp
+        U = param_mjp(name, module, g_inp, g_out, bp.first, sum_batch=False)
+        W = None
+        if bp.second is not None:
+            jacobians, coefficients = bp.second
+            W = torch.zeros_like(U)
+            for start in range(0, jacobians.shape[0], _CHUNK):
+                chunk = slice(start, start + _CHUNK)
+                J = param_mjp(name, module, g_inp, g_out, jacobians[chunk], sum_batch=False)
+                W += torch.einsum("kns,sn...->kn...", coefficients[:, :, chunk], J**2)
+        return batch_sums(ext.output_terms(U, W))
+
+
+def _is_rank_one(module: nn.Module) -> bool:
+    """Linear layer on ``[N, in]`` inputs: per-input weight Jacobians are outer products."""
+    return isinstance(module, nn.Linear) and module.input0.dim() == 2
+
+
+def _output_second_derivatives(bp: _Backpropagated) -> Optional[Tensor]:
+    """``[K, N, out]`` second derivatives with respect to a layer's output."""
+    if bp.second is None:
+        return None
+    jacobians, coefficients = bp.second
+    return torch.einsum("kns,sno->kno", coefficients, jacobians**2)
+
+
+_ACTIVATIONS = {
+    nn.ReLU: ReLUDerivatives,
+    nn.LeakyReLU: LeakyReLUDerivatives,
+    nn.Tanh: TanhDerivatives,
+    nn.Sigmoid: SigmoidDerivatives,
+    nn.ELU: ELUDerivatives,
+    nn.SELU: SELUDerivatives,
+    nn.LogSigmoid: LogSigmoidDerivatives,
+}
+_LINEAR_OPS = {
+    nn.MaxPool1d: MaxPool1DDerivatives,
+    nn.MaxPool2d: MaxPool2DDerivatives,
+    nn.MaxPool3d: MaxPool3DDerivatives,
+    nn.AvgPool1d: AvgPool1DDerivatives,
+    nn.AvgPool2d: AvgPool2DDerivatives,
+    nn.AvgPool3d: AvgPool3DDerivatives,
+    nn.ZeroPad2d: ZeroPad2dDerivatives,
+    nn.Flatten: FlattenDerivatives,
+    nn.Dropout: DropoutDerivatives,
+}
+_PARAMETERIZED = {
+    nn.Linear: LinearDerivatives,
+    nn.Conv1d: Conv1DDerivatives,
+    nn.Conv2d: Conv2DDerivatives,
+    nn.Conv3d: Conv3DDerivatives,
+    nn.ConvTranspose1d: ConvTranspose1DDerivatives,
+    nn.ConvTranspose2d: ConvTranspose2DDerivatives,
+    nn.ConvTranspose3d: ConvTranspose3DDerivatives,
+    nn.BatchNorm1d: BatchNormNdDerivatives,
+    nn.BatchNorm2d: BatchNormNdDerivatives,
+    nn.BatchNorm3d: BatchNormNdDerivatives,
+}
+LOSSES = (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss)
+
+#: Module types fimhooks can attach to (leaves of the model).
+SUPPORTED_MODULES = tuple(_ACTIVATIONS) + tuple(_LINEAR_OPS) + tuple(_PARAMETERIZED)
+
+
+def _module_extensions() -> Dict[type, ModuleExtension]:
+    exts = {cls: _Loss() for cls in LOSSES}
+    exts.update({cls: _Activation(d()) for cls, d in _ACTIVATIONS.items()})
+    exts.update({cls: _PassThrough(d()) for cls, d in _LINEAR_OPS.items()})
+    exts.update({cls: _Parameterized(d()) for cls, d in _PARAMETERIZED.items()})
+    return exts

@@ -1,0 +1,171 @@
+"""Exponential-family likelihoods of SPEC §1 as pure functions of the model output.
+
+Each likelihood describes, for a batch of network outputs ``h`` of shape ``[N, C]``:
+
+* ``directions(h)``: ``K`` vectors per input in output space, ``[K, N, C]``, that are
+  backpropagated through the network. Their Jacobian-transposed images ``U = Jᵀ V`` give
+  every diagonal quantity of SPEC §2-§3.
+* ``weights(h)``: ``[N, K]`` weights ``w`` with ``g = Σ_k w_k U_k²`` (exact diagonal) and
+  ``v₂ = Σ_k w_k W_k²``, where ``W_k = ∂²(V_kᵀ h)/∂θ_i²``.
+* ``fourth_weights(h)`` and ``kappa``: ``v₁ = Σ_k w4_k U_k⁴ + κ g²``.
+* ``sample_coefficients(h, M)``: ``[N, M, K]`` coefficients ``R`` of sampled residuals
+  ``t(ŷ) − η = Σ_k R_k V_k`` (labels drawn from the model), so that the score is
+  ``s = Σ_k R_k U_k`` and the Hessian residual is ``r = Σ_k R_k W_k``.
+* ``sampled_residuals(h, M)``: ``[M, N, C]`` the residual vectors themselves, used when
+  only Î₁ is collected (then ``M`` vectors are backpropagated instead of ``C``).
+
+All numbers are per observation: nothing here depends on a loss's reduction or scale.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+class Likelihood:
+    """Base class: a likelihood ``p(y | h)`` with outputs flattened to ``[N, C]``."""
+
+    name: str = ""
+    kappa: float = 0.0
+
+    def directions(self, h: Tensor) -> Tensor:
+        """Backpropagated directions. Returns ``[K, N, C]``."""
+        n, c = h.shape
+        eye = torch.eye(c, dtype=h.dtype, device=h.device)
+        return eye.unsqueeze(1).expand(c, n, c)
+
+    def weights(self, h: Tensor) -> Tensor:
+        """Weights of ``g`` and ``v₂``. Returns ``[N, K]``."""
+        raise NotImplementedError
+
+    def fourth_weights(self, h: Tensor) -> Tensor:
+        """Weights of the ``U⁴`` term of ``v₁``. Returns ``[N, K]``."""
+        raise NotImplementedError
+
+    def sample_coefficients(
+        self, h: Tensor, mc_samples: int, generator: Optional[torch.Generator] = None
+    ) -> Tensor:
+        """Coefficients of sampled residuals in the directions. Returns ``[N, M, K]``."""
+        raise NotImplementedError
+
+    def sampled_residuals(
+        self, h: Tensor, mc_samples: int, generator: Optional[torch.Generator] = None
+    ) -> Tensor:
+        """Sampled residuals ``t(ŷ) − η``. Returns ``[M, N, C]``."""
+        coefficients = self.sample_coefficients(h, mc_samples, generator)
+        return torch.einsum("nmk,knc->mnc", coefficients, self.directions(h))
+
+
+class Categorical(Likelihood):
+    """Categorical likelihood on logits (``nn.CrossEntropyLoss``).
+
+    Directions are ``e_c − p`` for every class ``c``, so the score of a sampled label ``ŷ``
+    is the direction ``ŷ`` itself.
+    """
+
+    name = "categorical"
+    kappa = -1.0
+
+    def directions(self, h: Tensor) -> Tensor:  # noqa: D102
+        p = torch.softmax(h, dim=1)
+        eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
+        return eye.unsqueeze(1) - p.unsqueeze(0)
+
+    def weights(self, h: Tensor) -> Tensor:  # noqa: D102
+        return torch.softmax(h, dim=1)
+
+    def fourth_weights(self, h: Tensor) -> Tensor:  # noqa: D102
+        return torch.softmax(h, dim=1)
+
+    def sample_coefficients(self, h, mc_samples, generator=None):  # noqa: D102
+        p = torch.softmax(h.detach().double(), dim=1)
+        labels = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
+        return nn.functional.one_hot(labels, h.shape[1]).to(h.dtype)
+
+
+class Bernoulli(Likelihood):
+    """Independent Bernoulli per output on logits (``nn.BCEWithLogitsLoss``)."""
+
+    name = "bernoulli"
+    kappa = 2.0
+
+    def weights(self, h: Tensor) -> Tensor:  # noqa: D102
+        p = torch.sigmoid(h)
+        return p * (1 - p)
+
+    def fourth_weights(self, h: Tensor) -> Tensor:  # noqa: D102
+        q = self.weights(h)
+        return q * (1 - 6 * q)
+
+    def sample_coefficients(self, h, mc_samples, generator=None):  # noqa: D102
+        p = torch.sigmoid(h)
+        probs = p.unsqueeze(1).expand(-1, mc_samples, -1)
+        draws = torch.bernoulli(probs.detach(), generator=generator)
+        return draws - probs
+
+
+class Gaussian(Likelihood):
+    """Gaussian with mean ``f`` (the network output) and fixed ``sigma`` (``nn.MSELoss``)."""
+
+    name = "gaussian"
+    kappa = 2.0
+
+    def __init__(self, sigma: float = 1.0):
+        if not sigma > 0:
+            raise ValueError(f"sigma must be positive, got {sigma!r}.")
+        self.sigma = float(sigma)
+
+    def weights(self, h: Tensor) -> Tensor:  # noqa: D102
+        return torch.full_like(h, 1.0 / self.sigma**2)
+
+    def fourth_weights(self, h: Tensor) -> Tensor:  # noqa: D102
+        return torch.zeros_like(h)
+
+    def sample_coefficients(self, h, mc_samples, generator=None):  # noqa: D102
+        shape = (h.shape[0], mc_samples, h.shape[1])
+        noise = torch.randn(shape, dtype=h.dtype, device=h.device, generator=generator)
+        return noise / self.sigma
+
+
+SUPPORTED_LOSSES = "nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss"
+
+
+def likelihood_from_loss(loss_fn: nn.Module, sigma: Optional[float] = None) -> Likelihood:
+    """The likelihood that a PyTorch loss module encodes (SPEC §1).
+
+    Args:
+        loss_fn: An ``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss`` or ``nn.MSELoss``.
+        sigma: Gaussian noise level, only with ``nn.MSELoss`` (default 1). It is a parameter
+            of the likelihood, not implied by the loss's factor 2.
+
+    Raises:
+        ValueError: for any other loss, for options that change the likelihood
+            (class weights, label smoothing, ``pos_weight``), or ``sigma`` without MSE.
+    """
+    if isinstance(loss_fn, nn.MSELoss):
+        return Gaussian(1.0 if sigma is None else sigma)
+    if sigma is not None:
+        raise ValueError(
+            f"sigma is a parameter of the Gaussian likelihood (nn.MSELoss) only; "
+            f"got sigma={sigma!r} with {type(loss_fn).__name__}."
+        )
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
+            raise ValueError(
+                "fimhooks supports nn.CrossEntropyLoss without class weights and without "
+                "label smoothing: those change the loss but not the model's likelihood."
+            )
+        return Categorical()
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        if loss_fn.weight is not None or loss_fn.pos_weight is not None:
+            raise ValueError(
+                "fimhooks supports nn.BCEWithLogitsLoss without weight and pos_weight: "
+                "those change the loss but not the model's likelihood."
+            )
+        return Bernoulli()
+    raise ValueError(
+        f"Unsupported loss {type(loss_fn).__name__}: fimhooks supports {SUPPORTED_LOSSES}."
+    )

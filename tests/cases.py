@@ -1,0 +1,63 @@
+"""Tiny float64 models, likelihoods and inputs shared by the tests (SPEC §9)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SIGMA = 0.7  # Gaussian noise level used in the tests (not the default, to test it)
+
+
+def make_model(name: str, out: int) -> nn.Module:
+    """A tiny float64 network by name."""
+    torch.manual_seed(0)
+    builders = {
+        "tanh_mlp": lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, out)),
+        "sigmoid_mlp": lambda: nn.Sequential(
+            nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 3), nn.ELU(), nn.Linear(3, out)
+        ),
+        "relu_mlp": lambda: nn.Sequential(
+            nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.LeakyReLU(0.1), nn.Linear(4, out)
+        ),
+        "cnn": lambda: nn.Sequential(
+            nn.Conv2d(1, 2, 3),
+            nn.Tanh(),
+            nn.MaxPool2d(2, stride=1),
+            nn.Flatten(),
+            nn.Linear(8, out),
+        ),
+        "sequence_linear": lambda: nn.Sequential(
+            nn.Linear(3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(4, out)
+        ),
+    }
+    return builders[name]().double()
+
+
+def make_input(name: str, n: int = 5) -> torch.Tensor:
+    """Inputs matching ``make_model(name)``."""
+    generator = torch.Generator().manual_seed(1)
+    shape = {"cnn": (n, 1, 5, 5), "sequence_linear": (n, 2, 3)}.get(name, (n, 3))
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
+def make_loss(likelihood: str, reduction: str = "mean"):
+    """Loss module, number of outputs and sigma for a likelihood name."""
+    if likelihood == "categorical":
+        return nn.CrossEntropyLoss(reduction=reduction), 3, None
+    if likelihood == "bernoulli":
+        return nn.BCEWithLogitsLoss(reduction=reduction), 3, None
+    return nn.MSELoss(reduction=reduction), 2, SIGMA
+
+
+def make_target(loss_fn, output: torch.Tensor) -> torch.Tensor:
+    """Some training labels (fimhooks must not use them)."""
+    generator = torch.Generator().manual_seed(2)
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return torch.randint(0, output.shape[1], (output.shape[0],), generator=generator)
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return torch.randint(0, 2, output.shape, generator=generator).double()
+    return torch.randn(output.shape, generator=generator, dtype=output.dtype)
+
+
+MODELS = ["tanh_mlp", "sigmoid_mlp", "relu_mlp", "cnn", "sequence_linear"]
+LIKELIHOODS = ["categorical", "bernoulli", "gaussian"]

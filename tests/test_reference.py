@@ -1,0 +1,87 @@
+"""Monitor against the torch.func brute force of SPEC §9 (float64, 1e-8 relative)."""
+
+import pytest
+import torch
+from cases import LIKELIHOODS, MODELS, make_input, make_loss, make_model, make_target
+from reference import estimator_reference
+
+import fimhooks
+from fimhooks import extension
+
+RTOL = 1e-8
+
+
+def assert_close(actual: dict, expected: dict, what: str):
+    assert actual.keys() == expected.keys(), what
+    for name in expected:
+        a, e = actual[name], expected[name]
+        scale = e.abs().max().clamp_min(1e-12)
+        err = (a - e).abs().max() / scale
+        assert err < RTOL, f"{what}[{name}] differs by {err:.2e} (relative):\n{a}\n{e}"
+
+
+def collect(model, loss_fn, x, sigma, mc_samples, **options):
+    monitor = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma, mc_samples=mc_samples, **options)
+    output = model(x)
+    loss = loss_fn(output, make_target(loss_fn, output))
+    with monitor:
+        loss.backward()
+    monitor.remove()
+    return monitor.estimates()
+
+
+@pytest.mark.parametrize("mc_samples", [1, 3])
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_closed_forms_match_brute_force(model_name, likelihood, mc_samples):
+    loss_fn, out, sigma = make_loss(likelihood)
+    model, x = make_model(model_name, out), make_input(model_name)
+    est = collect(model, loss_fn, x, sigma, mc_samples)
+    ref = estimator_reference(model, loss_fn, x, mc_samples, sigma or 1.0)
+    assert_close(est.fisher("exact"), ref["exact"], "exact")
+    assert_close(est.variance("I1"), ref["v1"], "v1")
+    assert_close(est.variance("I2"), ref["v2"], "v2")
+    assert_close(est.data_variance(), ref["data"], "data variance")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_numbers_do_not_depend_on_reduction_or_batch_size(reduction):
+    loss_fn, out, _ = make_loss("categorical", reduction)
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp", n=6)
+    ref = estimator_reference(model, loss_fn, x, 1)
+    est = collect(model, loss_fn, x, None, 1)
+    assert_close(est.fisher("exact"), ref["exact"], "exact")
+    assert_close(est.variance("I2"), ref["v2"], "v2")
+
+
+def test_zero_variance_facts():
+    """v₂ = 0 on the last layer, and everywhere in a piecewise-linear network (SPEC §3)."""
+    loss_fn, out, _ = make_loss("categorical")
+    for model_name in ["tanh_mlp", "relu_mlp"]:
+        model, x = make_model(model_name, out), make_input(model_name)
+        est = collect(model, loss_fn, x, None, 1)
+        v2, last = est.variance("I2"), str(len(model) - 1)
+        assert all((v == 0).all() for n, v in v2.items() if n.startswith(last))
+        if model_name == "relu_mlp":
+            assert all((v == 0).all() for v in v2.values())
+            for name, value in est.fisher("I2").items():
+                torch.testing.assert_close(value, est.fisher("exact")[name], rtol=1e-12, atol=0)
+        else:
+            assert (v2["0.weight"] > 0).any()
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("model_name", ["tanh_mlp", "sigmoid_mlp"])
+def test_rank_one_linear_path_equals_generic_path(model_name, likelihood, monkeypatch):
+    loss_fn, out, sigma = make_loss(likelihood)
+    model, x = make_model(model_name, out), make_input(model_name)
+    fast = collect(model, loss_fn, x, sigma, 2, seed=3)
+    monkeypatch.setattr(extension, "_is_rank_one", lambda module: False)
+    generic = collect(model, loss_fn, x, sigma, 2, seed=3)
+    for estimator in ["I1", "I2", "exact"]:
+        assert_close(fast.fisher(estimator), generic.fisher(estimator), estimator)
+        assert_close(
+            fast.empirical_variance(estimator), generic.empirical_variance(estimator), estimator
+        )
+    for estimator in ["I1", "I2"]:
+        assert_close(fast.variance(estimator), generic.variance(estimator), estimator)
