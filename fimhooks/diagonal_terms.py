@@ -39,6 +39,7 @@ def per_input_terms(
 
     Returns:
         ``{term: [N, *P]}`` for each wanted term among ``exact, v1, v2, I1, I2``.
+
     """
     wanted = set(wanted)
     out = {}
@@ -70,6 +71,7 @@ def batch_sums(terms: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
     Returns:
         ``{name: [*P]}``; squared sums under ``name + "_sq"``.
+
     """
     sums = {name: t.sum(0) for name, t in terms.items()}
     for name in SQUARED_TERMS:
@@ -96,6 +98,7 @@ def rank_one_batch_sums(output_terms: Dict[str, Tensor], inputs: Tensor) -> Dict
 
     Returns:
         ``{name: [out, in]}`` as ``batch_sums`` of the weight's per-input terms.
+
     """
     x2 = inputs**2
     x4 = x2**2

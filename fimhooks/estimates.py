@@ -24,6 +24,7 @@ class FisherEstimates:
         estimators: The estimators that were collected.
         exact_pass: Whether the closed-form (exact-pass) quantities were collected.
         skipped: Collected batches skipped for non-finite statistics.
+
     """
 
     def __init__(
@@ -87,9 +88,8 @@ class FisherEstimates:
             header.append("label share I1")
         if "I2" in self.estimators:
             header += ["label share I2", "zero v2"]
-        title = (
-            f"fimhooks: diagonal Fisher over {self.num_inputs} inputs"
-            + (f", {self.skipped} batches skipped" if self.skipped else "")
+        title = f"fimhooks: diagonal Fisher over {self.num_inputs} inputs" + (
+            f", {self.skipped} batches skipped" if self.skipped else ""
         )
         return title + "\n" + _format_table(header, rows)
 
@@ -124,8 +124,9 @@ class FisherEstimates:
 
     def _layers(self) -> Dict[str, List[str]]:
         layers: Dict[str, List[str]] = {}
-        for name in self._acc:
-            layers.setdefault(self._layer_of.get(name, name), []).append(name)
+        for name, layer in self._layer_of.items():  # model order
+            if name in self._acc:
+                layers.setdefault(layer, []).append(name)
         return layers
 
     def _check(self, estimator: str) -> None:
@@ -155,6 +156,9 @@ def _fmt(value: float) -> str:
 def _format_table(header: list, rows: list) -> str:
     cells = [header] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -81,6 +81,7 @@ class FisherExtension(BackpropExtension):
         terms: Which of ``exact, v1, v2, I1, I2`` to reduce per parameter.
         mc_samples: Label draws per input (``M``).
         generator: Callable ``device -> torch.Generator`` for the label draws.
+
     """
 
     def __init__(self, likelihood: Likelihood, terms: FrozenSet[str], mc_samples: int, generator):
@@ -110,6 +111,7 @@ class FisherExtension(BackpropExtension):
 
         Returns:
             ``[K, N, C]`` in ``h``'s dtype.
+
         """
         lik, m = self.likelihood, self.mc_samples
         generator = self.generator(h.device)

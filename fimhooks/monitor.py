@@ -47,6 +47,7 @@ class FisherMonitor:
     Raises:
         ValueError: for an unsupported loss or layer (with its path), BatchNorm in
             training mode, or invalid options.
+
     """
 
     def __init__(
@@ -103,16 +104,16 @@ class FisherMonitor:
             raise RuntimeError("this FisherMonitor was removed; create a new one.")
         if self._collecting:
             raise RuntimeError("`with monitor:` blocks cannot be nested.")
+        if self._armed:
+            _check_batchnorm(self._leaves)
+            self._extension.reset()
+            self._pending = {}
         self._collecting = self._armed
         self._entries += 1
         self._warning_filter = warnings.catch_warnings()
         self._warning_filter.__enter__()
         # Expected for the first layer (its input needs no gradient); harmless here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
-        if self._collecting:
-            _check_batchnorm(self._leaves)
-            self._extension.reset()
-            self._pending = {}
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -155,7 +156,7 @@ class FisherMonitor:
     # --- hooks: they only move data -------------------------------------------------
 
     def _attach(self) -> None:
-        for path, module in self._leaves.items():
+        for module in self._leaves.values():
             if getattr(module, "inplace", False):
                 module.inplace = False  # full backward hooks fail on in-place outputs
                 self._inplace.append(module)

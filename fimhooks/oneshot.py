@@ -34,6 +34,7 @@ def estimate(
 
     Returns:
         The estimates after all batches (cumulative average unless ``ema_decay``).
+
     """
     batches = [data] if _is_batch(data) else data
     saved_grads = {p: p.grad for p in model.parameters()}
@@ -57,9 +58,12 @@ def estimate(
 def _is_batch(data) -> bool:
     if isinstance(data, Tensor):
         return True
-    return isinstance(data, (tuple, list)) and len(data) == 2 and all(
-        isinstance(t, Tensor) for t in data
-    ) and len(data[0]) == len(data[1])
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+        and len(data[0]) == len(data[1])
+    )
 
 
 def _placeholder_target(loss_fn: nn.Module, output: Tensor) -> Tensor:

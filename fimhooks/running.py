@@ -29,6 +29,7 @@ class RunningDiagonal:
     Args:
         ema_decay: ``None`` for the cumulative average, else ``β`` in ``(0, 1)``.
         mc_samples: Label draws per input ``M``.
+
     """
 
     def __init__(self, ema_decay: Optional[float], mc_samples: int):

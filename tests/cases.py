@@ -26,11 +26,18 @@ def make_model(name: str, out: int) -> nn.Module:
             nn.Flatten(),
             nn.Linear(8, out),
         ),
+        "batchnorm_eval": lambda: nn.Sequential(
+            nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sigmoid(), nn.Linear(4, out)
+        ).eval(),
         "sequence_linear": lambda: nn.Sequential(
             nn.Linear(3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(4, out)
         ),
     }
-    return builders[name]().double()
+    model = builders[name]().double()
+    if name == "batchnorm_eval":  # running statistics away from their defaults
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model
 
 
 def make_input(name: str, n: int = 5) -> torch.Tensor:
@@ -59,5 +66,5 @@ def make_target(loss_fn, output: torch.Tensor) -> torch.Tensor:
     return torch.randn(output.shape, generator=generator, dtype=output.dtype)
 
 
-MODELS = ["tanh_mlp", "sigmoid_mlp", "relu_mlp", "cnn", "sequence_linear"]
+MODELS = ["tanh_mlp", "sigmoid_mlp", "relu_mlp", "cnn", "batchnorm_eval", "sequence_linear"]
 LIKELIHOODS = ["categorical", "bernoulli", "gaussian"]

@@ -1,0 +1,93 @@
+"""Bad input gets a clear error at construction, naming what is wrong and what works."""
+
+import pytest
+import torch
+from torch import nn
+
+import fimhooks
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize(
+    "loss_fn, match",
+    [
+        (
+            nn.L1Loss(),
+            "Unsupported loss L1Loss.*CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss",
+        ),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), "label smoothing"),
+        (nn.BCEWithLogitsLoss(pos_weight=torch.ones(2)), "pos_weight"),
+    ],
+)
+def test_unsupported_losses(loss_fn, match):
+    with pytest.raises(ValueError, match=match):
+        fimhooks.FisherMonitor(mlp(), loss_fn)
+
+
+def test_unsupported_layer_names_path_and_type():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.GELU(), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match=r"'1\.0' \(GELU\).*supports: .*Linear"):
+        fimhooks.FisherMonitor(model, nn.CrossEntropyLoss())
+
+
+def test_batchnorm_in_training_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="BatchNorm layer '1' is in training mode"):
+        fimhooks.FisherMonitor(model, nn.CrossEntropyLoss())
+    model.eval()
+    monitor = fimhooks.FisherMonitor(model, nn.CrossEntropyLoss())
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        with monitor:
+            pass
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"sigma": 0.5}, "sigma is a parameter of the Gaussian"),
+        ({"mc_samples": 0}, "mc_samples"),
+        ({"every": 0}, "every"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"estimators": ("I3",)}, "estimators"),
+        ({"estimators": ()}, "estimators"),
+    ],
+)
+def test_invalid_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        fimhooks.FisherMonitor(mlp(), nn.CrossEntropyLoss(), **options)
+
+
+def test_gaussian_sigma_must_be_positive():
+    with pytest.raises(ValueError, match="sigma must be positive"):
+        fimhooks.FisherMonitor(mlp(), nn.MSELoss(), sigma=0.0)
+
+
+def test_functional_op_between_layers_is_reported():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    model, loss_fn = Net(), nn.CrossEntropyLoss()
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    loss = loss_fn(model(torch.randn(5, 3)), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="layer 'a'"):
+        with monitor:
+            loss.backward()
+
+
+def test_removed_monitor_and_estimates_before_collection():
+    monitor = fimhooks.FisherMonitor(mlp(), nn.CrossEntropyLoss())
+    with pytest.raises(RuntimeError, match="no batch"):
+        monitor.estimates().fisher("I1")
+    monitor.remove()
+    with pytest.raises(RuntimeError, match="removed"):
+        with monitor:
+            pass

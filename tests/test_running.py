@@ -1,0 +1,103 @@
+"""Running estimates (SPEC §5): EMA weights, cumulative merges, state round trips."""
+
+import pytest
+import torch
+from cases import make_input, make_loss, make_model, make_target
+
+import fimhooks
+from fimhooks.running import RunningDiagonal
+
+
+def random_sums(generator, n):
+    values = {
+        k: torch.rand(4, generator=generator, dtype=torch.float64) for k in ("exact", "I1", "I2")
+    }
+    per_input = {
+        k: v * torch.rand(n, 4, generator=generator, dtype=torch.float64) for k, v in values.items()
+    }
+    sums = {k: v.sum(0) for k, v in per_input.items()}
+    sums.update({k + "_sq": (v**2).sum(0) for k, v in per_input.items()})
+    sums.update({t: torch.rand(4, generator=generator, dtype=torch.float64) for t in ("v1", "v2")})
+    return sums
+
+
+def test_ema_uses_bias_corrected_weights():
+    beta, mc = 0.9, 2
+    generator = torch.Generator().manual_seed(0)
+    batches = [(random_sums(generator, n), n) for n in (3, 5, 4, 7)]
+    acc = RunningDiagonal(beta, mc)
+    for sums, n in batches:
+        acc.update(sums, n)
+    T = len(batches)
+    weights = torch.tensor(
+        [(1 - beta) * beta ** (T - t) for t in range(1, T + 1)], dtype=torch.float64
+    )
+    weights /= weights.sum()
+    means = torch.stack([s["I1"] / n for s, n in batches])
+    label = torch.stack([s["v1"] / (n**2 * mc) for s, n in batches])
+    sample = torch.stack([(s["I1_sq"] - s["I1"] ** 2 / n) / ((n - 1) * n) for s, n in batches])
+    torch.testing.assert_close(acc.fisher("I1"), weights @ means, rtol=1e-12, atol=0)
+    torch.testing.assert_close(acc.label_variance("I1"), weights**2 @ label, rtol=1e-12, atol=0)
+    torch.testing.assert_close(acc.sample_variance("I1"), weights**2 @ sample, rtol=1e-12, atol=0)
+
+
+def test_cumulative_merge_equals_single_accumulator():
+    generator = torch.Generator().manual_seed(1)
+    batches = [(random_sums(generator, n), n) for n in (3, 5, 4, 7)]
+    whole, left, right = (RunningDiagonal(None, 1) for _ in range(3))
+    for i, (sums, n) in enumerate(batches):
+        whole.update(sums, n)
+        (left if i < 2 else right).update(sums, n)
+    left.merge(right)
+    for estimator in ("I1", "I2", "exact"):
+        for get in ("fisher", "label_variance", "sample_variance"):
+            torch.testing.assert_close(
+                getattr(left, get)(estimator), getattr(whole, get)(estimator), rtol=1e-12, atol=0
+            )
+    with pytest.raises(ValueError, match="cumulative"):
+        RunningDiagonal(0.9, 1).merge(whole)
+
+
+def collect(monitor, model, loss_fn, x):
+    output = model(x)
+    with monitor:
+        loss_fn(output, make_target(loss_fn, output)).backward()
+
+
+def test_two_half_batches_equal_one_full_batch():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp", n=8)
+    full = fimhooks.FisherMonitor(model, loss_fn)
+    collect(full, model, loss_fn, x)
+    full.remove()
+    halves = fimhooks.FisherMonitor(model, loss_fn)
+    collect(halves, model, loss_fn, x[:4])
+    collect(halves, model, loss_fn, x[4:])
+    a, b = full.estimates(), halves.estimates()
+    assert b.num_inputs == 8
+    pairs = [
+        (a.fisher("exact"), b.fisher("exact")),
+        (a.variance("I1"), b.variance("I1")),
+        (a.variance("I2"), b.variance("I2")),
+        (a.data_variance(), b.data_variance()),
+    ]
+    for left, right in pairs:
+        for name in left:
+            torch.testing.assert_close(left[name], right[name], rtol=1e-10, atol=0)
+
+
+def test_state_dict_round_trip_restores_estimates_and_sampler():
+    loss_fn, out, _ = make_loss("bernoulli")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn, ema_decay=0.8)
+    collect(monitor, model, loss_fn, x)
+    state = monitor.state_dict()
+    collect(monitor, model, loss_fn, x)
+    expected = monitor.estimates().fisher("I1")
+    monitor.load_state_dict(state)
+    collect(monitor, model, loss_fn, x)
+    for name, value in monitor.estimates().fisher("I1").items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+    other = fimhooks.FisherMonitor(model, loss_fn, ema_decay=0.5)
+    with pytest.raises(ValueError, match="options"):
+        other.load_state_dict(state)

@@ -1,0 +1,177 @@
+"""The user's training is untouched: gradients, optimizer steps, hooks, memory, options."""
+
+import gc
+import warnings
+
+import pytest
+import torch
+from cases import make_input, make_loss, make_model, make_target
+
+import fimhooks
+from fimhooks.extension import SAVEFIELD
+
+
+def gradients(model, loss_fn, x, monitor=None):
+    model.zero_grad()
+    output = model(x)
+    loss = loss_fn(output, make_target(loss_fn, output))
+    if monitor is None:
+        loss.backward()
+    else:
+        with monitor:
+            loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+@pytest.mark.parametrize("model_name", ["tanh_mlp", "cnn"])
+def test_gradients_unchanged_and_nothing_left_behind(model_name, likelihood):
+    loss_fn, out, sigma = make_loss(likelihood, reduction="sum")
+    model, x = make_model(model_name, out), make_input(model_name)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain = gradients(model, loss_fn, x)
+    monitor = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma, mc_samples=2)
+    monitored = gradients(model, loss_fn, x, monitor)
+    for name, grad in plain.items():
+        torch.testing.assert_close(monitored[name], grad, rtol=1e-10, atol=0)
+    for p in model.parameters():
+        assert not hasattr(p, SAVEFIELD)
+    monitor.remove()
+    for module in list(model.modules()) + [loss_fn]:
+        assert not module._forward_hooks and not module._backward_hooks
+        assert not any(a == "output" or a.startswith("input") for a in vars(module))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name])
+
+
+def test_optimizer_step_unchanged_and_random_stream_untouched():
+    loss_fn, out, _ = make_loss("categorical")
+    x = make_input("tanh_mlp")
+    results = []
+    for attach in (False, True):
+        model = make_model("tanh_mlp", out)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        monitor = fimhooks.FisherMonitor(model, loss_fn) if attach else None
+        torch.manual_seed(5)
+        for _ in range(3):
+            gradients(model, loss_fn, x, monitor)
+            optimizer.step()
+        results.append(([p.detach().clone() for p in model.parameters()], torch.rand(3)))
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_inplace_activations_are_handled_and_restored():
+    loss_fn, out, _ = make_loss("categorical")
+    x = make_input("relu_mlp")
+    model = make_model("relu_mlp", out)
+    reference = fimhooks.estimate(model, loss_fn, x, progress=False)
+    model[1].inplace = True
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    gradients(model, loss_fn, x, monitor)
+    for name, value in monitor.estimates().fisher("exact").items():
+        torch.testing.assert_close(value, reference.fisher("exact")[name], rtol=1e-12, atol=0)
+    monitor.remove()
+    assert model[1].inplace is True
+
+
+def test_no_memory_accumulates_across_steps():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("sigmoid_mlp", out), make_input("sigmoid_mlp", n=16)
+    monitor = fimhooks.FisherMonitor(model, loss_fn, every=2)
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    for _ in range(4):
+        gradients(model, loss_fn, x, monitor)
+    baseline = live_tensors()
+    for _ in range(20):
+        gradients(model, loss_fn, x, monitor)
+    assert live_tensors() == baseline
+    assert not monitor._extension.saved_quantities._saved_quantities
+    assert monitor.estimates().num_inputs == 12 * 16
+
+
+def test_every_collects_every_kth_pass_only():
+    loss_fn, out, _ = make_loss("gaussian")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn, every=3)
+    for _ in range(7):
+        gradients(model, loss_fn, x, monitor)
+    assert monitor.estimates().num_inputs == 3 * len(x)  # passes 0, 3 and 6
+
+
+def test_non_finite_batch_is_skipped_counted_and_warned_once():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    gradients(model, loss_fn, x, monitor)
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        gradients(model, loss_fn, bad, monitor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradients(model, loss_fn, bad, monitor)
+    est = monitor.estimates()
+    assert est.skipped == 2 and est.num_inputs == len(x)
+    assert all(torch.isfinite(v).all() for v in est.fisher("I2").values())
+
+
+def test_float32_model_accumulates_in_float64():
+    loss_fn, out, _ = make_loss("categorical")
+    model64, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    model32 = make_model("tanh_mlp", out).float()
+    est64 = fimhooks.estimate(model64, loss_fn, x, progress=False)
+    est32 = fimhooks.estimate(model32, loss_fn, x.float(), progress=False)
+    for name, value in est32.fisher("exact").items():
+        assert value.dtype == torch.float64
+        torch.testing.assert_close(value, est64.fisher("exact")[name], rtol=1e-5, atol=1e-7)
+
+
+def test_estimate_accepts_batches_and_restores_gradients():
+    loss_fn, out, _ = make_loss("bernoulli")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp", n=6)
+    y = make_target(loss_fn, model(x))
+    grad = torch.ones_like(model[0].weight)
+    model[0].weight.grad = grad
+    one = fimhooks.estimate(model, loss_fn, (x, y), progress=False)
+    many = fimhooks.estimate(model, loss_fn, [x[:3], (x[3:], y[3:])], progress=False)
+    assert model[0].weight.grad is grad and model[2].weight.grad is None
+    for name, value in one.fisher("exact").items():
+        torch.testing.assert_close(value, many.fisher("exact")[name], rtol=1e-10, atol=0)
+    assert not model[0]._forward_hooks
+
+
+def test_i1_only_is_cheaper_and_says_what_it_lacks():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    est = fimhooks.estimate(model, loss_fn, x, estimators=("I1",), progress=False)
+    assert set(est.fisher("I1")) == {n for n, _ in model.named_parameters()}
+    est.empirical_variance("I1")
+    with pytest.raises(ValueError, match="exact pass"):
+        est.variance("I1")
+    with pytest.raises(ValueError, match="not collected"):
+        est.fisher("exact")
+    assert "tr I1" in est.summary()
+
+
+def test_summary_reports_every_layer():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("cnn", out), make_input("cnn")
+    text = fimhooks.estimate(model, loss_fn, x, progress=False).summary()
+    assert "0 " in text and "4 " in text and "zero v2" in text and "10/10" not in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_statistics_live_on_the_device():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("cnn", out).cuda(), make_input("cnn").cuda()
+    est = fimhooks.estimate(model, loss_fn, x, progress=False)
+    cpu = fimhooks.estimate(model.cpu(), loss_fn, x.cpu(), progress=False)
+    for name, value in est.fisher("exact").items():
+        assert value.is_cuda
+        torch.testing.assert_close(value.cpu(), cpu.fisher("exact")[name], rtol=1e-8, atol=0)
