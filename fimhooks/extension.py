@@ -19,9 +19,6 @@ from dataclasses import dataclass
 from typing import Dict, FrozenSet, Optional, Tuple
 
 import torch
-from backpack.core.derivatives.avgpool1d import AvgPool1DDerivatives
-from backpack.core.derivatives.avgpool2d import AvgPool2DDerivatives
-from backpack.core.derivatives.avgpool3d import AvgPool3DDerivatives
 from backpack.core.derivatives.batchnorm_nd import BatchNormNdDerivatives
 from backpack.core.derivatives.conv1d import Conv1DDerivatives
 from backpack.core.derivatives.conv2d import Conv2DDerivatives
@@ -171,6 +168,23 @@ class _PassThrough(ModuleExtension):
         return _Backpropagated(first, second)
 
 
+class _LinearOpDerivatives:
+    """Transposed Jacobian of a parameter-free linear module, by ``torch.func``.
+
+    Used for average pooling, whose BackPACK derivatives build a float32 transposed
+    convolution (failing for float64 models), for adaptive pooling and ``Identity``.
+    """
+
+    @staticmethod
+    def jac_t_mat_prod(module, g_inp, g_out, mat: Tensor) -> Tensor:
+        _, vjp = torch.func.vjp(module.forward, module.input0.detach())
+        return torch.vmap(vjp)(mat)[0]
+
+    @staticmethod
+    def hessian_is_zero(module) -> bool:
+        return True
+
+
 class _Activation(_PassThrough):
     """Element-wise activation: adds a residual source where ``σ'' ≠ 0`` (Î₂ only)."""
 
@@ -250,9 +264,13 @@ _LINEAR_OPS = {
     nn.MaxPool1d: MaxPool1DDerivatives,
     nn.MaxPool2d: MaxPool2DDerivatives,
     nn.MaxPool3d: MaxPool3DDerivatives,
-    nn.AvgPool1d: AvgPool1DDerivatives,
-    nn.AvgPool2d: AvgPool2DDerivatives,
-    nn.AvgPool3d: AvgPool3DDerivatives,
+    nn.AvgPool1d: _LinearOpDerivatives,
+    nn.AvgPool2d: _LinearOpDerivatives,
+    nn.AvgPool3d: _LinearOpDerivatives,
+    nn.AdaptiveAvgPool1d: _LinearOpDerivatives,
+    nn.AdaptiveAvgPool2d: _LinearOpDerivatives,
+    nn.AdaptiveAvgPool3d: _LinearOpDerivatives,
+    nn.Identity: _LinearOpDerivatives,
     nn.ZeroPad2d: ZeroPad2dDerivatives,
     nn.Flatten: FlattenDerivatives,
     nn.Dropout: DropoutDerivatives,

@@ -89,18 +89,20 @@ class FisherMonitor:
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._handles = []
         self._inplace = []
-        self._attach()
         self._accumulators: Dict[str, RunningDiagonal] = {}
         self.skipped = 0
         self._entries = 0
         self._collecting = False
+        self._removed = False
         self._pending: Dict[str, Dict[str, torch.Tensor]] = {}
         self._warned = set()
+        self._switch_inplace_off()
+        self._set_hooks(True)
 
     # --- the context manager -------------------------------------------------------
 
     def __enter__(self) -> "FisherMonitor":
-        if not self._handles:
+        if self._removed:
             raise RuntimeError("this FisherMonitor was removed; create a new one.")
         if self._collecting:
             raise RuntimeError("`with monitor:` blocks cannot be nested.")
@@ -125,6 +127,7 @@ class FisherMonitor:
         if collected and exc_type is None:
             self._commit(context)
         self._pending = {}
+        self._set_hooks(self._armed)
         return False
 
     @property
@@ -155,17 +158,25 @@ class FisherMonitor:
 
     # --- hooks: they only move data -------------------------------------------------
 
-    def _attach(self) -> None:
+    def _switch_inplace_off(self) -> None:
         for module in self._leaves.values():
             if getattr(module, "inplace", False):
                 module.inplace = False  # full backward hooks fail on in-place outputs
                 self._inplace.append(module)
-        for module in list(self._leaves.values()) + [self.loss_fn]:
-            self._handles.append(module.register_forward_hook(self._store_io))
-            self._handles.append(module.register_full_backward_hook(self._run_extension))
+
+    def _set_hooks(self, on: bool) -> None:
+        """Hooks exist only around collected steps, so other steps cost nothing extra."""
+        if on and not self._handles:
+            for module in list(self._leaves.values()) + [self.loss_fn]:
+                self._handles.append(module.register_forward_hook(self._store_io))
+                self._handles.append(module.register_full_backward_hook(self._run_extension))
+        elif not on:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
 
     def _store_io(self, module, inputs, output) -> None:
-        if self._armed and torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             for i, tensor in enumerate(inputs):
                 setattr(module, f"input{i}", tensor)
             module.output = output
@@ -238,9 +249,8 @@ class FisherMonitor:
 
     def remove(self) -> None:
         """Remove all hooks and leave model and loss exactly as they were."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._set_hooks(False)
+        self._removed = True
         for module in self._inplace:
             module.inplace = True
         self._inplace = []
@@ -267,6 +277,8 @@ class FisherMonitor:
                 f"this monitor has {self._options()}."
             )
         self._entries = state["entries"]
+        if not self._removed:
+            self._set_hooks(self._armed)
         self.skipped = state["skipped"]
         self._accumulators = {}
         for name, acc_state in state["accumulators"].items():

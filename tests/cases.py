@@ -29,6 +29,32 @@ def make_model(name: str, out: int) -> nn.Module:
         "batchnorm_eval": lambda: nn.Sequential(
             nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sigmoid(), nn.Linear(4, out)
         ).eval(),
+        "conv1d_selu_avgpool": lambda: nn.Sequential(
+            nn.Conv1d(2, 2, 3, padding=1),
+            nn.SELU(),
+            nn.AvgPool1d(2),
+            nn.Dropout(0.3),
+            nn.AdaptiveAvgPool1d(1),
+            nn.Identity(),
+            nn.Flatten(),
+            nn.Linear(2, out),
+        ).eval(),
+        "convtranspose_elu": lambda: nn.Sequential(
+            nn.ConvTranspose2d(1, 1, 2),
+            nn.ELU(),
+            nn.ZeroPad2d(1),
+            nn.Conv2d(1, 1, 2, stride=2),
+            nn.LogSigmoid(),
+            nn.Flatten(),
+            nn.Linear(4, out),
+        ),
+        "conv3d": lambda: nn.Sequential(
+            nn.Conv3d(1, 2, 2),
+            nn.Sigmoid(),
+            nn.MaxPool3d(2, stride=1),
+            nn.Flatten(),
+            nn.Linear(2, out),
+        ),
         "sequence_linear": lambda: nn.Sequential(
             nn.Linear(3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(4, out)
         ),
@@ -43,7 +69,13 @@ def make_model(name: str, out: int) -> nn.Module:
 def make_input(name: str, n: int = 5) -> torch.Tensor:
     """Inputs matching ``make_model(name)``."""
     generator = torch.Generator().manual_seed(1)
-    shape = {"cnn": (n, 1, 5, 5), "sequence_linear": (n, 2, 3)}.get(name, (n, 3))
+    shape = {
+        "cnn": (n, 1, 5, 5),
+        "conv1d_selu_avgpool": (n, 2, 4),
+        "convtranspose_elu": (n, 1, 2, 2),
+        "conv3d": (n, 1, 3, 3, 3),
+        "sequence_linear": (n, 2, 3),
+    }.get(name, (n, 3))
     return torch.randn(shape, generator=generator, dtype=torch.float64)
 
 
@@ -66,5 +98,15 @@ def make_target(loss_fn, output: torch.Tensor) -> torch.Tensor:
     return torch.randn(output.shape, generator=generator, dtype=output.dtype)
 
 
-MODELS = ["tanh_mlp", "sigmoid_mlp", "relu_mlp", "cnn", "batchnorm_eval", "sequence_linear"]
+MODELS = [
+    "tanh_mlp",
+    "sigmoid_mlp",
+    "relu_mlp",
+    "cnn",
+    "batchnorm_eval",
+    "conv1d_selu_avgpool",
+    "convtranspose_elu",
+    "conv3d",
+    "sequence_linear",
+]
 LIKELIHOODS = ["categorical", "bernoulli", "gaussian"]

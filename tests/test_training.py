@@ -175,3 +175,16 @@ def test_cuda_statistics_live_on_the_device():
     for name, value in est.fisher("exact").items():
         assert value.is_cuda
         torch.testing.assert_close(value.cpu(), cpu.fisher("exact")[name], rtol=1e-8, atol=0)
+
+
+def test_forward_inside_the_block_and_no_hooks_on_skipped_steps():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn, every=2)
+    for _ in range(4):
+        hooked = bool(model[0]._forward_hooks)
+        with monitor:
+            output = model(x)
+            loss_fn(output, make_target(loss_fn, output)).backward()
+        assert hooked == (monitor._entries % 2 == 1)
+    assert monitor.estimates().num_inputs == 2 * len(x)
