@@ -35,35 +35,35 @@ def per_input_terms(
     """Per-input diagonal terms.
 
     With ``weights=None`` the directions are the sampled residuals themselves (Î₁ only):
-    ``I1`` is then the mean of ``U²`` over the ``K = M`` directions.
+    ``I1`` is then the mean of ``U²`` over the ``K = M`` directions. With ``W=None`` (no
+    curvature) ``I2`` is ``exact`` itself (the same tensor) and ``v2`` is left out: zero.
 
     Returns:
         ``{term: [N, *P]}`` for each wanted term among ``exact, v1, v2, I1, I2``.
-
     """
     wanted = set(wanted)
-    out = {}
     if weights is None:
-        out["I1"] = (U**2).mean(0)
-        return out
-    w = _broadcast(weights, U)
-    g = (w * U**2).sum(0)
-    if "exact" in wanted or "I2" in wanted:
-        out["exact"] = g
+        return {"I1": (U * U).mean(0)}
+    U2 = U * U
+    g = _weighted_sum(weights, U2)
+    out = {"exact": g}
     if "v1" in wanted:
-        out["v1"] = (_broadcast(fourth_weights, U) * U**4).sum(0) + kappa * g**2
-    if "v2" in wanted:
-        out["v2"] = torch.zeros_like(g) if W is None else (w * W**2).sum(0)
+        out["v1"] = _weighted_sum(fourth_weights, U2 * U2) + kappa * g * g
     if "I1" in wanted:
         scores = torch.einsum("nmk,kn...->mn...", coefficients, U)
-        out["I1"] = (scores**2).mean(0)
+        out["I1"] = (scores * scores).mean(0)
     if "I2" in wanted:
         if W is None:
             out["I2"] = g
         else:
+            out["v2"] = _weighted_sum(weights, W * W)
             residuals = torch.einsum("nmk,kn...->mn...", coefficients, W)
             out["I2"] = g - residuals.mean(0)
     return out
+
+
+#: Power of the layer input with which each term scales for a rank-one (Linear) weight.
+INPUT_POWER = {"exact": 2, "I1": 2, "I2": 2, "v1": 4, "v2": 4}
 
 
 def batch_sums(terms: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -71,17 +71,10 @@ def batch_sums(terms: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
     Returns:
         ``{name: [*P]}``; squared sums under ``name + "_sq"``.
-
     """
-    sums = {name: t.sum(0) for name, t in terms.items()}
-    for name in SQUARED_TERMS:
-        if name in terms:
-            sums[name + "_sq"] = (terms[name] ** 2).sum(0)
-    return sums
-
-
-#: Power of the layer input with which each term scales for a rank-one (Linear) weight.
-INPUT_POWER = {"exact": 2, "I1": 2, "I2": 2, "v1": 4, "v2": 4}
+    summands, aliases = _summands(terms)
+    sums = {key: t.sum(0) for key, (t, _) in summands.items()}
+    return _with_aliases(sums, aliases)
 
 
 def rank_one_batch_sums(output_terms: Dict[str, Tensor], inputs: Tensor) -> Dict[str, Tensor]:
@@ -89,8 +82,8 @@ def rank_one_batch_sums(output_terms: Dict[str, Tensor], inputs: Tensor) -> Dict
 
     For ``z = θ x`` (a Linear layer without extra dimensions) every term of entry
     ``(j, k)`` is the term of output ``j`` times ``x_k²`` (``exact, I1, I2``) or ``x_k⁴``
-    (``v1, v2``), so batch sums are matrix products and no per-input tensor of the
-    weight's size is formed.
+    (``v1, v2`` and squared terms), so batch sums are two matrix products and no
+    per-input tensor of the weight's size is formed.
 
     Args:
         output_terms: ``{term: [N, out]}`` per-input terms of the layer output.
@@ -98,20 +91,40 @@ def rank_one_batch_sums(output_terms: Dict[str, Tensor], inputs: Tensor) -> Dict
 
     Returns:
         ``{name: [out, in]}`` as ``batch_sums`` of the weight's per-input terms.
-
     """
-    x2 = inputs**2
-    x4 = x2**2
-    powers = {2: x2, 4: x4}
+    summands, aliases = _summands(output_terms)
+    x2 = inputs * inputs
     sums = {}
-    for name, t in output_terms.items():
-        sums[name] = t.T @ powers[INPUT_POWER[name]]
+    for power, x_power in ((2, x2), (4, x2 * x2)):
+        keys = [k for k, (_, p) in summands.items() if p == power]
+        if keys:
+            stacked = torch.cat([summands[k][0] for k in keys], dim=1)
+            products = (stacked.T @ x_power).split(stacked.shape[1] // len(keys))
+            sums.update(zip(keys, products))
+    return _with_aliases(sums, aliases)
+
+
+def _summands(terms: Dict[str, Tensor]):
+    """Distinct per-input summands ``{key: (tensor, input power)}`` and aliased keys."""
+    summands, aliases = {}, {}
+    for name, t in terms.items():
+        twin = next((k for k, (other, _) in summands.items() if other is t), None)
+        if twin is not None:
+            aliases[name] = twin
+            if name in SQUARED_TERMS:
+                aliases[name + "_sq"] = twin + "_sq"
+            continue
+        summands[name] = (t, INPUT_POWER[name])
         if name in SQUARED_TERMS:
-            sums[name + "_sq"] = (t**2).T @ x4
+            summands[name + "_sq"] = (t * t, 4)
+    return summands, aliases
+
+
+def _with_aliases(sums: Dict[str, Tensor], aliases: Dict[str, str]) -> Dict[str, Tensor]:
+    sums.update({key: sums[twin] for key, twin in aliases.items()})
     return sums
 
 
-def _broadcast(per_input: Tensor, like: Tensor) -> Tensor:
-    """``[N, K]`` to ``[K, N, 1, ...]`` to broadcast against ``[K, N, *P]``."""
-    shape = per_input.T.shape + (1,) * (like.dim() - 2)
-    return per_input.T.reshape(shape)
+def _weighted_sum(weights: Tensor, values: Tensor) -> Tensor:
+    """``Σ_k weights[n, k] values[k, n, ...]``: ``[N, K]``, ``[K, N, *P]`` to ``[N, *P]``."""
+    return torch.einsum("nk,kn...->n...", weights, values)

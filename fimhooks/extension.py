@@ -4,10 +4,9 @@ One backward pass carries, alongside the gradient, a ``_Backpropagated`` quantit
 
 * ``first``: ``[K, N, *shape]`` the directions of ``likelihoods`` pulled back to the
   current tensor (``Jᵀ V``), from which exact, Î₁ and v₁ follow.
-* ``second``: for Î₂ only, ``(jacobians [S, N, *shape], coefficients [K, N, S])``: for
-  every activation ``z ↦ σ(z)`` met so far with ``σ'' ≠ 0``, the Jacobian of its input
-  ``z`` with respect to the current tensor, and the residual coefficients
-  ``σ''(z) ⊙ ∂(V_kᵀh)/∂σ(z)``. Then ``∂²(V_kᵀh)/∂θ_i² = Σ_s coef_ks (∂z_s/∂θ_i)²``.
+* ``sources``: for Î₂ only, one ``curvature.CurvatureSource`` for every activation
+  ``z ↦ σ(z)`` met so far with ``σ'' ≠ 0``; then ``∂²(V_kᵀh)/∂θ_i²`` is the sum over
+  sources of ``Σ_s c_ks (∂z_s/∂θ_i)²``.
 
 Each parameter's quantities are reduced to batch sums (``diagonal_terms``) inside its
 module's hook, so per-input tensors exist for one module at a time only.
@@ -44,6 +43,7 @@ from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
 from torch import Tensor, nn
 
+from fimhooks.curvature import CurvatureSource
 from fimhooks.diagonal_terms import batch_sums, per_input_terms, rank_one_batch_sums
 from fimhooks.likelihoods import Likelihood
 
@@ -57,16 +57,16 @@ _CHUNK = 64
 @dataclass
 class _Backpropagated:
     first: Tensor
-    second: Optional[Tuple[Tensor, Tensor]] = None
+    sources: Tuple[CurvatureSource, ...] = ()
 
 
 @dataclass
 class _LabelContext:
     """What the loss module hands to the parameter reductions of one backward pass."""
 
-    weights: Optional[Tensor]  # [N, K] float64, None when only Î₁ is collected
-    fourth_weights: Optional[Tensor]  # [N, K] float64
-    coefficients: Optional[Tensor]  # [N, M, K] float64
+    weights: Optional[Tensor]  # [N, K], None when only Î₁ is collected
+    fourth_weights: Optional[Tensor]  # [N, K]
+    coefficients: Optional[Tensor]  # [N, M, K]
     num_inputs: int
 
 
@@ -107,29 +107,27 @@ class FisherExtension(BackpropExtension):
         """Draw labels and return the directions for the network output ``h [N, C]``.
 
         Returns:
-            ``[K, N, C]`` in ``h``'s dtype.
-
+            ``[K, N, C]``.
         """
         lik, m = self.likelihood, self.mc_samples
         generator = self.generator(h.device)
-        h64 = h.double()
         if not self.exact_pass:
             self.context = _LabelContext(None, None, None, h.shape[0])
-            return lik.sampled_residuals(h64, m, generator).to(h.dtype)
+            return lik.sampled_residuals(h, m, generator)
         self.context = _LabelContext(
-            weights=lik.weights(h64),
-            fourth_weights=lik.fourth_weights(h64),
-            coefficients=lik.sample_coefficients(h64, m, generator),
+            weights=lik.weights(h),
+            fourth_weights=lik.fourth_weights(h),
+            coefficients=lik.sample_coefficients(h, m, generator),
             num_inputs=h.shape[0],
         )
-        return lik.directions(h64).to(h.dtype)
+        return lik.directions(h)
 
     def output_terms(self, U: Tensor, W: Optional[Tensor]) -> Dict[str, Tensor]:
-        """Per-input terms from ``U`` and ``W`` ``[K, N, *P]`` (cast to float64)."""
+        """Per-input terms from ``U`` and ``W`` ``[K, N, *P]``, in the model's precision."""
         ctx = self.context
         return per_input_terms(
-            U.double(),
-            None if W is None else W.double(),
+            U,
+            W,
             ctx.weights,
             ctx.fourth_weights,
             self.likelihood.kappa,
@@ -160,12 +158,15 @@ class _PassThrough(ModuleExtension):
         super().__init__(params=params)
 
     def backpropagate(self, ext, module, g_inp, g_out, bp: _Backpropagated):  # noqa: D102
-        jac_t = self.derivatives.jac_t_mat_prod
-        first = jac_t(module, g_inp, g_out, bp.first)
-        second = bp.second
-        if second is not None:
-            second = (jac_t(module, g_inp, g_out, second[0]), second[1])
-        return _Backpropagated(first, second)
+        def jac_t(mat: Tensor) -> Tensor:
+            return self.derivatives.jac_t_mat_prod(module, g_inp, g_out, mat)
+
+        sources = tuple(self.pull_back(s, module, g_inp, g_out, jac_t) for s in bp.sources)
+        return _Backpropagated(jac_t(bp.first), sources)
+
+    def pull_back(self, source: CurvatureSource, module, g_inp, g_out, jac_t):
+        """A curvature source seen from the module's input."""
+        return source.through_module(jac_t, module.output.shape)
 
 
 class _LinearOpDerivatives:
@@ -180,28 +181,20 @@ class _LinearOpDerivatives:
         _, vjp = torch.func.vjp(module.forward, module.input0.detach())
         return torch.vmap(vjp)(mat)[0]
 
-    @staticmethod
-    def hessian_is_zero(module) -> bool:
-        return True
 
-
-class _Activation(_PassThrough):
-    """Element-wise activation: adds a residual source where ``σ'' ≠ 0`` (Î₂ only)."""
+class _Elementwise(_PassThrough):
+    """Element-wise map (activation, dropout): adds a curvature source where ``σ'' ≠ 0``."""
 
     def backpropagate(self, ext, module, g_inp, g_out, bp: _Backpropagated):  # noqa: D102
         out = super().backpropagate(ext, module, g_inp, g_out, bp)
         if not ext.second_order or self.derivatives.hessian_is_zero(module):
             return out
-        z = module.input0
-        n, width = z.shape[0], z[0].numel()
         d2f = self.derivatives.d2f(module, g_inp, g_out)
-        coefficients = (d2f.unsqueeze(0) * bp.first).reshape(-1, n, width)
-        identity = torch.eye(width, dtype=z.dtype, device=z.device)
-        jacobians = identity.reshape(width, 1, *z.shape[1:]).expand(width, *z.shape)
-        if out.second is not None:
-            jacobians = torch.cat([out.second[0], jacobians])
-            coefficients = torch.cat([out.second[1], coefficients], dim=2)
-        return _Backpropagated(out.first, (jacobians, coefficients))
+        coefficients = (d2f.unsqueeze(0) * bp.first).flatten(2)
+        return _Backpropagated(out.first, out.sources + (CurvatureSource(coefficients),))
+
+    def pull_back(self, source, module, g_inp, g_out, jac_t):  # noqa: D102
+        return source.through_elementwise(self.derivatives.df(module, g_inp, g_out), jac_t)
 
 
 class _Parameterized(_PassThrough):
@@ -218,23 +211,27 @@ class _Parameterized(_PassThrough):
                 terms = ext.output_terms(bp.first, _output_second_derivatives(bp))
                 if name == "bias":
                     return batch_sums(terms)
-                return rank_one_batch_sums(terms, module.input0.detach().double())
+                return rank_one_batch_sums(terms, module.input0.detach())
             return self.generic_sums(ext, module, g_inp, g_out, bp, name)
 
         return reduce
+
+    def pull_back(self, source, module, g_inp, g_out, jac_t):  # noqa: D102
+        if _is_rank_one(module):
+            return source.through_linear(module.weight, jac_t, module.output.shape)
+        return super().pull_back(source, module, g_inp, g_out, jac_t)
 
     def generic_sums(self, ext, module, g_inp, g_out, bp, name) -> Dict[str, Tensor]:
         """Batch sums from per-input Jacobian products (any layer; used as reference)."""
         param_mjp = self.derivatives.param_mjp
         U = param_mjp(name, module, g_inp, g_out, bp.first, sum_batch=False)
-        W = None
-        if bp.second is not None:
-            jacobians, coefficients = bp.second
-            W = torch.zeros_like(U)
+        W = torch.zeros_like(U) if bp.sources else None
+        for source in bp.sources:
+            jacobians, coefficients = source.dense(module.output.shape), source.coefficients
             for start in range(0, jacobians.shape[0], _CHUNK):
                 chunk = slice(start, start + _CHUNK)
                 J = param_mjp(name, module, g_inp, g_out, jacobians[chunk], sum_batch=False)
-                W += torch.einsum("kns,sn...->kn...", coefficients[:, :, chunk], J**2)
+                W += torch.einsum("kns,sn...->kn...", coefficients[:, :, chunk], J * J)
         return batch_sums(ext.output_terms(U, W))
 
 
@@ -244,14 +241,14 @@ def _is_rank_one(module: nn.Module) -> bool:
 
 
 def _output_second_derivatives(bp: _Backpropagated) -> Optional[Tensor]:
-    """``[K, N, out]`` second derivatives with respect to a layer's output."""
-    if bp.second is None:
+    """``[K, N, out]`` second derivatives with respect to a Linear layer's output."""
+    if not bp.sources:
         return None
-    jacobians, coefficients = bp.second
-    return torch.einsum("kns,sno->kno", coefficients, jacobians**2)
+    return sum(source.squared_contraction() for source in bp.sources)
 
 
-_ACTIVATIONS = {
+_ELEMENTWISE = {
+    nn.Dropout: DropoutDerivatives,
     nn.ReLU: ReLUDerivatives,
     nn.LeakyReLU: LeakyReLUDerivatives,
     nn.Tanh: TanhDerivatives,
@@ -273,7 +270,6 @@ _LINEAR_OPS = {
     nn.Identity: _LinearOpDerivatives,
     nn.ZeroPad2d: ZeroPad2dDerivatives,
     nn.Flatten: FlattenDerivatives,
-    nn.Dropout: DropoutDerivatives,
 }
 _PARAMETERIZED = {
     nn.Linear: LinearDerivatives,
@@ -290,12 +286,12 @@ _PARAMETERIZED = {
 LOSSES = (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss)
 
 #: Module types fimhooks can attach to (leaves of the model).
-SUPPORTED_MODULES = tuple(_ACTIVATIONS) + tuple(_LINEAR_OPS) + tuple(_PARAMETERIZED)
+SUPPORTED_MODULES = tuple(_ELEMENTWISE) + tuple(_LINEAR_OPS) + tuple(_PARAMETERIZED)
 
 
 def _module_extensions() -> Dict[type, ModuleExtension]:
     exts = {cls: _Loss() for cls in LOSSES}
-    exts.update({cls: _Activation(d()) for cls, d in _ACTIVATIONS.items()})
+    exts.update({cls: _Elementwise(d()) for cls, d in _ELEMENTWISE.items()})
     exts.update({cls: _PassThrough(d()) for cls, d in _LINEAR_OPS.items()})
     exts.update({cls: _Parameterized(d()) for cls, d in _PARAMETERIZED.items()})
     return exts

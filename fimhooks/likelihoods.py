@@ -81,7 +81,7 @@ class Categorical(Likelihood):
         return torch.softmax(h, dim=1)
 
     def sample_coefficients(self, h, mc_samples, generator=None):  # noqa: D102
-        p = torch.softmax(h.detach().double(), dim=1)
+        p = torch.softmax(h.detach(), dim=1)
         labels = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
         return nn.functional.one_hot(labels, h.shape[1]).to(h.dtype)
 

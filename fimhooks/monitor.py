@@ -143,7 +143,8 @@ class FisherMonitor:
                 "computed with the monitored loss_fn inside the block.",
             )
             return
-        if not all(torch.isfinite(v).all() for s in self._pending.values() for v in s.values()):
+        totals = [v.sum() for sums in self._pending.values() for v in sums.values()]
+        if not torch.isfinite(torch.stack(totals)).all():  # a sum is finite iff its terms are
             self.skipped += 1
             self._warn_once(
                 "nonfinite",

@@ -3,12 +3,19 @@
 ``RunningDiagonal`` holds, for one parameter, float64 statistics built from the batch sums
 of ``diagonal_terms``. It knows nothing of modules or hooks.
 
-* Cumulative (``ema_decay=None``): weights ``w_t ∝ N_t``. Means and sample variances are
-  merged with Chan's formula, label-noise variances are plain sums, so accumulating
-  several batches (or merging two accumulators) gives exactly the numbers one batch of
-  all inputs would give.
+* Cumulative (``ema_decay=None``): weights ``w_t ∝ N_t``. The statistics are float64 sums
+  (of terms, of squared terms, of closed-form variances) and the input count, so
+  accumulating several batches, or merging accumulators, gives exactly the numbers of one
+  batch of all inputs.
 * EMA (``0 < β < 1``): ``Ī = Σ_t w_t Î^(t)`` with bias-corrected weights
   ``w_t = (1−β)β^(T−t) / (1−β^T)``; every variance is ``Σ_t w_t² Var(Î^(t))``.
+
+A closed-form variance term absent from the batch sums (``v2`` of a layer where the
+network is piecewise linear) counts as exactly zero.
+
+Batch sums arrive in the model's precision. They are staged in that precision for at most
+``FOLD_EVERY`` steps, then folded into the float64 statistics: an addition in float64 of a
+float32 tensor costs about as much as the matrix product that made it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from torch import Tensor
 ESTIMATORS = ("I1", "I2", "exact")
 #: Closed-form label-noise variance term of each sampled estimator (SPEC §3).
 LABEL_VARIANCE_TERM = {"I1": "v1", "I2": "v2"}
+#: Steps staged in the model's precision before they are folded into float64.
+FOLD_EVERY = 8
 
 
 class RunningDiagonal:
@@ -29,7 +38,6 @@ class RunningDiagonal:
     Args:
         ema_decay: ``None`` for the cumulative average, else ``β`` in ``(0, 1)``.
         mc_samples: Label draws per input ``M``.
-
     """
 
     def __init__(self, ema_decay: Optional[float], mc_samples: int):
@@ -38,16 +46,26 @@ class RunningDiagonal:
         self.num_inputs = 0
         self.num_steps = 0
         self.stats: Dict[str, Tensor] = {}
+        self._staged: Dict[str, Tensor] = {}
+        self._staged_steps = 0
 
     def update(self, sums: Dict[str, Tensor], num_inputs: int) -> None:
         """Add one collected batch from its batch sums (``diagonal_terms.batch_sums``)."""
-        batch = _batch_moments(sums, num_inputs, self.mc_samples)
-        if self.ema_decay is None:
-            self._merge_cumulative(batch, num_inputs)
-        else:
-            self._update_ema(batch)
+        step = sums if self.ema_decay is None else self._ema_step(sums, num_inputs)
+        for key in self._staged.keys() - step.keys():  # a term that is zero in this step
+            self._staged[key].mul_(self._decay(key))
+        for key, value in step.items():
+            if key not in self._staged:
+                self._staged[key] = value * self._gain(key)
+            elif self.ema_decay is None:
+                self._staged[key] += value
+            else:
+                self._staged[key].mul_(self._decay(key)).add_(value, alpha=self._gain(key))
         self.num_inputs += num_inputs
         self.num_steps += 1
+        self._staged_steps += 1
+        if self._staged_steps == FOLD_EVERY:
+            self._fold()
 
     def merge(self, other: "RunningDiagonal") -> None:
         """Merge another cumulative accumulator over different inputs into this one."""
@@ -55,68 +73,89 @@ class RunningDiagonal:
             raise ValueError("only cumulative averages (ema_decay=None) can be merged.")
         if self.mc_samples != other.mc_samples:
             raise ValueError("cannot merge statistics with different mc_samples.")
-        if other.num_inputs:
-            self._merge_cumulative(_as_batch(other), other.num_inputs)
-            self.num_inputs += other.num_inputs
-            self.num_steps += other.num_steps
+        self._fold()
+        other._fold()
+        for key, value in other.stats.items():
+            self.stats[key] = self.stats[key] + value if key in self.stats else value.clone()
+        self.num_inputs += other.num_inputs
+        self.num_steps += other.num_steps
 
-    def _merge_cumulative(self, batch: Dict[str, Tensor], n_b: int) -> None:
-        n_a = self.num_inputs
-        if n_a == 0:
-            self.stats = {k: v.clone() for k, v in batch.items()}
-            return
-        n = n_a + n_b
-        for key, value in batch.items():
-            if key.startswith("mean_"):
-                name = key[len("mean_") :]
-                delta = value - self.stats[key]
-                self.stats[key] += delta * (n_b / n)
-                self.stats["m2_" + name] += batch["m2_" + name] + delta**2 * (n_a * n_b / n)
-            elif key.startswith("sum_"):
-                self.stats[key] += value
+    def _ema_step(self, sums: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
+        """Per-step means and variances of the step's estimates (SPEC §5)."""
+        step = {}
+        for name in ESTIMATORS:
+            if name in sums:
+                total = sums[name]
+                step["mean_" + name] = total / n
+                m2 = (sums[name + "_sq"] - total**2 / n).clamp_min_(0.0)
+                step["var_" + name] = m2 / ((n - 1) * n) if n > 1 else torch.zeros_like(m2)
+        for term in LABEL_VARIANCE_TERM.values():
+            if term in sums:
+                step["labelvar_" + term] = sums[term] / (n**2 * self.mc_samples)
+        return step
 
-    def _update_ema(self, batch: Dict[str, Tensor]) -> None:
-        beta = self.ema_decay
-        for key, value in batch.items():
-            if key.startswith("mean_"):
-                decay, gain = beta, 1 - beta
-            elif key.startswith(("var_", "labelvar_")):
-                decay, gain = beta**2, (1 - beta) ** 2
+    def _decay(self, key: str) -> float:
+        """Per-step decay of a statistic: 1 for sums, ``β`` for means, ``β²`` for variances."""
+        if self.ema_decay is None:
+            return 1.0
+        return self.ema_decay if key.startswith("mean_") else self.ema_decay**2
+
+    def _gain(self, key: str) -> float:
+        if self.ema_decay is None:
+            return 1.0
+        gain = 1 - self.ema_decay
+        return gain if key.startswith("mean_") else gain**2
+
+    def _fold(self) -> None:
+        """Fold the staged steps into the float64 statistics."""
+        k = self._staged_steps
+        for key in self.stats.keys() - self._staged.keys():
+            self.stats[key].mul_(self._decay(key) ** k)
+        for key, value in self._staged.items():
+            if key in self.stats:
+                self.stats[key].mul_(self._decay(key) ** k).add_(value)
             else:
-                continue
-            old = self.stats.get(key)
-            self.stats[key] = gain * value if old is None else decay * old + gain * value
+                self.stats[key] = value.to(torch.float64, copy=True)
+        self._staged = {}
+        self._staged_steps = 0
 
     # --- reported quantities -------------------------------------------------------
 
     def fisher(self, estimator: str) -> Tensor:
         """Running diagonal estimate, ``[*P]``."""
+        self._fold()
+        if self.ema_decay is None:
+            return self.stats[estimator] / self.num_inputs
         return self.stats["mean_" + estimator] / self._bias_correction()
 
     def label_variance(self, estimator: str) -> Tensor:
         """Closed-form label-noise variance of the running estimate, ``[*P]``."""
-        if estimator == "exact":
-            return torch.zeros_like(self.stats["mean_exact"])
-        term = LABEL_VARIANCE_TERM[estimator]
+        self._fold()
+        term = LABEL_VARIANCE_TERM.get(estimator)
+        key = term if self.ema_decay is None else f"labelvar_{term}"
+        if key not in self.stats:  # 'exact', or v2 of a piecewise-linear layer
+            return torch.zeros_like(self.fisher(estimator))
         if self.ema_decay is None:
-            return self.stats["sum_" + term] / (self.num_inputs**2 * self.mc_samples)
-        return self.stats["labelvar_" + term] / self._bias_correction() ** 2
+            return self.stats[key] / (self.num_inputs**2 * self.mc_samples)
+        return self.stats[key] / self._bias_correction() ** 2
 
     def sample_variance(self, estimator: str) -> Tensor:
         """Empirical variance of the running estimate (sample variance across inputs / N)."""
-        if self.ema_decay is None:
-            n = self.num_inputs
-            m2 = self.stats["m2_" + estimator]
-            return m2 / ((n - 1) * n) if n > 1 else torch.full_like(m2, float("nan"))
-        return self.stats["var_" + estimator] / self._bias_correction() ** 2
+        self._fold()
+        if self.ema_decay is not None:
+            return self.stats["var_" + estimator] / self._bias_correction() ** 2
+        n = self.num_inputs
+        total, squares = self.stats[estimator], self.stats[estimator + "_sq"]
+        if n < 2:
+            return torch.full_like(total, float("nan"))
+        return (squares - total**2 / n).clamp_min(0.0) / ((n - 1) * n)
 
     def _bias_correction(self) -> float:
-        if self.ema_decay is None:
-            return 1.0
         return 1.0 - self.ema_decay**self.num_steps
 
     def state_dict(self) -> dict:
         """Everything needed to restore this accumulator exactly."""
+        self._fold()
         return {
             "ema_decay": self.ema_decay,
             "mc_samples": self.mc_samples,
@@ -132,25 +171,5 @@ class RunningDiagonal:
         self.num_inputs = state["num_inputs"]
         self.num_steps = state["num_steps"]
         self.stats = {k: v.clone() for k, v in state["stats"].items()}
-
-
-def _batch_moments(sums: Dict[str, Tensor], n: int, mc_samples: int) -> Dict[str, Tensor]:
-    """Per-batch mean, centred sum of squares and variances from batch sums."""
-    batch = {}
-    for name in ESTIMATORS:
-        if name not in sums:
-            continue
-        mean = sums[name] / n
-        m2 = (sums[name + "_sq"] - sums[name] * mean).clamp_min(0.0)
-        batch["mean_" + name] = mean
-        batch["m2_" + name] = m2
-        batch["var_" + name] = m2 / ((n - 1) * n) if n > 1 else torch.zeros_like(m2)
-    for term in LABEL_VARIANCE_TERM.values():
-        if term in sums:
-            batch["sum_" + term] = sums[term]
-            batch["labelvar_" + term] = sums[term] / (n**2 * mc_samples)
-    return batch
-
-
-def _as_batch(acc: RunningDiagonal) -> Dict[str, Tensor]:
-    return {k: v for k, v in acc.stats.items() if k.startswith(("mean_", "m2_", "sum_"))}
+        self._staged = {}
+        self._staged_steps = 0

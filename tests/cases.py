@@ -16,6 +16,16 @@ def make_model(name: str, out: int) -> nn.Module:
         "sigmoid_mlp": lambda: nn.Sequential(
             nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 3), nn.ELU(), nn.Linear(3, out)
         ),
+        "deep_tanh_mlp": lambda: nn.Sequential(
+            nn.Linear(3, 4),
+            nn.Tanh(),
+            nn.Linear(4, 4),
+            nn.Tanh(),
+            nn.Dropout(0.2),
+            nn.Linear(4, 3),
+            nn.Tanh(),
+            nn.Linear(3, out),
+        ).eval(),
         "relu_mlp": lambda: nn.Sequential(
             nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.LeakyReLU(0.1), nn.Linear(4, out)
         ),
@@ -101,6 +111,7 @@ def make_target(loss_fn, output: torch.Tensor) -> torch.Tensor:
 MODELS = [
     "tanh_mlp",
     "sigmoid_mlp",
+    "deep_tanh_mlp",
     "relu_mlp",
     "cnn",
     "batchnorm_eval",

@@ -71,7 +71,7 @@ def test_zero_variance_facts():
 
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
-@pytest.mark.parametrize("model_name", ["tanh_mlp", "sigmoid_mlp"])
+@pytest.mark.parametrize("model_name", ["tanh_mlp", "sigmoid_mlp", "deep_tanh_mlp"])
 def test_rank_one_linear_path_equals_generic_path(model_name, likelihood, monkeypatch):
     loss_fn, out, sigma = make_loss(likelihood)
     model, x = make_model(model_name, out), make_input(model_name)

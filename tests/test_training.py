@@ -9,6 +9,7 @@ from cases import make_input, make_loss, make_model, make_target
 
 import fimhooks
 from fimhooks.extension import SAVEFIELD
+from fimhooks.running import FOLD_EVERY
 
 
 def gradients(model, loss_fn, x, monitor=None):
@@ -80,19 +81,20 @@ def test_no_memory_accumulates_across_steps():
     loss_fn, out, _ = make_loss("categorical")
     model, x = make_model("sigmoid_mlp", out), make_input("sigmoid_mlp", n=16)
     monitor = fimhooks.FisherMonitor(model, loss_fn, every=2)
+    cycle = 2 * FOLD_EVERY  # passes between two folds of the staged statistics
 
     def live_tensors():
         gc.collect()
         return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
 
-    for _ in range(4):
+    for _ in range(cycle):
         gradients(model, loss_fn, x, monitor)
     baseline = live_tensors()
-    for _ in range(20):
+    for _ in range(3 * cycle):
         gradients(model, loss_fn, x, monitor)
     assert live_tensors() == baseline
     assert not monitor._extension.saved_quantities._saved_quantities
-    assert monitor.estimates().num_inputs == 12 * 16
+    assert monitor.estimates().num_inputs == 4 * FOLD_EVERY * 16
 
 
 def test_every_collects_every_kth_pass_only():

@@ -1,0 +1,277 @@
+"""Overhead of fimhooks relative to a plain training step, next to stock BackPACK routes.
+
+A script, not a test. Each row runs in its own subprocess (so peak memory is its own) and
+reports the median step time over ``--repeats`` steps and the peak memory above the plain
+step's. Ratios divide by the plain step measured in the same run.
+
+    python benchmarks/bench_overhead.py                    # CPU, batch 128, all models
+    python benchmarks/bench_overhead.py --device cuda --batch 512
+
+Rows (``fimhooks ...`` are ours; ``backpack ...`` compute the same numbers with stock
+BackPACK extensions; ``torch.func`` computes per-sample gradients with ``vmap``):
+
+    plain                    zero_grad + forward + backward + SGD step
+    fimhooks I1              estimators=("I1",): Î₁ and its empirical variance
+    fimhooks I1+exact        adds exact, closed-form v₁ and data variance
+    fimhooks I1+I2+exact     adds Î₂ and v₂
+    fimhooks not collected   a step inside `with monitor:` that is not collected
+    backpack DiagGGNExact    the diagonal GGN alone (reference for I1+exact)
+    backpack DiagHessian     the diagonal Hessian alone (reference for I2 on curved nets)
+    backpack BatchGrad I1    per-sample gradients of the sampled-label loss, reduced
+    backpack SqrtGGNExact    per-sample sqrt GGN, reduced to exact, v₁ and data variance
+    backpack BatchDiagHessian per-sample diagonal Hessian of the sampled-label loss (Î₂)
+    torch.func I1            vmap(grad) per-sample gradients of the sampled-label loss
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+ROWS = [
+    "plain",
+    "fimhooks I1",
+    "fimhooks I1+exact",
+    "fimhooks I1+I2+exact",
+    "fimhooks not collected",
+    "backpack DiagGGNExact",
+    "backpack DiagHessian",
+    "backpack BatchGrad I1",
+    "backpack SqrtGGNExact",
+    "backpack BatchDiagHessian",
+    "torch.func I1",
+]
+MODELS = ["mlp_relu", "mlp_tanh", "cnn", "mse_mlp"]
+
+
+def make_problem(name: str, batch: int, device: str):
+    torch.manual_seed(0)
+    if name in ("mlp_relu", "mlp_tanh", "mse_mlp"):
+        act = nn.Tanh if name == "mlp_tanh" else nn.ReLU
+        out = 1 if name == "mse_mlp" else 10
+        model = nn.Sequential(
+            nn.Linear(784, 512), act(), nn.Linear(512, 512), act(), nn.Linear(512, out)
+        )
+        x = torch.randn(batch, 784)
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 10),
+        )
+        x = torch.randn(batch, 1, 28, 28)
+    if name == "mse_mlp":
+        loss_fn, y = nn.MSELoss(), torch.randn(batch, 1)
+    else:
+        loss_fn, y = nn.CrossEntropyLoss(), torch.randint(0, 10, (batch,))
+    return model.to(device), loss_fn, x.to(device), y.to(device)
+
+
+def sampled_labels(loss_fn, output):
+    """Labels drawn from the model, as fimhooks does."""
+    with torch.no_grad():
+        if isinstance(loss_fn, nn.CrossEntropyLoss):
+            return torch.multinomial(torch.softmax(output, 1), 1).squeeze(1)
+        return output + torch.randn_like(output)
+
+
+def make_step(row: str, model, loss_fn, x, y):
+    """A closure running one training step with the row's extra work."""
+    import fimhooks
+    from backpack import backpack, extend
+    from backpack.extensions import (
+        BatchDiagHessian,
+        BatchGrad,
+        DiagGGNExact,
+        DiagHessian,
+        SqrtGGNExact,
+    )
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    params = list(model.parameters())
+
+    def plain_step(context=None, extra=None, loss_of=None):
+        optimizer.zero_grad()
+        output = model(x)
+        loss = (loss_of or loss_fn)(output, y) if loss_of is None else loss_of(output)
+        if context is None:
+            loss.backward()
+        else:
+            with context:
+                loss.backward()
+        if extra is not None:
+            extra(output)
+        optimizer.step()
+
+    if row == "plain":
+        return plain_step
+    if row.startswith("fimhooks"):
+        estimators = {
+            "fimhooks I1": ("I1",),
+            "fimhooks I1+exact": ("I1", "exact"),
+        }.get(row, ("I1", "I2", "exact"))
+        every = 10**9 if row == "fimhooks not collected" else 1
+        monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=estimators, every=every)
+        plain_step(monitor)  # the first step is collected; later ones are not
+        return lambda: plain_step(monitor)
+    if row == "torch.func I1":
+        from torch.func import functional_call, grad, vmap
+
+        def loss_one(p, xn, yn):
+            out = functional_call(model, p, (xn.unsqueeze(0),))
+            return loss_fn(out, yn.unsqueeze(0))
+
+        per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
+
+        def step():
+            plain_step()
+            with torch.no_grad():
+                output = model(x)
+            labels = sampled_labels(loss_fn, output)
+            p = {n: t.detach() for n, t in model.named_parameters()}
+            for g in per_sample(p, x, labels).values():
+                _sums_of_squares(g)
+
+        return step
+
+    extend(model)
+    extend(loss_fn)
+    sum_loss = type(loss_fn)(reduction="sum")
+    extend(sum_loss)
+    if row == "backpack DiagGGNExact":
+        return lambda: plain_step(backpack(DiagGGNExact()))
+    if row == "backpack DiagHessian":
+        return lambda: plain_step(backpack(DiagHessian()))
+    if row == "backpack SqrtGGNExact":
+
+        def reduce_sqrt_ggn(_):
+            for p in params:
+                s = p.sqrt_ggn_exact.flatten(2) * x.shape[0] ** 0.5  # [C, N, P], per sample
+                g = (s**2).sum(0)
+                (g.sum(0), (g**2).sum(0), (s**4).sum(0).sum(0))
+                del p.sqrt_ggn_exact
+
+        return lambda: plain_step(backpack(SqrtGGNExact()), extra=reduce_sqrt_ggn)
+
+    def sampled_step(extension, savefield):
+        def step():
+            plain_step()
+            optimizer.zero_grad()
+            output = model(x)
+            with backpack(extension):
+                sum_loss(output, sampled_labels(loss_fn, output)).backward()
+            for p in params:
+                _sums_of_squares(getattr(p, savefield))
+                delattr(p, savefield)
+
+        return step
+
+    if row == "backpack BatchGrad I1":
+        return sampled_step(BatchGrad(), "grad_batch")
+    if row == "backpack BatchDiagHessian":
+        return sampled_step(BatchDiagHessian(), "diag_h_batch")
+    raise ValueError(row)
+
+
+def _sums_of_squares(per_sample: torch.Tensor):
+    s2 = per_sample**2 if per_sample.dim() > 1 else per_sample
+    return s2.sum(0), (s2**2).sum(0)
+
+
+def run_worker(model_name: str, row: str, batch: int, device: str, repeats: int) -> dict:
+    model, loss_fn, x, y = make_problem(model_name, batch, device)
+    if row == "backpack DiagHessian" and model_name in ("mlp_relu", "cnn", "mse_mlp"):
+        pass  # still measured: DiagHessian is the stock route for curvature
+    step = make_step(row, model, loss_fn, x, y)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(2):
+        step()
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"median_s": statistics.median(times), "peak_mb": peak_mb}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "ROW"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = run_worker(*args.worker, args.batch, args.device, args.repeats)
+        print(json.dumps(result))
+        return
+
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"device {args.device}, batch {args.batch}, repeats {args.repeats}"
+    )
+    for model_name in args.models.split(","):
+        print(f"\n## {model_name}\n")
+        print(f"| row | median step (ms) | ratio to plain | peak memory above plain (MB) |")
+        print("|---|---:|---:|---:|")
+        plain = None
+        for row in args.rows.split(","):
+            repeats = args.repeats if "Hessian" not in row else max(3, args.repeats // 5)
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                model_name,
+                row,
+                "--batch",
+                str(args.batch),
+                "--device",
+                args.device,
+                "--repeats",
+                str(repeats),
+            ]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                reason = done.stderr.strip().splitlines()[-1] if done.stderr else "failed"
+                print(f"| {row} | failed: {reason[:80]} | | |", flush=True)
+                continue
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if row == "plain":
+                plain = result
+            ratio = result["median_s"] / plain["median_s"] if plain else float("nan")
+            extra = result["peak_mb"] - plain["peak_mb"] if plain else float("nan")
+            print(
+                f"| {row} | {1e3 * result['median_s']:.2f} | {ratio:.2f} | {extra:.0f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
