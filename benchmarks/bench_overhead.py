@@ -55,6 +55,7 @@ MODELS = ["mlp_relu", "mlp_tanh", "cnn", "mse_mlp"]
 
 
 def make_problem(name: str, batch: int, device: str):
+    """Model, loss, inputs and labels of a benchmark problem."""
     torch.manual_seed(0)
     if name in ("mlp_relu", "mlp_tanh", "mse_mlp"):
         act = nn.Tanh if name == "mlp_tanh" else nn.ReLU
@@ -92,7 +93,6 @@ def sampled_labels(loss_fn, output):
 
 def make_step(row: str, model, loss_fn, x, y):
     """A closure running one training step with the row's extra work."""
-    import fimhooks
     from backpack import backpack, extend
     from backpack.extensions import (
         BatchDiagHessian,
@@ -101,6 +101,8 @@ def make_step(row: str, model, loss_fn, x, y):
         DiagHessian,
         SqrtGGNExact,
     )
+
+    import fimhooks
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     params = list(model.parameters())
@@ -194,9 +196,8 @@ def _sums_of_squares(per_sample: torch.Tensor):
 
 
 def run_worker(model_name: str, row: str, batch: int, device: str, repeats: int) -> dict:
+    """Median step time and peak memory (MB) of one row, after two warm-up steps."""
     model, loss_fn, x, y = make_problem(model_name, batch, device)
-    if row == "backpack DiagHessian" and model_name in ("mlp_relu", "cnn", "mse_mlp"):
-        pass  # still measured: DiagHessian is the stock route for curvature
     step = make_step(row, model, loss_fn, x, y)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):
@@ -205,6 +206,8 @@ def run_worker(model_name: str, row: str, batch: int, device: str, repeats: int)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    else:
+        base = _reset_peak_rss()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -214,11 +217,41 @@ def run_worker(model_name: str, row: str, batch: int, device: str, repeats: int)
     if device == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"median_s": statistics.median(times), "peak_mb": peak_mb}
+        peak_mb = _peak_rss_mb() - base
+    params_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    return {"median_s": statistics.median(times), "peak_mb": peak_mb, "params_mb": params_mb}
+
+
+def _reset_peak_rss() -> float:
+    """Restart the peak resident memory count (Linux); returns the current memory, MB."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back before measuring
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_mb("VmRSS:")
+    except (OSError, AttributeError):
+        return 0.0
+
+
+def _peak_rss_mb() -> float:
+    try:
+        return _proc_status_mb("VmHWM:")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"{field} not in /proc/self/status")
 
 
 def main():
+    """Run every row of every model in its own process and print Markdown tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=128)
@@ -239,7 +272,7 @@ def main():
     )
     for model_name in args.models.split(","):
         print(f"\n## {model_name}\n")
-        print(f"| row | median step (ms) | ratio to plain | peak memory above plain (MB) |")
+        print("| row | median step (ms) | ratio to plain | step's peak memory above plain (MB) |")
         print("|---|---:|---:|---:|")
         plain = None
         for row in args.rows.split(","):
@@ -265,11 +298,17 @@ def main():
             result = json.loads(done.stdout.strip().splitlines()[-1])
             if row == "plain":
                 plain = result
+                params = f"{result['params_mb']:.1f} MB of parameters"
             ratio = result["median_s"] / plain["median_s"] if plain else float("nan")
             extra = result["peak_mb"] - plain["peak_mb"] if plain else float("nan")
             print(
                 f"| {row} | {1e3 * result['median_s']:.2f} | {ratio:.2f} | {extra:.0f} |",
                 flush=True,
+            )
+        if plain:
+            print(
+                f"\n{params}. Memory: peak during the timed steps above the memory at their "
+                "start (running statistics excluded), minus the plain step's."
             )
 
 

@@ -14,7 +14,8 @@ The terms are ``g`` (exact), ``v1``, ``v2`` (label-noise variances of one summan
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -66,18 +67,45 @@ def per_input_terms(
 INPUT_POWER = {"exact": 2, "I1": 2, "I2": 2, "v1": 4, "v2": 4}
 
 
-def batch_sums(terms: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Sums over the batch axis of per-input terms, with sums of squares where needed.
+@dataclass
+class BatchSums:
+    """Batch sums of one parameter's terms (``{name}`` and ``{name}_sq``), ``[*P]`` each.
 
-    Returns:
-        ``{name: [*P]}``; squared sums under ``name + "_sq"``.
+    Attributes:
+        sums: Sums already formed, by key.
+        products: Rank-one sums not yet multiplied out: ``(keys, left [N, len(keys)·out],
+            right [N, in])`` stands for ``left.T @ right``, split into one ``[out, in]``
+            block per key. Keeping the factors, O(batch × width), instead of the
+            parameter-sized products lets the running sums absorb them in one ``addmm``.
+        aliases: Keys whose sums are those of another key (``I2`` is ``exact`` where
+            the network is piecewise linear).
     """
+
+    sums: Dict[str, Tensor] = field(default_factory=dict)
+    products: List[Tuple[Tuple[str, ...], Tensor, Tensor]] = field(default_factory=list)
+    aliases: Dict[str, str] = field(default_factory=dict)
+
+    def dense(self) -> Dict[str, Tensor]:
+        """All sums by key, aliases included, with the products multiplied out."""
+        sums = dict(self.sums)
+        for keys, left, right in self.products:
+            sums.update(zip(keys, (left.T @ right).split(left.shape[1] // len(keys))))
+        sums.update({key: sums[twin] for key, twin in self.aliases.items()})
+        return sums
+
+    def totals(self) -> List[Tensor]:
+        """Scalars that are finite iff every sum is (sums of finite factors are finite)."""
+        totals = [t.sum() for t in self.sums.values()]
+        return totals + [f.sum() for _, left, right in self.products for f in (left, right)]
+
+
+def batch_sums(terms: Dict[str, Tensor]) -> BatchSums:
+    """Sums over the batch axis of per-input terms ``{term: [N, *P]}``, squares included."""
     summands, aliases = _summands(terms)
-    sums = {key: t.sum(0) for key, (t, _) in summands.items()}
-    return _with_aliases(sums, aliases)
+    return BatchSums({key: t.sum(0) for key, (t, _) in summands.items()}, aliases=aliases)
 
 
-def rank_one_batch_sums(output_terms: Dict[str, Tensor], inputs: Tensor) -> Dict[str, Tensor]:
+def rank_one_batch_sums(output_terms: Dict[str, Tensor], inputs: Tensor) -> BatchSums:
     """Batch sums for a weight whose per-input Jacobian is an outer product.
 
     For ``z = θ x`` (a Linear layer without extra dimensions) every term of entry
@@ -90,18 +118,16 @@ def rank_one_batch_sums(output_terms: Dict[str, Tensor], inputs: Tensor) -> Dict
         inputs: ``[N, in]`` the layer input.
 
     Returns:
-        ``{name: [out, in]}`` as ``batch_sums`` of the weight's per-input terms.
+        The weight's batch sums, ``[out, in]`` each, as products of factors.
     """
     summands, aliases = _summands(output_terms)
     x2 = inputs * inputs
-    sums = {}
+    products = []
     for power, x_power in ((2, x2), (4, x2 * x2)):
-        keys = [k for k, (_, p) in summands.items() if p == power]
+        keys = tuple(k for k, (_, p) in summands.items() if p == power)
         if keys:
-            stacked = torch.cat([summands[k][0] for k in keys], dim=1)
-            products = (stacked.T @ x_power).split(stacked.shape[1] // len(keys))
-            sums.update(zip(keys, products))
-    return _with_aliases(sums, aliases)
+            products.append((keys, torch.cat([summands[k][0] for k in keys], dim=1), x_power))
+    return BatchSums(products=products, aliases=aliases)
 
 
 def _summands(terms: Dict[str, Tensor]):
@@ -118,11 +144,6 @@ def _summands(terms: Dict[str, Tensor]):
         if name in SQUARED_TERMS:
             summands[name + "_sq"] = (t * t, 4)
     return summands, aliases
-
-
-def _with_aliases(sums: Dict[str, Tensor], aliases: Dict[str, str]) -> Dict[str, Tensor]:
-    sums.update({key: sums[twin] for key, twin in aliases.items()})
-    return sums
 
 
 def _weighted_sum(weights: Tensor, values: Tensor) -> Tensor:

@@ -24,7 +24,6 @@ class FisherEstimates:
         estimators: The estimators that were collected.
         exact_pass: Whether the closed-form (exact-pass) quantities were collected.
         skipped: Collected batches skipped for non-finite statistics.
-
     """
 
     def __init__(

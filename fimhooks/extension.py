@@ -44,7 +44,7 @@ from backpack.extensions.module_extension import ModuleExtension
 from torch import Tensor, nn
 
 from fimhooks.curvature import CurvatureSource
-from fimhooks.diagonal_terms import batch_sums, per_input_terms, rank_one_batch_sums
+from fimhooks.diagonal_terms import BatchSums, batch_sums, per_input_terms, rank_one_batch_sums
 from fimhooks.likelihoods import Likelihood
 
 #: Savefield on parameters; the monitor removes it inside the same module hook.
@@ -78,7 +78,6 @@ class FisherExtension(BackpropExtension):
         terms: Which of ``exact, v1, v2, I1, I2`` to reduce per parameter.
         mc_samples: Label draws per input (``M``).
         generator: Callable ``device -> torch.Generator`` for the label draws.
-
     """
 
     def __init__(self, likelihood: Likelihood, terms: FrozenSet[str], mc_samples: int, generator):
@@ -206,7 +205,7 @@ class _Parameterized(_PassThrough):
         super().__init__(derivatives, params=list(params))
 
     def _make_reduction(self, name: str):
-        def reduce(ext, module, g_inp, g_out, bp: _Backpropagated) -> Dict[str, Tensor]:
+        def reduce(ext, module, g_inp, g_out, bp: _Backpropagated) -> BatchSums:
             if _is_rank_one(module):
                 terms = ext.output_terms(bp.first, _output_second_derivatives(bp))
                 if name == "bias":
@@ -221,7 +220,7 @@ class _Parameterized(_PassThrough):
             return source.through_linear(module.weight, jac_t, module.output.shape)
         return super().pull_back(source, module, g_inp, g_out, jac_t)
 
-    def generic_sums(self, ext, module, g_inp, g_out, bp, name) -> Dict[str, Tensor]:
+    def generic_sums(self, ext, module, g_inp, g_out, bp, name) -> BatchSums:
         """Batch sums from per-input Jacobian products (any layer; used as reference)."""
         param_mjp = self.derivatives.param_mjp
         U = param_mjp(name, module, g_inp, g_out, bp.first, sum_batch=False)

@@ -144,7 +144,6 @@ def likelihood_from_loss(loss_fn: nn.Module, sigma: Optional[float] = None) -> L
     Raises:
         ValueError: for any other loss, for options that change the likelihood
             (class weights, label smoothing, ``pos_weight``), or ``sigma`` without MSE.
-
     """
     if isinstance(loss_fn, nn.MSELoss):
         return Gaussian(1.0 if sigma is None else sigma)

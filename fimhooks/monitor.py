@@ -8,6 +8,7 @@ from typing import Dict, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from fimhooks.diagonal_terms import BatchSums
 from fimhooks.estimates import FisherEstimates
 from fimhooks.extension import LOSSES, SAVEFIELD, SUPPORTED_MODULES, FisherExtension
 from fimhooks.likelihoods import likelihood_from_loss
@@ -47,7 +48,6 @@ class FisherMonitor:
     Raises:
         ValueError: for an unsupported loss or layer (with its path), BatchNorm in
             training mode, or invalid options.
-
     """
 
     def __init__(
@@ -93,8 +93,9 @@ class FisherMonitor:
         self.skipped = 0
         self._entries = 0
         self._collecting = False
+        self._inside = False
         self._removed = False
-        self._pending: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._pending: Dict[str, BatchSums] = {}
         self._warned = set()
         self._switch_inplace_off()
         self._set_hooks(True)
@@ -104,29 +105,33 @@ class FisherMonitor:
     def __enter__(self) -> "FisherMonitor":
         if self._removed:
             raise RuntimeError("this FisherMonitor was removed; create a new one.")
-        if self._collecting:
+        if self._inside:
             raise RuntimeError("`with monitor:` blocks cannot be nested.")
         if self._armed:
             _check_batchnorm(self._leaves)
-            self._extension.reset()
-            self._pending = {}
+        self._inside = True
         self._collecting = self._armed
         self._entries += 1
-        self._warning_filter = warnings.catch_warnings()
-        self._warning_filter.__enter__()
-        # Expected for the first layer (its input needs no gradient); harmless here.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
+        if self._collecting:
+            self._extension.reset()
+            self._pending = {}
+            self._warning_filter = warnings.catch_warnings()
+            self._warning_filter.__enter__()
+            # Expected for the first layer (its input needs no gradient); harmless here.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        collected, self._collecting = self._collecting, False
-        self._warning_filter.__exit__(exc_type, exc, tb)
-        self._cleanup_io()
-        context = self._extension.context
-        self._extension.reset()
-        if collected and exc_type is None:
-            self._commit(context)
-        self._pending = {}
+        self._inside = False
+        if self._collecting:
+            self._collecting = False
+            self._warning_filter.__exit__(exc_type, exc, tb)
+            self._cleanup_io()
+            context = self._extension.context
+            self._extension.reset()
+            if exc_type is None:
+                self._commit(context)
+            self._pending = {}
         self._set_hooks(self._armed)
         return False
 
@@ -143,8 +148,8 @@ class FisherMonitor:
                 "computed with the monitored loss_fn inside the block.",
             )
             return
-        totals = [v.sum() for sums in self._pending.values() for v in sums.values()]
-        if not torch.isfinite(torch.stack(totals)).all():  # a sum is finite iff its terms are
+        totals = [t for batch in self._pending.values() for t in batch.totals()]
+        if not torch.isfinite(torch.stack(totals)).all():
             self.skipped += 1
             self._warn_once(
                 "nonfinite",

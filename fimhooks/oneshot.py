@@ -34,7 +34,6 @@ def estimate(
 
     Returns:
         The estimates after all batches (cumulative average unless ``ema_decay``).
-
     """
     batches = [data] if _is_batch(data) else data
     saved_grads = {p: p.grad for p in model.parameters()}

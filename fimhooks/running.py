@@ -13,17 +13,20 @@ of ``diagonal_terms``. It knows nothing of modules or hooks.
 A closed-form variance term absent from the batch sums (``v2`` of a layer where the
 network is piecewise linear) counts as exactly zero.
 
-Batch sums arrive in the model's precision. They are staged in that precision for at most
-``FOLD_EVERY`` steps, then folded into the float64 statistics: an addition in float64 of a
-float32 tensor costs about as much as the matrix product that made it.
+Batch sums arrive in the model's precision, rank-one ones as unmultiplied factors. They are
+staged in that precision (products accumulated by ``addmm``) for at most ``FOLD_EVERY``
+steps, then folded into the float64 statistics: an addition in float64 of a float32
+tensor costs about as much as the matrix product that made it.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from fimhooks.diagonal_terms import BatchSums
 
 ESTIMATORS = ("I1", "I2", "exact")
 #: Closed-form label-noise variance term of each sampled estimator (SPEC §3).
@@ -46,21 +49,18 @@ class RunningDiagonal:
         self.num_inputs = 0
         self.num_steps = 0
         self.stats: Dict[str, Tensor] = {}
+        self.aliases: Dict[str, str] = {}
         self._staged: Dict[str, Tensor] = {}
+        self._staged_products: Dict[Tuple[str, ...], Tensor] = {}
         self._staged_steps = 0
 
-    def update(self, sums: Dict[str, Tensor], num_inputs: int) -> None:
-        """Add one collected batch from its batch sums (``diagonal_terms.batch_sums``)."""
-        step = sums if self.ema_decay is None else self._ema_step(sums, num_inputs)
-        for key in self._staged.keys() - step.keys():  # a term that is zero in this step
-            self._staged[key].mul_(self._decay(key))
-        for key, value in step.items():
-            if key not in self._staged:
-                self._staged[key] = value * self._gain(key)
-            elif self.ema_decay is None:
-                self._staged[key] += value
-            else:
-                self._staged[key].mul_(self._decay(key)).add_(value, alpha=self._gain(key))
+    def update(self, batch: BatchSums, num_inputs: int) -> None:
+        """Add one collected batch from its batch sums (``diagonal_terms``)."""
+        if self.ema_decay is None:
+            self.aliases.update(batch.aliases)
+            self._stage_sums(batch)
+        else:
+            self._stage_ema(self._ema_step(batch.dense(), num_inputs))
         self.num_inputs += num_inputs
         self.num_steps += 1
         self._staged_steps += 1
@@ -77,8 +77,30 @@ class RunningDiagonal:
         other._fold()
         for key, value in other.stats.items():
             self.stats[key] = self.stats[key] + value if key in self.stats else value.clone()
+        self.aliases.update(other.aliases)
         self.num_inputs += other.num_inputs
         self.num_steps += other.num_steps
+
+    def _stage_sums(self, batch: BatchSums) -> None:
+        for key, value in batch.sums.items():
+            if key in self._staged:
+                self._staged[key] += value
+            else:
+                self._staged[key] = value.clone()
+        for keys, left, right in batch.products:
+            if keys in self._staged_products:
+                self._staged_products[keys].addmm_(left.T, right)
+            else:
+                self._staged_products[keys] = left.T @ right
+
+    def _stage_ema(self, step: Dict[str, Tensor]) -> None:
+        for key in self._staged.keys() - step.keys():  # a term that is zero in this step
+            self._staged[key].mul_(self._decay(key))
+        for key, value in step.items():
+            if key in self._staged:
+                self._staged[key].mul_(self._decay(key)).add_(value, alpha=self._gain(key))
+            else:
+                self._staged[key] = value * self._gain(key)
 
     def _ema_step(self, sums: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
         """Per-step means and variances of the step's estimates (SPEC §5)."""
@@ -107,17 +129,26 @@ class RunningDiagonal:
         return gain if key.startswith("mean_") else gain**2
 
     def _fold(self) -> None:
-        """Fold the staged steps into the float64 statistics."""
+        """Fold the staged steps into the float64 statistics; staging restarts at zero."""
+        staged = dict(self._staged)
+        for keys, product in self._staged_products.items():
+            staged.update(zip(keys, product.split(product.shape[0] // len(keys))))
         k = self._staged_steps
-        for key in self.stats.keys() - self._staged.keys():
+        for key in self.stats.keys() - staged.keys():
             self.stats[key].mul_(self._decay(key) ** k)
-        for key, value in self._staged.items():
-            if key in self.stats:
-                self.stats[key].mul_(self._decay(key) ** k).add_(value)
-            else:
+        for key, value in staged.items():
+            if key not in self.stats:
                 self.stats[key] = value.to(torch.float64, copy=True)
-        self._staged = {}
+            elif self.ema_decay is None:
+                self.stats[key] += value
+            else:
+                self.stats[key].mul_(self._decay(key) ** k).add_(value)
+        for value in list(self._staged.values()) + list(self._staged_products.values()):
+            value.zero_()
         self._staged_steps = 0
+
+    def _stat(self, key: str) -> Tensor:
+        return self.stats[self.aliases.get(key, key)]
 
     # --- reported quantities -------------------------------------------------------
 
@@ -125,7 +156,7 @@ class RunningDiagonal:
         """Running diagonal estimate, ``[*P]``."""
         self._fold()
         if self.ema_decay is None:
-            return self.stats[estimator] / self.num_inputs
+            return self._stat(estimator) / self.num_inputs
         return self.stats["mean_" + estimator] / self._bias_correction()
 
     def label_variance(self, estimator: str) -> Tensor:
@@ -145,7 +176,7 @@ class RunningDiagonal:
         if self.ema_decay is not None:
             return self.stats["var_" + estimator] / self._bias_correction() ** 2
         n = self.num_inputs
-        total, squares = self.stats[estimator], self.stats[estimator + "_sq"]
+        total, squares = self._stat(estimator), self._stat(estimator + "_sq")
         if n < 2:
             return torch.full_like(total, float("nan"))
         return (squares - total**2 / n).clamp_min(0.0) / ((n - 1) * n)
@@ -162,6 +193,7 @@ class RunningDiagonal:
             "num_inputs": self.num_inputs,
             "num_steps": self.num_steps,
             "stats": {k: v.clone() for k, v in self.stats.items()},
+            "aliases": dict(self.aliases),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -171,5 +203,7 @@ class RunningDiagonal:
         self.num_inputs = state["num_inputs"]
         self.num_steps = state["num_steps"]
         self.stats = {k: v.clone() for k, v in state["stats"].items()}
+        self.aliases = dict(state["aliases"])
         self._staged = {}
+        self._staged_products = {}
         self._staged_steps = 0

@@ -5,6 +5,7 @@ import torch
 from cases import make_input, make_loss, make_model, make_target
 
 import fimhooks
+from fimhooks.diagonal_terms import BatchSums
 from fimhooks.running import RunningDiagonal
 
 
@@ -18,7 +19,7 @@ def random_sums(generator, n):
     sums = {k: v.sum(0) for k, v in per_input.items()}
     sums.update({k + "_sq": (v**2).sum(0) for k, v in per_input.items()})
     sums.update({t: torch.rand(4, generator=generator, dtype=torch.float64) for t in ("v1", "v2")})
-    return sums
+    return BatchSums(sums)
 
 
 def test_ema_uses_bias_corrected_weights():
@@ -33,9 +34,11 @@ def test_ema_uses_bias_corrected_weights():
         [(1 - beta) * beta ** (T - t) for t in range(1, T + 1)], dtype=torch.float64
     )
     weights /= weights.sum()
-    means = torch.stack([s["I1"] / n for s, n in batches])
-    label = torch.stack([s["v1"] / (n**2 * mc) for s, n in batches])
-    sample = torch.stack([(s["I1_sq"] - s["I1"] ** 2 / n) / ((n - 1) * n) for s, n in batches])
+    means = torch.stack([s.sums["I1"] / n for s, n in batches])
+    label = torch.stack([s.sums["v1"] / (n**2 * mc) for s, n in batches])
+    sample = torch.stack(
+        [(s.sums["I1_sq"] - s.sums["I1"] ** 2 / n) / ((n - 1) * n) for s, n in batches]
+    )
     torch.testing.assert_close(acc.fisher("I1"), weights @ means, rtol=1e-12, atol=0)
     torch.testing.assert_close(acc.label_variance("I1"), weights**2 @ label, rtol=1e-12, atol=0)
     torch.testing.assert_close(acc.sample_variance("I1"), weights**2 @ sample, rtol=1e-12, atol=0)
