@@ -276,7 +276,8 @@ def main():
         print("|---|---:|---:|---:|")
         plain = None
         for row in args.rows.split(","):
-            repeats = args.repeats if "Hessian" not in row else max(3, args.repeats // 5)
+            slow = row.startswith(("backpack", "torch.func")) and row != "backpack DiagGGNExact"
+            repeats = max(3, args.repeats // 5) if slow else args.repeats
             cmd = [
                 sys.executable,
                 __file__,

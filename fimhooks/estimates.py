@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
+from fimhooks.guidance import cost_per_input, draws_suggested, inputs_needed
 from fimhooks.running import ESTIMATORS, RunningDiagonal
+
+#: Relative standard error that the guidance aims at by default.
+DEFAULT_TARGET = 0.05
 
 Diagonal = Dict[str, Tensor]
 
@@ -21,8 +25,11 @@ class FisherEstimates:
     Args:
         accumulators: ``{param name: RunningDiagonal}`` (owned by the snapshot).
         layer_of: ``{param name: module path}``.
+        layer_types: ``{module path: class name}``, shown beside the paths.
         estimators: The estimators that were collected.
         exact_pass: Whether the closed-form (exact-pass) quantities were collected.
+        num_outputs: Outputs ``C`` of the network (the exact pass backpropagates ``C``
+            vectors per input).
         skipped: Collected batches skipped for non-finite statistics.
     """
 
@@ -32,13 +39,17 @@ class FisherEstimates:
         *,
         layer_of: Dict[str, str],
         estimators: tuple,
+        layer_types: Optional[Dict[str, str]] = None,
         exact_pass: bool,
+        num_outputs: int = 1,
         skipped: int = 0,
     ):
         self._acc = accumulators
         self._layer_of = layer_of
+        self._layer_types = layer_types or {}
         self.estimators = tuple(estimators)
         self.exact_pass = exact_pass
+        self.num_outputs = num_outputs
         self.skipped = skipped
 
     @property
@@ -76,50 +87,95 @@ class FisherEstimates:
         self._check(estimator)
         return {n: a.sample_variance(estimator) for n, a in self._acc.items()}
 
-    def summary(self) -> str:
-        """Per-layer table: traces, relative standard errors, noise shares, zero v₂."""
+    def layer_statistics(self, target: float = DEFAULT_TARGET) -> Dict[str, dict]:
+        """Per-layer scalars, in model order (the JSON log's ``layers`` entry).
+
+        For each collected estimator: ``trace``; ``rse``, the relative standard error
+        ``sqrt(Σ_i Var_i) / ‖F‖`` with ``Var`` = label + data noise (empirical variance
+        without the exact pass); ``label_share`` and ``data_share`` of that variance;
+        ``inputs_needed``, the inputs that reach ``target`` at this monitor's label draws
+        and ``draws_suggested`` (``guidance``); ``rse_histogram``, counts of the per-entry
+        relative standard errors over ``RSE_BINS``. Per layer also ``params``,
+        ``zero_v2`` (entries of Î₂ without label noise) and ``recommended``: the estimator
+        reaching ``target`` with the fewest backpropagated vectors.
+        """
         self._check_collected()
-        rows = [self._layer_row(layer, names) for layer, names in self._layers().items()]
-        header = ["layer", "params"]
+        return {layer: self._layer_stats(names, target) for layer, names in self._layers().items()}
+
+    def _layer_stats(self, names: List[str], target: float) -> dict:
+        accs = [self._acc[n] for n in names]
+        n_eff = accs[0].effective_inputs()
+        draws = accs[0].mc_samples
+        stats = {
+            "module": self._layer_types.get(self._layer_of[names[0]], ""),
+            "params": sum(a.fisher(self.estimators[0]).numel() for a in accs),
+        }
+        costs = {}
         for e in self.estimators:
-            header += [f"tr {e}", f"rse {e}"]
-        if self.exact_pass and "I1" in self.estimators:
-            header.append("label share I1")
-        if "I2" in self.estimators:
-            header += ["label share I2", "zero v2"]
+            fisher = _cat(a.fisher(e) for a in accs)
+            if self.exact_pass:
+                label = _cat(a.label_variance(e) for a in accs)
+                data = _cat(a.sample_variance("exact") for a in accs)
+                label_noise = label.sum().item() * n_eff * draws
+                data_noise = data.sum().item() * n_eff
+                total = label + data
+            else:  # the empirical variance holds both noises at the current draws
+                total = _cat(a.sample_variance(e) for a in accs)
+                label_noise, data_noise = 0.0, total.sum().item() * n_eff
+            total_sum = total.sum().item()
+            sq_norm = (fisher * fisher).sum().item()
+            needed = inputs_needed(label_noise, data_noise, sq_norm, target, draws)
+            costs[e] = needed * cost_per_input(e, draws, self.num_outputs)
+            share = total_sum and label.sum().item() / total_sum if self.exact_pass else None
+            stats[e] = {
+                "trace": fisher.sum().item(),
+                "rse": math.sqrt(total_sum / sq_norm) if sq_norm > 0 else math.inf,
+                "label_share": share,
+                "data_share": None if share is None else 1.0 - share,
+                "inputs_needed": needed,
+                "draws_suggested": draws_suggested(label_noise, data_noise)
+                if self.exact_pass and e != "exact"
+                else None,
+                "rse_histogram": _rse_histogram(fisher, total),
+            }
+        if "I2" in self.estimators and self.exact_pass:
+            stats["zero_v2"] = int(sum((a.label_variance("I2") == 0).sum() for a in accs))
+        stats["recommended"] = min(costs, key=lambda e: (costs[e], e != "exact"))
+        return stats
+
+    def summary(self, target: float = DEFAULT_TARGET) -> str:
+        """Per-layer table: traces, relative standard errors, noise shares, guidance."""
+        layers = self.layer_statistics(target)
+        header = ["layer", "module", "params"]
+        for e in self.estimators:
+            header += [f"tr {e}", f"rse {e}", f"N@{target:.0%} {e}"]
+        sampled = [e for e in self.estimators if e != "exact"] if self.exact_pass else []
+        header += [f"label share {e}" for e in sampled] + [f"M {e}" for e in sampled]
+        if "zero_v2" in next(iter(layers.values())):
+            header.append("zero v2")
+        header.append("best")
+        rows = []
+        for layer, stats in layers.items():
+            row = [layer or "<model>", stats["module"], stats["params"]]
+            for e in self.estimators:
+                row += [_fmt(stats[e]["trace"]), _fmt(stats[e]["rse"])]
+                row.append(_fmt_count(stats[e]["inputs_needed"]))
+            row += [_fmt(stats[e]["label_share"]) for e in sampled]
+            row += [str(stats[e]["draws_suggested"]) for e in sampled]
+            if "zero_v2" in stats:
+                row.append(f"{stats['zero_v2']}/{stats['params']}")
+            row.append(stats["recommended"])
+            rows.append(row)
         title = f"fimhooks: diagonal Fisher over {self.num_inputs} inputs" + (
             f", {self.skipped} batches skipped" if self.skipped else ""
         )
-        return title + "\n" + _format_table(header, rows)
-
-    def _layer_row(self, layer: str, names: List[str]) -> list:
-        accs = [self._acc[n] for n in names]
-        row = [layer or "<model>", sum(a.fisher(self.estimators[0]).numel() for a in accs)]
-        noise = {}
-        for e in self.estimators:
-            fisher = torch.cat([a.fisher(e).flatten() for a in accs])
-            label, total = self._total_and_label_variance(e, accs)
-            noise[e] = (label, total)
-            rse = total.sum().sqrt() / fisher.norm()
-            row += [_fmt(fisher.sum().item()), _fmt(rse.item())]
-        if self.exact_pass and "I1" in self.estimators:
-            label, total = noise["I1"]
-            row.append(_fmt((label.sum() / total.sum()).item()))
-        if "I2" in self.estimators:
-            label, total = noise["I2"]
-            row.append(_fmt((label.sum() / total.sum()).item()))
-            zero = torch.cat([(a.label_variance("I2") == 0).flatten() for a in accs])
-            row.append(f"{int(zero.sum())}/{zero.numel()}")
-        return row
-
-    def _total_and_label_variance(self, estimator, accs):
-        """Label and label+data variance (SPEC §4); empirical if no exact pass."""
-        if not self.exact_pass:
-            total = torch.cat([a.sample_variance(estimator).flatten() for a in accs])
-            return torch.zeros_like(total), total
-        label = torch.cat([a.label_variance(estimator).flatten() for a in accs])
-        data = torch.cat([a.sample_variance("exact").flatten() for a in accs])
-        return label, label + data
+        legend = (
+            f"tr: trace; rse: relative standard error (label + data noise); N@{target:.0%}: "
+            "inputs that reach it; label share: part of the variance due to label noise; "
+            "M: label draws per input worth taking; best: fewest backpropagated vectors to "
+            f"reach {target:.0%}."
+        )
+        return title + "\n" + _format_table(header, rows) + "\n" + legend
 
     def _layers(self) -> Dict[str, List[str]]:
         layers: Dict[str, List[str]] = {}
@@ -148,8 +204,32 @@ class FisherEstimates:
         )
 
 
-def _fmt(value: float) -> str:
-    return "n/a" if not math.isfinite(value) else f"{value:.3g}"
+#: Log10-spaced bin edges of the per-entry relative standard error histograms.
+BINS_PER_DECADE = 4
+RSE_BINS = [
+    10 ** (k / BINS_PER_DECADE) for k in range(-3 * BINS_PER_DECADE, 3 * BINS_PER_DECADE + 1)
+]
+
+
+def _rse_histogram(fisher: Tensor, variance: Tensor) -> List[int]:
+    """Counts of per-entry ``sqrt(Var_i) / |F_i|`` in ``RSE_BINS`` (outliers in end bins)."""
+    keep = fisher != 0
+    rse = variance[keep].clamp_min(0).sqrt() / fisher[keep].abs()
+    bins = len(RSE_BINS) - 1
+    index = ((rse.log10() + 3) * BINS_PER_DECADE).floor().nan_to_num(0).clamp(0, bins - 1)
+    return torch.bincount(index.long(), minlength=bins).tolist()
+
+
+def _cat(tensors) -> Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3g}"
+
+
+def _fmt_count(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{math.ceil(value):,}"
 
 
 def _format_table(header: list, rows: list) -> str:

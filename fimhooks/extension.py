@@ -68,6 +68,7 @@ class _LabelContext:
     fourth_weights: Optional[Tensor]  # [N, K]
     coefficients: Optional[Tensor]  # [N, M, K]
     num_inputs: int
+    num_outputs: int
 
 
 class FisherExtension(BackpropExtension):
@@ -111,13 +112,14 @@ class FisherExtension(BackpropExtension):
         lik, m = self.likelihood, self.mc_samples
         generator = self.generator(h.device)
         if not self.exact_pass:
-            self.context = _LabelContext(None, None, None, h.shape[0])
+            self.context = _LabelContext(None, None, None, *h.shape)
             return lik.sampled_residuals(h, m, generator)
         self.context = _LabelContext(
             weights=lik.weights(h),
             fourth_weights=lik.fourth_weights(h),
             coefficients=lik.sample_coefficients(h, m, generator),
             num_inputs=h.shape[0],
+            num_outputs=h.shape[1],
         )
         return lik.directions(h)
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from fimhooks.diagonal_terms import BatchSums
-from fimhooks.estimates import FisherEstimates
+from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
 from fimhooks.extension import LOSSES, SAVEFIELD, SUPPORTED_MODULES, FisherExtension
+from fimhooks.jsonlog import FisherLog
 from fimhooks.likelihoods import likelihood_from_loss
+from fimhooks.progress import progress
 from fimhooks.running import ESTIMATORS, RunningDiagonal
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -95,6 +97,9 @@ class FisherMonitor:
         self._collecting = False
         self._inside = False
         self._removed = False
+        self._num_outputs = 1
+        self.collected_steps = 0
+        self._listeners: List[Callable] = []
         self._pending: Dict[str, BatchSums] = {}
         self._warned = set()
         self._switch_inplace_off()
@@ -157,10 +162,14 @@ class FisherMonitor:
                 "(counted in estimates().skipped); further skips are not warned about.",
             )
             return
+        self._num_outputs = context.num_outputs
         for name, sums in self._pending.items():
             if name not in self._accumulators:
                 self._accumulators[name] = RunningDiagonal(self.ema_decay, self.mc_samples)
             self._accumulators[name].update(sums, context.num_inputs)
+        self.collected_steps += 1
+        for listener in list(self._listeners):
+            listener(self)
 
     # --- hooks: they only move data -------------------------------------------------
 
@@ -233,6 +242,11 @@ class FisherMonitor:
 
     # --- public API ----------------------------------------------------------------
 
+    @property
+    def backward_passes(self) -> int:
+        """``with monitor:`` blocks entered so far."""
+        return self._entries
+
     def estimates(self) -> FisherEstimates:
         """A detached snapshot of the running estimates."""
         accumulators = {}
@@ -240,13 +254,45 @@ class FisherMonitor:
             copy = RunningDiagonal(acc.ema_decay, acc.mc_samples)
             copy.load_state_dict(acc.state_dict())
             accumulators[name] = copy
+        return self._estimates(accumulators)
+
+    def live_estimates(self) -> FisherEstimates:
+        """The running estimates without a copy: read them before the next step."""
+        return self._estimates(self._accumulators)
+
+    def _estimates(self, accumulators) -> FisherEstimates:
         return FisherEstimates(
             accumulators,
             layer_of=self._layer_of,
             estimators=self.estimators,
+            layer_types={path: type(m).__name__ for path, m in self._leaves.items()},
             exact_pass=self._extension.exact_pass,
+            num_outputs=self._num_outputs,
             skipped=self.skipped,
         )
+
+    def progress(self, iterable, **tqdm_options):
+        """Iterate under a tqdm bar showing Fisher traces and the worst relative error.
+
+        ``for x, y in monitor.progress(loader): ...``; the postfix is refreshed on
+        collected steps only.
+        """
+        return progress(self, iterable, **tqdm_options)
+
+    def log_to(self, target, writer=None, *, target_rse: float = DEFAULT_TARGET) -> FisherLog:
+        """Log one JSON line per collected step to ``target`` (a path or a text file).
+
+        Args:
+            target: Path of the JSON-lines file (overwritten) or an open text file.
+            writer: Optional ``torch.utils.tensorboard.SummaryWriter`` for the same scalars.
+            target_rse: Relative standard error that the logged guidance aims at.
+
+        Returns:
+            The log; ``close()`` it to stop logging. Schema: ``fimhooks.jsonlog``.
+        """
+        log = FisherLog(self, target, writer, target_rse)
+        self._listeners.append(log)
+        return log
 
     def reset(self) -> None:
         """Forget all collected statistics (hooks stay attached)."""

@@ -181,6 +181,19 @@ class RunningDiagonal:
             return torch.full_like(total, float("nan"))
         return (squares - total**2 / n).clamp_min(0.0) / ((n - 1) * n)
 
+    def effective_inputs(self) -> float:
+        """Inputs whose plain average has the running estimate's variance (SPEC §4-§5).
+
+        ``N`` for the cumulative average; for the EMA, the mean batch size over ``Σ_t w_t²``.
+        """
+        if self.ema_decay is None:
+            return float(self.num_inputs)
+        beta, steps = self.ema_decay, self.num_steps
+        sum_sq_weights = (
+            (1 - beta) ** 2 * (1 - beta ** (2 * steps)) / ((1 - beta**2) * (1 - beta**steps) ** 2)
+        )
+        return self.num_inputs / steps / sum_sq_weights
+
     def _bias_correction(self) -> float:
         return 1.0 - self.ema_decay**self.num_steps
 

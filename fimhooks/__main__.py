@@ -1,0 +1,5 @@
+import sys
+
+from fimhooks.cli import main
+
+sys.exit(main())
