@@ -164,8 +164,9 @@ def make_step(row: str, model, loss_fn, x, y):
         def reduce_sqrt_ggn(_):
             for p in params:
                 s = p.sqrt_ggn_exact.flatten(2) * x.shape[0] ** 0.5  # [C, N, P], per sample
-                g = (s**2).sum(0)
-                (g.sum(0), (g**2).sum(0), (s**4).sum(0).sum(0))
+                s2 = s * s
+                g = s2.sum(0)
+                (g.sum(0), (g * g).sum(0), (s2 * s2).sum(0).sum(0))
                 del p.sqrt_ggn_exact
 
         return lambda: plain_step(backpack(SqrtGGNExact()), extra=reduce_sqrt_ggn)
@@ -191,8 +192,9 @@ def make_step(row: str, model, loss_fn, x, y):
 
 
 def _sums_of_squares(per_sample: torch.Tensor):
-    s2 = per_sample**2 if per_sample.dim() > 1 else per_sample
-    return s2.sum(0), (s2**2).sum(0)
+    """Batch sums of the squared per-sample values and of their squares (``[N, *P]``)."""
+    s2 = per_sample * per_sample
+    return s2.sum(0), (s2 * s2).sum(0)
 
 
 def run_worker(model_name: str, row: str, batch: int, device: str, repeats: int) -> dict:

@@ -38,17 +38,18 @@ class CurvatureSource:
     scale: Optional[Tensor] = None
     per_input: bool = False
 
-    def dense(self, shape) -> Tensor:
-        """The Jacobian per input, ``[S, N, *shape]`` with ``shape = (N, ...)``."""
+    def dense(self, shape, samples=slice(None)) -> Tensor:
+        """The Jacobian per input, ``[S, n, *shape[1:]]`` for the inputs ``samples``."""
         if self.per_input:
-            return self.jac
-        S, n = self.coefficients.shape[2], shape[0]
+            return self.jac[:, samples]
         c = self.coefficients
+        S = c.shape[2]
+        n = len(range(shape[0])[samples]) if isinstance(samples, slice) else len(samples)
         jac = torch.eye(S, dtype=c.dtype, device=c.device) if self.jac is None else self.jac
         jac = jac.unsqueeze(1)
         if self.scale is not None:
-            jac = jac * self.scale.unsqueeze(0)
-        return jac.expand(S, n, jac.shape[2]).reshape(S, *shape)
+            jac = jac * self.scale[samples].unsqueeze(0)
+        return jac.expand(S, n, jac.shape[2]).reshape(S, n, *shape[1:])
 
     def through_elementwise(self, derivative: Tensor, jac_t: Callable) -> "CurvatureSource":
         """Pull back through an element-wise map with derivative ``[N, *shape]``."""

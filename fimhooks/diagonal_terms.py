@@ -93,6 +93,11 @@ class BatchSums:
         sums.update({key: sums[twin] for key, twin in self.aliases.items()})
         return sums
 
+    def add(self, other: "BatchSums") -> "BatchSums":
+        """Sums over the inputs of both (same parameter and terms)."""
+        sums = {key: value + other.sums[key] for key, value in self.sums.items()}
+        return BatchSums(sums, self.products + other.products, self.aliases)
+
     def totals(self) -> List[Tensor]:
         """Scalars that are finite iff every sum is (sums of finite factors are finite)."""
         totals = [t.sum() for t in self.sums.values()]

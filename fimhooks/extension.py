@@ -52,6 +52,8 @@ SAVEFIELD = "_fimhooks_sums"
 
 #: Second-order Jacobians handled per chunk at a parameter (bounds peak memory).
 _CHUNK = 64
+#: Entries of a per-input tensor of a parameter's size formed at once (generic path).
+_ELEMENTS = 2**22
 
 
 @dataclass
@@ -123,16 +125,18 @@ class FisherExtension(BackpropExtension):
         )
         return lik.directions(h)
 
-    def output_terms(self, U: Tensor, W: Optional[Tensor]) -> Dict[str, Tensor]:
-        """Per-input terms from ``U`` and ``W`` ``[K, N, *P]``, in the model's precision."""
+    def output_terms(
+        self, U: Tensor, W: Optional[Tensor], samples=slice(None)
+    ) -> Dict[str, Tensor]:
+        """Per-input terms from ``U`` and ``W`` ``[K, N, *P]`` of the inputs ``samples``."""
         ctx = self.context
         return per_input_terms(
             U,
             W,
-            ctx.weights,
-            ctx.fourth_weights,
+            None if ctx.weights is None else ctx.weights[samples],
+            None if ctx.fourth_weights is None else ctx.fourth_weights[samples],
             self.likelihood.kappa,
-            ctx.coefficients,
+            None if ctx.coefficients is None else ctx.coefficients[samples],
             self.terms,
         )
 
@@ -223,17 +227,33 @@ class _Parameterized(_PassThrough):
         return super().pull_back(source, module, g_inp, g_out, jac_t)
 
     def generic_sums(self, ext, module, g_inp, g_out, bp, name) -> BatchSums:
-        """Batch sums from per-input Jacobian products (any layer; used as reference)."""
+        """Batch sums from per-input Jacobian products, a chunk of inputs at a time.
+
+        Any layer; per-input tensors of the parameter's size exist for ``_ELEMENTS``
+        entries at most, so memory does not grow with the batch.
+        """
         param_mjp = self.derivatives.param_mjp
-        U = param_mjp(name, module, g_inp, g_out, bp.first, sum_batch=False)
-        W = torch.zeros_like(U) if bp.sources else None
-        for source in bp.sources:
-            jacobians, coefficients = source.dense(module.output.shape), source.coefficients
-            for start in range(0, jacobians.shape[0], _CHUNK):
-                chunk = slice(start, start + _CHUNK)
-                J = param_mjp(name, module, g_inp, g_out, jacobians[chunk], sum_batch=False)
-                W += torch.einsum("kns,sn...->kn...", coefficients[:, :, chunk], J * J)
-        return batch_sums(ext.output_terms(U, W))
+        directions, n = bp.first.shape[0], bp.first.shape[1]
+        step = max(1, _ELEMENTS // (directions * getattr(module, name).numel()))
+        total = None
+        for start in range(0, n, step):
+            samples = list(range(start, min(n, start + step)))
+            mat = bp.first[:, samples]
+            U = param_mjp(name, module, g_inp, g_out, mat, sum_batch=False, subsampling=samples)
+            W = torch.zeros_like(U) if bp.sources else None
+            for source in bp.sources:
+                jacobians = source.dense(module.output.shape, samples)
+                coefficients = source.coefficients[:, samples]
+                for first in range(0, jacobians.shape[0], _CHUNK):
+                    rows = slice(first, first + _CHUNK)
+                    J = param_mjp(
+                        name, module, g_inp, g_out, jacobians[rows], sum_batch=False,
+                        subsampling=samples,
+                    )  # fmt: skip
+                    W += torch.einsum("kns,sn...->kn...", coefficients[:, :, rows], J * J)
+            sums = batch_sums(ext.output_terms(U, W, samples))
+            total = sums if total is None else total.add(sums)
+        return total
 
 
 def _is_rank_one(module: nn.Module) -> bool:

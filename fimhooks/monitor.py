@@ -79,6 +79,7 @@ class FisherMonitor:
         self.seed = torch.initial_seed() if seed is None else int(seed)
         self._leaves = _supported_leaves(model)
         _check_batchnorm(self._leaves)
+        _check_unshared(self._leaves)
         self._param_names = {id(p): name for name, p in model.named_parameters()}
         self._layer_of = {
             f"{path}.{local}" if path else local: path
@@ -400,6 +401,19 @@ def _supported_leaves(model: nn.Module) -> Dict[str, nn.Module]:
             )
         leaves[path] = module
     return leaves
+
+
+def _check_unshared(leaves: Dict[str, nn.Module]) -> None:
+    """A parameter used by two layers has one score, not one per layer: not supported."""
+    owner = {}
+    for path, module in leaves.items():
+        for local, param in module.named_parameters(recurse=False):
+            if id(param) in owner:
+                raise ValueError(
+                    f"parameter '{path}.{local}' is shared with '{owner[id(param)]}'; "
+                    "fimhooks supports parameters used by one layer only."
+                )
+            owner[id(param)] = f"{path}.{local}"
 
 
 def _check_batchnorm(leaves: Dict[str, nn.Module]) -> None:

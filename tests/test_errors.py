@@ -33,6 +33,13 @@ def test_unsupported_layer_names_path_and_type():
         fimhooks.FisherMonitor(model, nn.CrossEntropyLoss())
 
 
+def test_shared_parameters_are_rejected():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    model[2].weight = model[0].weight
+    with pytest.raises(ValueError, match="'2.weight' is shared with '0.weight'"):
+        fimhooks.FisherMonitor(model, nn.CrossEntropyLoss())
+
+
 def test_batchnorm_in_training_mode():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="BatchNorm layer '1' is in training mode"):

@@ -85,3 +85,19 @@ def test_rank_one_linear_path_equals_generic_path(model_name, likelihood, monkey
         )
     for estimator in ["I1", "I2"]:
         assert_close(fast.variance(estimator), generic.variance(estimator), estimator)
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "convtranspose_elu", "sequence_linear"])
+def test_generic_path_in_chunks_of_inputs_equals_one_chunk(model_name, monkeypatch):
+    loss_fn, out, sigma = make_loss("categorical")
+    model, x = make_model(model_name, out), make_input(model_name)
+    whole = collect(model, loss_fn, x, sigma, 2, seed=4)
+    monkeypatch.setattr(extension, "_ELEMENTS", 1)  # one input at a time
+    chunked = collect(model, loss_fn, x, sigma, 2, seed=4)
+    for estimator in ["I1", "I2", "exact"]:
+        assert_close(chunked.fisher(estimator), whole.fisher(estimator), estimator)
+        assert_close(
+            chunked.empirical_variance(estimator), whole.empirical_variance(estimator), estimator
+        )
+    for estimator in ["I1", "I2"]:
+        assert_close(chunked.variance(estimator), whole.variance(estimator), estimator)
