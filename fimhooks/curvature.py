@@ -44,7 +44,7 @@ class CurvatureSource:
             return self.jac[:, samples]
         c = self.coefficients
         S = c.shape[2]
-        n = len(range(shape[0])[samples]) if isinstance(samples, slice) else len(samples)
+        n = len(range(shape[0])[samples])
         jac = torch.eye(S, dtype=c.dtype, device=c.device) if self.jac is None else self.jac
         jac = jac.unsqueeze(1)
         if self.scale is not None:

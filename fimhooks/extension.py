@@ -41,6 +41,7 @@ from backpack.core.derivatives.tanh import TanhDerivatives
 from backpack.core.derivatives.zeropad2d import ZeroPad2dDerivatives
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
+from backpack.utils.conv import unfold_by_conv
 from torch import Tensor, nn
 
 from fimhooks.curvature import CurvatureSource
@@ -232,28 +233,58 @@ class _Parameterized(_PassThrough):
         Any layer; per-input tensors of the parameter's size exist for ``_ELEMENTS``
         entries at most, so memory does not grow with the batch.
         """
-        param_mjp = self.derivatives.param_mjp
         directions, n = bp.first.shape[0], bp.first.shape[1]
         step = max(1, _ELEMENTS // (directions * getattr(module, name).numel()))
         total = None
         for start in range(0, n, step):
-            samples = list(range(start, min(n, start + step)))
+            samples = slice(start, min(n, start + step))
+            indices = None if step >= n else list(range(n)[samples])  # BackPACK's form
             mat = bp.first[:, samples]
-            U = param_mjp(name, module, g_inp, g_out, mat, sum_batch=False, subsampling=samples)
+            U = self._per_input_mjp(name, module, g_inp, g_out, mat, samples, indices)
             W = torch.zeros_like(U) if bp.sources else None
             for source in bp.sources:
                 jacobians = source.dense(module.output.shape, samples)
                 coefficients = source.coefficients[:, samples]
                 for first in range(0, jacobians.shape[0], _CHUNK):
                     rows = slice(first, first + _CHUNK)
-                    J = param_mjp(
-                        name, module, g_inp, g_out, jacobians[rows], sum_batch=False,
-                        subsampling=samples,
-                    )  # fmt: skip
+                    J = self._per_input_mjp(
+                        name, module, g_inp, g_out, jacobians[rows], samples, indices
+                    )
                     W += torch.einsum("kns,sn...->kn...", coefficients[:, :, rows], J * J)
             sums = batch_sums(ext.output_terms(U, W, samples))
             total = sums if total is None else total.add(sums)
         return total
+
+    def _per_input_mjp(self, name, module, g_inp, g_out, mat, samples, indices) -> Tensor:
+        """``[V, n, *param.shape]`` per-input transposed Jacobian products of ``mat``."""
+        if name == "weight" and _unfoldable(module):
+            return _unfolded_weight_mjp(module, mat, samples)
+        return self.derivatives.param_mjp(
+            name, module, g_inp, g_out, mat, sum_batch=False, subsampling=indices
+        )
+
+
+def _unfoldable(module: nn.Module) -> bool:
+    """A convolution whose per-input weight products are a batched matrix product."""
+    return (
+        isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+def _unfolded_weight_mjp(module: nn.Module, mat: Tensor, samples: slice) -> Tensor:
+    """Per-input ``Jᵀ mat`` of a convolution's weight from its unfolded input.
+
+    Faster than BackPACK's grouped-convolution route for many vectors ``V``.
+
+    Returns:
+        ``[V, n, *weight.shape]``.
+    """
+    patches = unfold_by_conv(module.input0[samples].detach(), module)  # [n, in·k, positions]
+    products = torch.einsum("vnop,nip->vnoi", mat.flatten(3), patches)
+    return products.reshape(*mat.shape[:2], *module.weight.shape)
 
 
 def _is_rank_one(module: nn.Module) -> bool:

@@ -87,12 +87,16 @@ def test_rank_one_linear_path_equals_generic_path(model_name, likelihood, monkey
         assert_close(fast.variance(estimator), generic.variance(estimator), estimator)
 
 
-@pytest.mark.parametrize("model_name", ["cnn", "convtranspose_elu", "sequence_linear"])
-def test_generic_path_in_chunks_of_inputs_equals_one_chunk(model_name, monkeypatch):
+@pytest.mark.parametrize("model_name", ["cnn", "convtranspose_elu", "conv3d", "sequence_linear"])
+@pytest.mark.parametrize("change", ["one input at a time", "BackPACK's conv products"])
+def test_generic_path_variants_agree(model_name, change, monkeypatch):
     loss_fn, out, sigma = make_loss("categorical")
     model, x = make_model(model_name, out), make_input(model_name)
     whole = collect(model, loss_fn, x, sigma, 2, seed=4)
-    monkeypatch.setattr(extension, "_ELEMENTS", 1)  # one input at a time
+    if change == "one input at a time":
+        monkeypatch.setattr(extension, "_ELEMENTS", 1)
+    else:
+        monkeypatch.setattr(extension, "_unfoldable", lambda module: False)
     chunked = collect(model, loss_fn, x, sigma, 2, seed=4)
     for estimator in ["I1", "I2", "exact"]:
         assert_close(chunked.fisher(estimator), whole.fisher(estimator), estimator)
