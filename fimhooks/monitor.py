@@ -239,7 +239,7 @@ class FisherMonitor:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"fimhooks: {message}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"fimhooks: {message}", RuntimeWarning, stacklevel=4)
 
     # --- public API ----------------------------------------------------------------
 

@@ -77,6 +77,7 @@ def test_inplace_activations_are_handled_and_restored():
     assert model[1].inplace is True
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # gc.get_objects touches deprecated names
 def test_no_memory_accumulates_across_steps():
     loss_fn, out, _ = make_loss("categorical")
     model, x = make_model("sigmoid_mlp", out), make_input("sigmoid_mlp", n=16)
