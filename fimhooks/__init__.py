@@ -4,6 +4,7 @@ Attach a ``FisherMonitor`` to a model, run the ordinary backward pass inside
 ``with monitor:``, and read ``monitor.estimates()``.
 """
 
+from fimhooks import optim
 from fimhooks.estimates import FisherEstimates
 from fimhooks.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 from fimhooks.monitor import FisherMonitor
@@ -17,5 +18,6 @@ __all__ = [
     "Gaussian",
     "Likelihood",
     "estimate",
+    "optim",
 ]
 __version__ = "0.1.0"

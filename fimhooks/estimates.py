@@ -143,6 +143,37 @@ class FisherEstimates:
         stats["recommended"] = min(costs, key=lambda e: (costs[e], e != "exact"))
         return stats
 
+    def standard_errors(self, estimator: str) -> Diagonal:
+        """Standard error of each entry of the running estimate, ``sqrt(label + data)``.
+
+        The empirical variance stands in for both without the exact pass.
+        """
+        self._check(estimator)
+        if not self.exact_pass:
+            return {n: a.sample_variance(estimator).sqrt() for n, a in self._acc.items()}
+        return {
+            n: (a.label_variance(estimator) + a.sample_variance("exact")).sqrt()
+            for n, a in self._acc.items()
+        }
+
+    def kronecker_factors(self, kind: str) -> Dict[str, tuple]:
+        """Running Kronecker factors ``(A, G)`` by Linear layer path (SPEC §6).
+
+        Args:
+            kind: ``"sampled"`` (BackPACK's KFAC, Î₁-type) or ``"exact"`` (its KFLR, the
+                expectation of Î₂).
+
+        Returns:
+            ``{layer: (A [in(+1), in(+1)], G [out, out])}``, per observation; empty unless a
+            ``FisherPreconditioner`` with ``structure="kfac"`` asked the monitor for them.
+        """
+        key = f"kron_G_{kind}"
+        factors = {}
+        for name, acc in self._acc.items():
+            if key in acc.stats or key in acc._staged:
+                factors[self._layer_of[name]] = (acc.fisher("kron_A"), acc.fisher(key))
+        return factors
+
     def summary(self, target: float = DEFAULT_TARGET) -> str:
         """Per-layer table: traces, relative standard errors, noise shares, guidance."""
         layers = self.layer_statistics(target)

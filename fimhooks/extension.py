@@ -93,6 +93,7 @@ class FisherExtension(BackpropExtension):
         self.mc_samples = mc_samples
         self.generator = generator
         self.context: Optional[_LabelContext] = None
+        self.kronecker = False  # also reduce Kronecker factors of Linear layers
 
     def expects_backpropagation_quantities(self) -> bool:  # noqa: D102
         return True
@@ -125,6 +126,25 @@ class FisherExtension(BackpropExtension):
             num_outputs=h.shape[1],
         )
         return lik.directions(h)
+
+    def kronecker_sums(self, U: Tensor, module: nn.Module) -> Dict[str, Tensor]:
+        """Batch sums of the Kronecker factors of a Linear layer (see ``preconditioning``).
+
+        ``kron_A``: ``Σ_n x̃ x̃ᵀ``; ``kron_G_sampled``: ``Σ_n mean_m s sᵀ`` for the sampled
+        scores ``s`` (BackPACK's KFAC); ``kron_G_exact``: ``Σ_n E_y[s sᵀ]`` (its KFLR).
+        """
+        ctx = self.context
+        x = module.input0.detach()
+        if module.bias is not None:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        sums = {"kron_A": x.T @ x}
+        if ctx.weights is None:  # the directions are the sampled residuals
+            sums["kron_G_sampled"] = torch.einsum("kno,knp->op", U, U) / U.shape[0]
+            return sums
+        scores = torch.einsum("nmk,kno->mno", ctx.coefficients, U)
+        sums["kron_G_sampled"] = torch.einsum("mno,mnp->op", scores, scores) / scores.shape[0]
+        sums["kron_G_exact"] = torch.einsum("nk,kno,knp->op", ctx.weights, U, U)
+        return sums
 
     def output_terms(
         self, U: Tensor, W: Optional[Tensor], samples=slice(None)
@@ -217,7 +237,10 @@ class _Parameterized(_PassThrough):
                 terms = ext.output_terms(bp.first, _output_second_derivatives(bp))
                 if name == "bias":
                     return batch_sums(terms)
-                return rank_one_batch_sums(terms, module.input0.detach())
+                sums = rank_one_batch_sums(terms, module.input0.detach())
+                if ext.kronecker:
+                    sums.sums.update(ext.kronecker_sums(bp.first, module))
+                return sums
             return self.generic_sums(ext, module, g_inp, g_out, bp, name)
 
         return reduce

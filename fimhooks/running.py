@@ -31,6 +31,8 @@ from fimhooks.diagonal_terms import BatchSums
 ESTIMATORS = ("I1", "I2", "exact")
 #: Closed-form label-noise variance term of each sampled estimator (SPEC §3).
 LABEL_VARIANCE_TERM = {"I1": "v1", "I2": "v2"}
+#: Batch sums of Kronecker factors (``extension.kronecker_sums``): averaged like estimates.
+KRONECKER_PREFIX = "kron_"
 #: Steps staged in the model's precision before they are folded into float64.
 FOLD_EVERY = 8
 
@@ -114,6 +116,9 @@ class RunningDiagonal:
         for term in LABEL_VARIANCE_TERM.values():
             if term in sums:
                 step["labelvar_" + term] = sums[term] / (n**2 * self.mc_samples)
+        for key in sums:
+            if key.startswith(KRONECKER_PREFIX):
+                step["mean_" + key] = sums[key] / n
         return step
 
     def _decay(self, key: str) -> float:
@@ -153,7 +158,7 @@ class RunningDiagonal:
     # --- reported quantities -------------------------------------------------------
 
     def fisher(self, estimator: str) -> Tensor:
-        """Running diagonal estimate, ``[*P]``."""
+        """Running diagonal estimate ``[*P]`` (or a running Kronecker factor, ``kron_*``)."""
         self._fold()
         if self.ema_decay is None:
             return self._stat(estimator) / self.num_inputs

@@ -1,0 +1,169 @@
+"""``FisherPreconditioner``: natural-gradient steps from a monitor's running Fisher estimates."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict
+
+import torch
+from torch import nn
+
+from fimhooks.preconditioning import (
+    damped_kronecker_inverses,
+    diagonal_denominator,
+    kronecker_solve,
+)
+
+ESTIMATOR_CHOICES = ("I1", "I2", "exact", "auto")
+STRUCTURES = ("diag", "kfac")
+
+
+class FisherPreconditioner:
+    """Rewrites ``p.grad`` into ``(Ī + λ I)⁻¹ p.grad`` before any ``torch.optim`` step.
+
+    ``Ī`` is the monitor's running Fisher estimate (SPEC §8), per observation. With
+    ``structure="diag"`` the solve is elementwise; ``estimator="auto"`` takes, per layer,
+    the estimator with the smaller relative standard error at each refresh, and
+    ``uncertainty_damping=κ`` adds ``κ ·`` (standard error of the entry) to its damping.
+    With ``structure="kfac"`` Linear layers use Kronecker factors ``A ⊗ G`` (sampled for
+    ``"I1"``, exact otherwise) collected in the monitor's backward pass, inverted with the
+    damping split between the factors; other layers fall back to the diagonal.
+
+    Steps before the monitor's first collection, parameters without gradient and frozen
+    parameters pass through untouched.
+
+    Args:
+        monitor: The ``FisherMonitor`` whose estimates precondition.
+        damping: ``λ > 0``.
+        estimator: ``"I1"``, ``"I2"``, ``"exact"`` or ``"auto"``.
+        structure: ``"diag"`` or ``"kfac"``.
+        uncertainty_damping: ``κ ≥ 0`` (``structure="diag"`` only).
+        update_every: Refresh the preconditioner from the estimates every this many steps.
+    """
+
+    def __init__(
+        self,
+        monitor,
+        *,
+        damping: float = 1e-3,
+        estimator: str = "auto",
+        structure: str = "diag",
+        uncertainty_damping: float = 0.0,
+        update_every: int = 1,
+    ):
+        if not damping > 0:
+            raise ValueError(f"damping must be positive, got {damping!r}.")
+        if estimator not in ESTIMATOR_CHOICES:
+            raise ValueError(f"estimator must be one of {ESTIMATOR_CHOICES}, got {estimator!r}.")
+        if estimator != "auto" and estimator not in monitor.estimators:
+            raise ValueError(
+                f"estimator {estimator!r} is not collected by the monitor "
+                f"(estimators={monitor.estimators})."
+            )
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}.")
+        if uncertainty_damping < 0 or (uncertainty_damping and structure != "diag"):
+            raise ValueError("uncertainty_damping must be ≥ 0, and is for structure='diag'.")
+        if not (isinstance(update_every, int) and update_every >= 1):
+            raise ValueError(f"update_every must be a positive integer, got {update_every!r}.")
+        self.monitor = monitor
+        self.damping, self.estimator, self.structure = damping, estimator, structure
+        self.uncertainty_damping, self.update_every = uncertainty_damping, update_every
+        self.steps = 0
+        self.choices: Dict[str, str] = {}
+        self._diagonal: Dict[str, torch.Tensor] = {}
+        self._kronecker: Dict[str, tuple] = {}
+        if structure == "kfac":
+            monitor._extension.kronecker = True
+            others = [
+                p
+                for p, m in monitor._leaves.items()
+                if _has_params(m) and not isinstance(m, nn.Linear)
+            ]
+            if others:
+                warnings.warn(
+                    f"fimhooks: layers {others} have no Kronecker factors; they use the "
+                    "diagonal estimate.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Precondition every parameter's ``.grad`` in place."""
+        if self.monitor.collected_steps == 0:
+            return
+        if self.steps % self.update_every == 0 or not (self._diagonal or self._kronecker):
+            self._refresh()
+        self.steps += 1
+        params = dict(self.monitor.model.named_parameters())
+        for layer, (A_inverse, G_inverse) in self._kronecker.items():
+            weight, bias = params[_join(layer, "weight")], params.get(_join(layer, "bias"))
+            if weight.grad is None or not weight.requires_grad:
+                continue
+            grads = [weight.grad] + ([bias.grad.unsqueeze(1)] if bias is not None else [])
+            solved = kronecker_solve(torch.cat(grads, 1).double(), A_inverse, G_inverse)
+            weight.grad.copy_(solved[:, : weight.shape[1]])
+            if bias is not None:
+                bias.grad.copy_(solved[:, -1])
+        for name, denominator in self._diagonal.items():
+            p = params[name]
+            if p.grad is not None and p.requires_grad:
+                p.grad.copy_(p.grad / denominator)
+
+    def _refresh(self) -> None:
+        est = self.monitor.live_estimates()
+        layers = est.layer_statistics()
+        self._kronecker = {}
+        if self.structure == "kfac":
+            kind = "sampled" if self._kronecker_kind(est) == "sampled" else "exact"
+            for layer, (A, G) in est.kronecker_factors(kind).items():
+                self._kronecker[layer] = damped_kronecker_inverses(A, G, self.damping)
+                self.choices[layer] = f"kfac-{kind}"
+        self._diagonal = {}
+        for name, layer in self.monitor._layer_of.items():
+            if layer in self._kronecker or layer not in layers:
+                continue
+            estimator = self._choose(layers[layer], est)
+            self.choices[layer] = estimator
+            std = est.standard_errors(estimator)[name] if self.uncertainty_damping else None
+            self._diagonal[name] = diagonal_denominator(
+                est.fisher(estimator)[name], self.damping, std, self.uncertainty_damping
+            )
+
+    def _choose(self, layer_stats: dict, est) -> str:
+        if self.estimator != "auto":
+            return self.estimator
+        return min(est.estimators, key=lambda e: layer_stats[e]["rse"])
+
+    def _kronecker_kind(self, est) -> str:
+        if self.estimator == "I1" or not est.exact_pass:
+            return "sampled"
+        return "exact"
+
+    def state_dict(self) -> dict:
+        """Steps, choices and the current preconditioner, to restore it exactly."""
+        return {
+            "steps": self.steps,
+            "choices": dict(self.choices),
+            "diagonal": {n: t.clone() for n, t in self._diagonal.items()},
+            "kronecker": {k: tuple(t.clone() for t in v) for k, v in self._kronecker.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict``."""
+        self.steps = state["steps"]
+        self.choices = dict(state["choices"])
+        self._diagonal = {n: t.clone() for n, t in state["diagonal"].items()}
+        self._kronecker = {k: tuple(t.clone() for t in v) for k, v in state["kronecker"].items()}
+
+
+def _join(layer: str, local: str) -> str:
+    return f"{layer}.{local}" if layer else local
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+__all__ = ["FisherPreconditioner"]
