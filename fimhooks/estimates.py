@@ -170,7 +170,7 @@ class FisherEstimates:
         key = f"kron_G_{kind}"
         factors = {}
         for name, acc in self._acc.items():
-            if key in acc.stats or key in acc._staged:
+            if acc.has(key):
                 factors[self._layer_of[name]] = (acc.fisher("kron_A"), acc.fisher(key))
         return factors
 

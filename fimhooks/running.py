@@ -157,6 +157,11 @@ class RunningDiagonal:
 
     # --- reported quantities -------------------------------------------------------
 
+    def has(self, name: str) -> bool:
+        """Whether statistics of ``name`` (an estimator or a ``kron_*`` factor) exist."""
+        key = name if self.ema_decay is None else "mean_" + name
+        return key in self.stats or key in self._staged
+
     def fisher(self, estimator: str) -> Tensor:
         """Running diagonal estimate ``[*P]`` (or a running Kronecker factor, ``kron_*``)."""
         self._fold()
