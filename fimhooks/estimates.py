@@ -57,6 +57,10 @@ class FisherEstimates:
         """Inputs accumulated so far."""
         return max((a.num_inputs for a in self._acc.values()), default=0)
 
+    def has(self, name: str) -> bool:
+        """Whether the parameter ``name`` has collected statistics."""
+        return name in self._acc
+
     def fisher(self, estimator: str) -> Diagonal:
         """Running diagonal estimate ``{name: [*param.shape]}``."""
         self._check(estimator)
@@ -102,6 +106,19 @@ class FisherEstimates:
         self._check_collected()
         return {layer: self._layer_stats(names, target) for layer, names in self._layers().items()}
 
+    def relative_errors(self) -> Dict[str, Dict[str, float]]:
+        """``{layer: {estimator: rse}}``, the ``rse`` of ``layer_statistics`` alone (cheaper)."""
+        self._check_collected()
+        errors = {}
+        for layer, names in self._layers().items():
+            errors[layer] = {}
+            for e in self.estimators:
+                sq_norm = sum((self._acc[n].fisher(e) ** 2).sum().item() for n in names)
+                errors_e = self.standard_errors(e, names=names)
+                variance = sum(errors_e[n].square().sum().item() for n in names)
+                errors[layer][e] = math.sqrt(variance / sq_norm) if sq_norm > 0 else math.inf
+        return errors
+
     def _layer_stats(self, names: List[str], target: float) -> dict:
         accs = [self._acc[n] for n in names]
         n_eff = accs[0].effective_inputs()
@@ -143,17 +160,18 @@ class FisherEstimates:
         stats["recommended"] = min(costs, key=lambda e: (costs[e], e != "exact"))
         return stats
 
-    def standard_errors(self, estimator: str) -> Diagonal:
+    def standard_errors(self, estimator: str, names=None) -> Diagonal:
         """Standard error of each entry of the running estimate, ``sqrt(label + data)``.
 
         The empirical variance stands in for both without the exact pass.
         """
         self._check(estimator)
+        accs = {n: self._acc[n] for n in (self._acc if names is None else names)}
         if not self.exact_pass:
-            return {n: a.sample_variance(estimator).sqrt() for n, a in self._acc.items()}
+            return {n: a.sample_variance(estimator).sqrt() for n, a in accs.items()}
         return {
             n: (a.label_variance(estimator) + a.sample_variance("exact")).sqrt()
-            for n, a in self._acc.items()
+            for n, a in accs.items()
         }
 
     def kronecker_factors(self, kind: str) -> Dict[str, tuple]:

@@ -113,33 +113,28 @@ class FisherPreconditioner:
 
     def _refresh(self) -> None:
         est = self.monitor.live_estimates()
-        layers = est.layer_statistics()
         self._kronecker = {}
         if self.structure == "kfac":
-            kind = "sampled" if self._kronecker_kind(est) == "sampled" else "exact"
+            kind = "sampled" if self.estimator == "I1" or not est.exact_pass else "exact"
             for layer, (A, G) in est.kronecker_factors(kind).items():
                 self._kronecker[layer] = damped_kronecker_inverses(A, G, self.damping)
                 self.choices[layer] = f"kfac-{kind}"
-        self._diagonal = {}
+        errors = est.relative_errors() if self.estimator == "auto" else None
+        names = {}  # estimator -> parameter names it preconditions
         for name, layer in self.monitor._layer_of.items():
-            if layer in self._kronecker or layer not in layers:
+            if layer in self._kronecker or not est.has(name):
                 continue
-            estimator = self._choose(layers[layer], est)
-            self.choices[layer] = estimator
-            std = est.standard_errors(estimator)[name] if self.uncertainty_damping else None
-            self._diagonal[name] = diagonal_denominator(
-                est.fisher(estimator)[name], self.damping, std, self.uncertainty_damping
-            )
-
-    def _choose(self, layer_stats: dict, est) -> str:
-        if self.estimator != "auto":
-            return self.estimator
-        return min(est.estimators, key=lambda e: layer_stats[e]["rse"])
-
-    def _kronecker_kind(self, est) -> str:
-        if self.estimator == "I1" or not est.exact_pass:
-            return "sampled"
-        return "exact"
+            chosen = self.estimator if errors is None else min(errors[layer], key=errors[layer].get)
+            self.choices[layer] = chosen
+            names.setdefault(chosen, []).append(name)
+        self._diagonal = {}
+        for estimator, chosen_names in names.items():
+            fisher = est.fisher(estimator)
+            std = est.standard_errors(estimator) if self.uncertainty_damping else {}
+            for name in chosen_names:
+                self._diagonal[name] = diagonal_denominator(
+                    fisher[name], self.damping, std.get(name), self.uncertainty_damping
+                )
 
     def state_dict(self) -> dict:
         """Steps, choices and the current preconditioner, to restore it exactly."""
