@@ -186,3 +186,29 @@ def test_errors_and_fallback_warning():
         FisherPreconditioner(monitor, damping=0.0)
     with pytest.warns(RuntimeWarning, match=r"\['0'\] have no Kronecker factors"):
         FisherPreconditioner(monitor, structure="kfac")
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # BackPACK's own hooks
+def test_exact_factors_are_backpacks_kflr_per_observation():
+    import copy
+
+    from backpack import backpack, extend
+    from backpack.extensions import KFLR
+
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp", n=6)
+    reference = extend(copy.deepcopy(model))
+    output = reference(x)
+    with backpack(KFLR()):
+        extend(nn.CrossEntropyLoss())(output, make_target(loss_fn, output)).backward()
+    monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=("exact",))
+    FisherPreconditioner(monitor, structure="kfac")
+    backward(monitor, model, loss_fn, x)
+    factors = monitor.estimates().kronecker_factors("exact")
+    for layer in ("0", "2"):
+        G_backpack, A_backpack = reference[int(layer)].weight.kflr
+        A, G = factors[layer]
+        inputs = A.shape[0] - 1  # the last row and column belong to the bias
+        # with reduction="mean", BackPACK's factors are per observation, as fimhooks' are
+        torch.testing.assert_close(A[:inputs, :inputs], A_backpack, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(G, G_backpack, rtol=1e-10, atol=1e-12)
