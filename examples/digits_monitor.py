@@ -7,24 +7,12 @@ import torch
 from torch import nn
 
 import fimhooks
-
-
-def load_digits_tensors():
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise SystemExit(
-            "this example needs scikit-learn: pip install 'fimhooks[examples]'"
-        ) from error
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    return x, y
+from fimhooks.demo import load
 
 
 def main(epochs: int = 5, batch_size: int = 64, seed: int = 0):
     torch.manual_seed(seed)
-    x, y = load_digits_tensors()
+    x, y = load("digits")  # standardized features of scikit-learn's bundled digits
     model = nn.Sequential(
         nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
     )

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import fimhooks
+from fimhooks.demo import load
 from fimhooks.optim import FisherPreconditioner
 
 METHODS = {
@@ -33,15 +34,8 @@ METHODS = {
 
 
 def load_data(seed=0):
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise SystemExit(
-            "this example needs scikit-learn: pip install 'fimhooks[examples]'"
-        ) from error
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
+    """Standardized digits, split 80/20 into training and test data."""
+    x, y = load("digits")
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     split = int(0.8 * len(x))
     return (x[order[:split]], y[order[:split]]), (x[order[split:]], y[order[split:]])

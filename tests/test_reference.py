@@ -20,6 +20,16 @@ def assert_close(actual: dict, expected: dict, what: str):
         assert err < RTOL, f"{what}[{name}] differs by {err:.2e} (relative):\n{a}\n{e}"
 
 
+def assert_same_estimates(actual, expected):
+    """Two routes to the same estimates agree on every reported number (same seed)."""
+    for estimator in ["I1", "I2", "exact"]:
+        assert_close(actual.fisher(estimator), expected.fisher(estimator), estimator)
+        empirical = actual.empirical_variance(estimator)
+        assert_close(empirical, expected.empirical_variance(estimator), estimator)
+    for estimator in ["I1", "I2"]:
+        assert_close(actual.variance(estimator), expected.variance(estimator), estimator)
+
+
 def collect(model, loss_fn, x, sigma, mc_samples, **options):
     monitor = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma, mc_samples=mc_samples, **options)
     output = model(x)
@@ -78,13 +88,7 @@ def test_rank_one_linear_path_equals_generic_path(model_name, likelihood, monkey
     fast = collect(model, loss_fn, x, sigma, 2, seed=3)
     monkeypatch.setattr(extension, "_is_rank_one", lambda module: False)
     generic = collect(model, loss_fn, x, sigma, 2, seed=3)
-    for estimator in ["I1", "I2", "exact"]:
-        assert_close(fast.fisher(estimator), generic.fisher(estimator), estimator)
-        assert_close(
-            fast.empirical_variance(estimator), generic.empirical_variance(estimator), estimator
-        )
-    for estimator in ["I1", "I2"]:
-        assert_close(fast.variance(estimator), generic.variance(estimator), estimator)
+    assert_same_estimates(fast, generic)
 
 
 @pytest.mark.parametrize("model_name", ["cnn", "convtranspose_elu", "conv3d", "sequence_linear"])
@@ -98,10 +102,4 @@ def test_generic_path_variants_agree(model_name, change, monkeypatch):
     else:
         monkeypatch.setattr(extension, "_unfoldable", lambda module: False)
     chunked = collect(model, loss_fn, x, sigma, 2, seed=4)
-    for estimator in ["I1", "I2", "exact"]:
-        assert_close(chunked.fisher(estimator), whole.fisher(estimator), estimator)
-        assert_close(
-            chunked.empirical_variance(estimator), whole.empirical_variance(estimator), estimator
-        )
-    for estimator in ["I1", "I2"]:
-        assert_close(chunked.variance(estimator), whole.variance(estimator), estimator)
+    assert_same_estimates(chunked, whole)
