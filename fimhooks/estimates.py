@@ -57,6 +57,30 @@ class FisherEstimates:
         """Inputs accumulated so far."""
         return max((a.num_inputs for a in self._acc.values()), default=0)
 
+    def merge(self, other: "FisherEstimates") -> "FisherEstimates":
+        """Estimates over the inputs of both, e.g. from two processes (SPEC §5).
+
+        Both must be cumulative averages (``ema_decay=None``) of the same model with the
+        same options; the result equals what one monitor would report on all the inputs.
+        """
+        if set(self._acc) != set(other._acc) or self.estimators != other.estimators:
+            raise ValueError("can only merge estimates of the same parameters and estimators.")
+        merged = {}
+        for name, acc in self._acc.items():
+            copy = RunningDiagonal(acc.ema_decay, acc.mc_samples)
+            copy.load_state_dict(acc.state_dict())
+            copy.merge(other._acc[name])
+            merged[name] = copy
+        return FisherEstimates(
+            merged,
+            layer_of=self._layer_of,
+            estimators=self.estimators,
+            layer_types=self._layer_types,
+            exact_pass=self.exact_pass,
+            num_outputs=self.num_outputs,
+            skipped=self.skipped + other.skipped,
+        )
+
     def has(self, name: str) -> bool:
         """Whether the parameter ``name`` has collected statistics."""
         return name in self._acc

@@ -89,6 +89,35 @@ def test_two_half_batches_equal_one_full_batch():
             torch.testing.assert_close(left[name], right[name], rtol=1e-10, atol=0)
 
 
+def test_estimates_of_two_processes_merge_into_those_of_one():
+    loss_fn, out, _ = make_loss("bernoulli")
+    model, x = make_model("sigmoid_mlp", out), make_input("sigmoid_mlp", n=10)
+    parts = []
+    for half in (x[:4], x[4:]):
+        monitor = fimhooks.FisherMonitor(model, loss_fn, seed=7)
+        collect(monitor, model, loss_fn, half)
+        monitor.remove()
+        parts.append(monitor.estimates())
+    merged = parts[0].merge(parts[1])
+    assert merged.num_inputs == 10
+    whole_data = {n: v.clone() for n, v in merged.data_variance().items()}
+    full = fimhooks.FisherMonitor(model, loss_fn)
+    collect(full, model, loss_fn, x)
+    full.remove()
+    fisher = full.estimates().fisher("exact")
+    for name, value in full.estimates().data_variance().items():
+        # variances come from raw float64 sums: summed in another order they differ by
+        # rounding of order eps · mean², which dominates where the variance is tiny
+        error = (whole_data[name] - value).abs()
+        assert (error <= 1e-10 * value.abs() + 1e-14 * fisher[name] ** 2).all(), name
+    for name, value in full.estimates().fisher("exact").items():
+        torch.testing.assert_close(merged.fisher("exact")[name], value, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="cumulative"):
+        ema = fimhooks.FisherMonitor(model, loss_fn, ema_decay=0.5)
+        collect(ema, model, loss_fn, x)
+        ema.estimates().merge(ema.estimates())
+
+
 def test_state_dict_round_trip_restores_estimates_and_sampler():
     loss_fn, out, _ = make_loss("bernoulli")
     model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
