@@ -94,6 +94,7 @@ class FisherExtension(BackpropExtension):
         self.generator = generator
         self.context: Optional[_LabelContext] = None
         self.kronecker = False  # also reduce Kronecker factors of Linear layers
+        self._output_terms_of, self._output_terms = None, None
 
     def expects_backpropagation_quantities(self) -> bool:  # noqa: D102
         return True
@@ -102,6 +103,7 @@ class FisherExtension(BackpropExtension):
         """Forget quantities of an earlier backward pass (keys are data pointers)."""
         self.saved_quantities._saved_quantities.clear()
         self.context = None
+        self._output_terms_of, self._output_terms = None, None
 
     def has_quantity_for(self, tensor: Tensor) -> bool:
         """Whether a quantity was propagated back to ``tensor``."""
@@ -126,6 +128,13 @@ class FisherExtension(BackpropExtension):
             num_outputs=h.shape[1],
         )
         return lik.directions(h)
+
+    def layer_output_terms(self, module: nn.Module, bp: "_Backpropagated") -> Dict[str, Tensor]:
+        """Per-input terms of a Linear layer's output, computed once for weight and bias."""
+        if self._output_terms_of is not module:
+            self._output_terms = self.output_terms(bp.first, _output_second_derivatives(bp))
+            self._output_terms_of = module
+        return self._output_terms
 
     def kronecker_sums(self, U: Tensor, module: nn.Module) -> Dict[str, Tensor]:
         """Batch sums of the Kronecker factors of a Linear layer (see ``preconditioning``).
@@ -234,7 +243,7 @@ class _Parameterized(_PassThrough):
     def _make_reduction(self, name: str):
         def reduce(ext, module, g_inp, g_out, bp: _Backpropagated) -> BatchSums:
             if _is_rank_one(module):
-                terms = ext.output_terms(bp.first, _output_second_derivatives(bp))
+                terms = ext.layer_output_terms(module, bp)
                 if name == "bias":
                     return batch_sums(terms)
                 sums = rank_one_batch_sums(terms, module.input0.detach())

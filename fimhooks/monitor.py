@@ -103,6 +103,7 @@ class FisherMonitor:
         self._listeners: List[Callable] = []
         self._pending: Dict[str, BatchSums] = {}
         self._warned = set()
+        self._reused = set()
         self._switch_inplace_off()
         self._set_hooks(True)
 
@@ -193,18 +194,28 @@ class FisherMonitor:
 
     def _store_io(self, module, inputs, output) -> None:
         if torch.is_grad_enabled():
+            if "output" in vars(module):  # called again before its backward ran
+                self._reused.add(module)
             for i, tensor in enumerate(inputs):
                 setattr(module, f"input{i}", tensor)
             module.output = output
 
     def _run_extension(self, module, g_inp, g_out) -> None:
-        if not self._collecting:
+        if not self._collecting:  # a backward outside `with monitor:` used the forward
+            _forget_io(module)
             return
         if self._extension.context is None and module is not self.loss_fn:
             raise RuntimeError(
                 "fimhooks: the backward pass inside `with monitor:` does not start at the "
                 f"monitored loss ({type(self.loss_fn).__name__}); compute the loss with "
                 "the loss_fn given to FisherMonitor."
+            )
+        if module in self._reused:
+            path = next((p for p, m in self._leaves.items() if m is module), "loss")
+            raise RuntimeError(
+                f"fimhooks: layer '{path}' ({type(module).__name__}) ran more than once in "
+                "the forward pass before this backward; fimhooks needs one call per layer "
+                "(use a separate module for each use, and do not repeat the forward pass)."
             )
         if not hasattr(module, "output"):
             raise RuntimeError(
@@ -230,6 +241,7 @@ class FisherMonitor:
     def _cleanup_io(self) -> None:
         for module in list(self._leaves.values()) + [self.loss_fn]:
             _forget_io(module)
+        self._reused = set()
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:

@@ -94,6 +94,23 @@ def test_functional_op_between_layers_is_reported():
             loss.backward()
 
 
+def test_a_layer_called_twice_is_reported():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(3, 4), nn.Linear(4, 2), nn.Tanh()
+
+        def forward(self, x):
+            return self.act(self.b(self.act(self.a(x))))
+
+    model, loss_fn = Net(), nn.CrossEntropyLoss()
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    loss = loss_fn(model(torch.randn(5, 3)), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="layer 'act' \\(Tanh\\) ran more than once"):
+        with monitor:
+            loss.backward()
+
+
 def test_removed_monitor_and_estimates_before_collection():
     monitor = fimhooks.FisherMonitor(mlp(), nn.CrossEntropyLoss())
     with pytest.raises(RuntimeError, match="no batch"):
