@@ -51,6 +51,12 @@ class CurvatureSource:
             jac = jac * self.scale[samples].unsqueeze(0)
         return jac.expand(S, n, jac.shape[2]).reshape(S, n, *shape[1:])
 
+    def shaped_like(self, output: Tensor) -> "CurvatureSource":
+        """The same source for a view of ``output`` (structured ones are flat already)."""
+        if not self.per_input:
+            return self
+        return replace(self, jac=self.jac.reshape(self.jac.shape[0], *output.shape))
+
     def through_elementwise(self, derivative: Tensor, jac_t: Callable) -> "CurvatureSource":
         """Pull back through an element-wise map with derivative ``[N, *shape]``."""
         if self.per_input:

@@ -62,6 +62,11 @@ class _Backpropagated:
     first: Tensor
     sources: Tuple[CurvatureSource, ...] = ()
 
+    def shaped_like(self, output: Tensor) -> "_Backpropagated":
+        """The same quantity for a view of ``output`` (``squeeze``, ``view`` between layers)."""
+        first = self.first.reshape(self.first.shape[0], *output.shape)
+        return _Backpropagated(first, tuple(s.shaped_like(output) for s in self.sources))
+
 
 @dataclass
 class _LabelContext:
@@ -191,6 +196,14 @@ class _PassThrough(ModuleExtension):
     def __init__(self, derivatives, params=None):
         self.derivatives = derivatives
         super().__init__(params=params)
+
+    def __call__(self, ext, module, g_inp, g_out):  # noqa: D102
+        # the next layer may have received a view of this output: restore its shape
+        saved = ext.saved_quantities._saved_quantities
+        key = module.output.data_ptr()
+        if key in saved:
+            saved[key] = saved[key].shaped_like(module.output)
+        super().__call__(ext, module, g_inp, g_out)
 
     def backpropagate(self, ext, module, g_inp, g_out, bp: _Backpropagated):  # noqa: D102
         def jac_t(mat: Tensor) -> Tensor:

@@ -8,6 +8,29 @@ from torch import nn
 SIGMA = 0.7  # Gaussian noise level used in the tests (not the default, to test it)
 
 
+class ViewCNN(nn.Module):
+    """A custom forward with a view between layers (no Flatten module)."""
+
+    def __init__(self, out: int):
+        super().__init__()
+        self.conv, self.act, self.fc = nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Linear(2 * 3 * 3, out)
+
+    def forward(self, x):
+        h = self.act(self.conv(x))
+        return self.fc(h.view(h.shape[0], -1))
+
+
+class SqueezedRegression(nn.Module):
+    """One output per input, squeezed to ``[N]`` before the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 1))
+
+    def forward(self, x):
+        return self.body(x).squeeze(1)
+
+
 def make_model(name: str, out: int) -> nn.Module:
     """A tiny float64 network by name."""
     torch.manual_seed(0)
@@ -65,6 +88,8 @@ def make_model(name: str, out: int) -> nn.Module:
             nn.Flatten(),
             nn.Linear(2, out),
         ),
+        "view_cnn": lambda: ViewCNN(out),
+        "squeezed_regression": SqueezedRegression,
         "sequence_linear": lambda: nn.Sequential(
             nn.Linear(3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(4, out)
         ),
@@ -81,6 +106,7 @@ def make_input(name: str, n: int = 5) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     shape = {
         "cnn": (n, 1, 5, 5),
+        "view_cnn": (n, 1, 5, 5),
         "conv1d_selu_avgpool": (n, 2, 4),
         "convtranspose_elu": (n, 1, 2, 2),
         "conv3d": (n, 1, 3, 3, 3),
@@ -118,6 +144,7 @@ MODELS = [
     "conv1d_selu_avgpool",
     "convtranspose_elu",
     "conv3d",
+    "view_cnn",
     "sequence_linear",
 ]
 LIKELIHOODS = ["categorical", "bernoulli", "gaussian"]

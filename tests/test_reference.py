@@ -54,6 +54,17 @@ def test_closed_forms_match_brute_force(model_name, likelihood, mc_samples):
     assert_close(est.data_variance(), ref["data"], "data variance")
 
 
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_outputs_squeezed_before_the_loss(likelihood):
+    loss_fn, _, sigma = make_loss(likelihood)
+    model, x = make_model("squeezed_regression", 1), make_input("squeezed_regression")
+    est = collect(model, loss_fn, x, sigma, 2)
+    ref = estimator_reference(model, loss_fn, x, 2, sigma or 1.0)
+    assert_close(est.fisher("exact"), ref["exact"], "exact")
+    assert_close(est.variance("I1"), ref["v1"], "v1")
+    assert_close(est.variance("I2"), ref["v2"], "v2")
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_numbers_do_not_depend_on_reduction_or_batch_size(reduction):
     loss_fn, out, _ = make_loss("categorical", reduction)
