@@ -65,12 +65,9 @@ class FisherEstimates:
         """
         if set(self._acc) != set(other._acc) or self.estimators != other.estimators:
             raise ValueError("can only merge estimates of the same parameters and estimators.")
-        merged = {}
-        for name, acc in self._acc.items():
-            copy = RunningDiagonal(acc.ema_decay, acc.mc_samples)
-            copy.load_state_dict(acc.state_dict())
-            copy.merge(other._acc[name])
-            merged[name] = copy
+        merged = {name: acc.copy() for name, acc in self._acc.items()}
+        for name, acc in merged.items():
+            acc.merge(other._acc[name])
         return FisherEstimates(
             merged,
             layer_of=self._layer_of,
@@ -138,8 +135,7 @@ class FisherEstimates:
             errors[layer] = {}
             for e in self.estimators:
                 sq_norm = sum((self._acc[n].fisher(e) ** 2).sum().item() for n in names)
-                errors_e = self.standard_errors(e, names=names)
-                variance = sum(errors_e[n].square().sum().item() for n in names)
+                variance = sum(self._variances(e, self._acc[n])[1].sum().item() for n in names)
                 errors[layer][e] = math.sqrt(variance / sq_norm) if sq_norm > 0 else math.inf
         return errors
 
@@ -154,20 +150,19 @@ class FisherEstimates:
         costs = {}
         for e in self.estimators:
             fisher = _cat(a.fisher(e) for a in accs)
-            if self.exact_pass:
-                label = _cat(a.label_variance(e) for a in accs)
-                data = _cat(a.sample_variance("exact") for a in accs)
-                label_noise = label.sum().item() * n_eff * draws
-                data_noise = data.sum().item() * n_eff
-                total = label + data
-            else:  # the empirical variance holds both noises at the current draws
-                total = _cat(a.sample_variance(e) for a in accs)
-                label_noise, data_noise = 0.0, total.sum().item() * n_eff
+            variances = [self._variances(e, a) for a in accs]
+            total = _cat(t for _, t in variances)
             total_sum = total.sum().item()
+            if self.exact_pass:
+                label_sum = sum(label.sum().item() for label, _ in variances)
+                label_noise = label_sum * n_eff * draws
+                data_noise = (total_sum - label_sum) * n_eff
+            else:  # the empirical variance holds both noises at the current draws
+                label_noise, data_noise = 0.0, total_sum * n_eff
             sq_norm = (fisher * fisher).sum().item()
             needed = inputs_needed(label_noise, data_noise, sq_norm, target, draws)
             costs[e] = needed * cost_per_input(e, draws, self.num_outputs)
-            share = total_sum and label.sum().item() / total_sum if self.exact_pass else None
+            share = total_sum and label_sum / total_sum if self.exact_pass else None
             stats[e] = {
                 "trace": fisher.sum().item(),
                 "rse": math.sqrt(total_sum / sq_norm) if sq_norm > 0 else math.inf,
@@ -184,19 +179,23 @@ class FisherEstimates:
         stats["recommended"] = min(costs, key=lambda e: (costs[e], e != "exact"))
         return stats
 
-    def standard_errors(self, estimator: str, names=None) -> Diagonal:
+    def standard_errors(self, estimator: str) -> Diagonal:
         """Standard error of each entry of the running estimate, ``sqrt(label + data)``.
 
         The empirical variance stands in for both without the exact pass.
         """
         self._check(estimator)
-        accs = {n: self._acc[n] for n in (self._acc if names is None else names)}
+        return {n: self._variances(estimator, a)[1].sqrt() for n, a in self._acc.items()}
+
+    def _variances(self, estimator: str, acc: RunningDiagonal):
+        """``(label, label + data)`` variances of one parameter's running estimate (SPEC §4).
+
+        Without the exact pass: ``(None, empirical variance)``, which holds both noises.
+        """
         if not self.exact_pass:
-            return {n: a.sample_variance(estimator).sqrt() for n, a in accs.items()}
-        return {
-            n: (a.label_variance(estimator) + a.sample_variance("exact")).sqrt()
-            for n, a in accs.items()
-        }
+            return None, acc.sample_variance(estimator)
+        label = acc.label_variance(estimator)
+        return label, label + acc.sample_variance("exact")
 
     def kronecker_factors(self, kind: str) -> Dict[str, tuple]:
         """Running Kronecker factors ``(A, G)`` by Linear layer path (SPEC §6).

@@ -184,7 +184,7 @@ class FisherMonitor:
     def _set_hooks(self, on: bool) -> None:
         """Hooks exist only around collected steps, so other steps cost nothing extra."""
         if on and not self._handles:
-            for module in list(self._leaves.values()) + [self.loss_fn]:
+            for module in self._hooked_modules():
                 self._handles.append(module.register_forward_hook(self._store_io))
                 self._handles.append(module.register_full_backward_hook(self._run_extension))
         elif not on:
@@ -211,9 +211,8 @@ class FisherMonitor:
                 "the loss_fn given to FisherMonitor."
             )
         if module in self._reused:
-            path = next((p for p, m in self._leaves.items() if m is module), "loss")
             raise RuntimeError(
-                f"fimhooks: layer '{path}' ({type(module).__name__}) ran more than once in "
+                f"fimhooks: layer '{self._path_of(module)}' ({type(module).__name__}) ran more than once in "
                 "the forward pass before this backward; fimhooks needs one call per layer "
                 "(use a separate module for each use, and do not repeat the forward pass)."
             )
@@ -223,9 +222,9 @@ class FisherMonitor:
                 "the forward pass after creating the monitor and with gradients enabled."
             )
         if module is not self.loss_fn and not self._extension.has_quantity_for(module.output):
-            path = next(p for p, m in self._leaves.items() if m is module)
             raise RuntimeError(
-                f"fimhooks: nothing was propagated back to the output of layer '{path}'. "
+                "fimhooks: nothing was propagated back to the output of layer "
+                f"'{self._path_of(module)}'. "
                 "The model's forward must pass each layer's output to the next supported "
                 "layer (functional operations and copying reshapes in between are not "
                 "supported), and the forward pass must not be repeated before backward."
@@ -239,9 +238,15 @@ class FisherMonitor:
         _forget_io(module)
 
     def _cleanup_io(self) -> None:
-        for module in list(self._leaves.values()) + [self.loss_fn]:
+        for module in self._hooked_modules():
             _forget_io(module)
         self._reused = set()
+
+    def _hooked_modules(self) -> List[nn.Module]:
+        return list(self._leaves.values()) + [self.loss_fn]
+
+    def _path_of(self, module: nn.Module) -> str:
+        return next((p for p, m in self._leaves.items() if m is module), "loss")
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -262,12 +267,7 @@ class FisherMonitor:
 
     def estimates(self) -> FisherEstimates:
         """A detached snapshot of the running estimates."""
-        accumulators = {}
-        for name, acc in self._accumulators.items():
-            copy = RunningDiagonal(acc.ema_decay, acc.mc_samples)
-            copy.load_state_dict(acc.state_dict())
-            accumulators[name] = copy
-        return self._estimates(accumulators)
+        return self._estimates({n: acc.copy() for n, acc in self._accumulators.items()})
 
     def live_estimates(self) -> FisherEstimates:
         """The running estimates without a copy: read them before the next step."""
@@ -345,11 +345,10 @@ class FisherMonitor:
         if not self._removed:
             self._set_hooks(self._armed)
         self.skipped = state["skipped"]
-        self._accumulators = {}
-        for name, acc_state in state["accumulators"].items():
-            acc = RunningDiagonal(acc_state["ema_decay"], acc_state["mc_samples"])
-            acc.load_state_dict(acc_state)
-            self._accumulators[name] = acc
+        self._accumulators = {
+            name: RunningDiagonal.from_state_dict(acc_state)
+            for name, acc_state in state["accumulators"].items()
+        }
         for device, gen_state in state["generators"].items():
             self._generator(torch.device(device)).set_state(gen_state)
 

@@ -219,6 +219,17 @@ class RunningDiagonal:
             "aliases": dict(self.aliases),
         }
 
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "RunningDiagonal":
+        """A new accumulator restored from ``state_dict``."""
+        acc = cls(state["ema_decay"], state["mc_samples"])
+        acc.load_state_dict(state)
+        return acc
+
+    def copy(self) -> "RunningDiagonal":
+        """An independent copy (staged steps folded in)."""
+        return RunningDiagonal.from_state_dict(self.state_dict())
+
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict``."""
         self.ema_decay = state["ema_decay"]
