@@ -101,10 +101,13 @@ class FisherPreconditioner:
             weight, bias = params[_join(layer, "weight")], params.get(_join(layer, "bias"))
             if weight.grad is None or not weight.requires_grad:
                 continue
-            grads = [weight.grad] + ([bias.grad.unsqueeze(1)] if bias is not None else [])
+            grads = [weight.grad]
+            if bias is not None:  # the factors' last input column; zero if it has no grad
+                bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+                grads.append(bias_grad.unsqueeze(1))
             solved = kronecker_solve(torch.cat(grads, 1).double(), A_inverse, G_inverse)
             weight.grad.copy_(solved[:, : weight.shape[1]])
-            if bias is not None:
+            if bias is not None and bias.grad is not None and bias.requires_grad:
                 bias.grad.copy_(solved[:, -1])
         for name, denominator in self._diagonal.items():
             p = params[name]

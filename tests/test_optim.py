@@ -151,6 +151,17 @@ def test_pass_through_before_collection_and_for_frozen_or_gradless_parameters():
     assert torch.equal(model[0].bias.grad, frozen_grad) and model[2].bias.grad is None
 
 
+def test_kfac_with_a_bias_without_gradient_leaves_the_bias_alone():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=("exact",))
+    precond = FisherPreconditioner(monitor, structure="kfac")
+    backward(monitor, model, loss_fn, x)
+    model[2].bias.grad = None
+    precond.step()
+    assert model[2].bias.grad is None and torch.isfinite(model[2].weight.grad).all()
+
+
 @pytest.mark.parametrize("structure", ["diag", "kfac"])
 def test_state_dict_restores_the_preconditioner_exactly(structure):
     loss_fn, out, _ = make_loss("bernoulli")
