@@ -63,6 +63,33 @@ def per_input_terms(
     return out
 
 
+#: Terms that are label-noise variances of one summand: they scale with a weight squared.
+VARIANCE_TERMS = ("v1", "v2")
+
+
+def add_position(total: Dict[str, Tensor], terms: Dict[str, Tensor], weight: Tensor) -> dict:
+    """``total + weight · terms`` per input (``weight²`` for variances), aliases kept.
+
+    An input's summand is the mean over its positions (SPEC §7c), so a position of input
+    ``n`` enters with ``weight[n] = 1/T_n`` and its label-noise variance with ``1/T_n²``.
+
+    Args:
+        total: ``{term: [n, *P]}`` so far (empty at the first position).
+        terms: ``{term: [n, *P]}`` of one position, from ``per_input_terms``.
+        weight: ``[n]``.
+    """
+    out = {}
+    for name, value in terms.items():
+        twin = next((k for k in out if terms[k] is value), None)
+        if twin is not None:
+            out[name] = out[twin]
+            continue
+        w = weight ** (2 if name in VARIANCE_TERMS else 1)
+        scaled = value * w.reshape(-1, *[1] * (value.dim() - 1))
+        out[name] = total[name] + scaled if name in total else scaled
+    return out
+
+
 #: Power of the layer input with which each term scales for a rank-one (Linear) weight.
 INPUT_POWER = {"exact": 2, "I1": 2, "I2": 2, "v1": 4, "v2": 4}
 

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from fimhooks.curvature import CurvatureSource
 from fimhooks.diagonal_terms import BatchSums, batch_sums, per_input_terms, rank_one_batch_sums
 from fimhooks.likelihoods import Likelihood
+from fimhooks.observations import LabelDraw
 
 #: Savefield on parameters; the monitor removes it inside the same module hook.
 SAVEFIELD = "_fimhooks_sums"
@@ -90,7 +91,7 @@ class FisherExtension(BackpropExtension):
     """
 
     def __init__(self, likelihood: Likelihood, terms: FrozenSet[str], mc_samples: int, generator):
-        super().__init__(savefield=SAVEFIELD, module_exts=_module_extensions())
+        super().__init__(savefield=SAVEFIELD, module_exts=_EXTENSIONS)
         self.likelihood = likelihood
         self.terms = terms
         self.exact_pass = bool(terms & {"exact", "I2", "v1", "v2"})
@@ -114,25 +115,23 @@ class FisherExtension(BackpropExtension):
         """Whether a quantity was propagated back to ``tensor``."""
         return tensor.data_ptr() in self.saved_quantities._saved_quantities
 
-    def start(self, h: Tensor) -> Tensor:
-        """Draw labels and return the directions for the network output ``h [N, C]``.
+    def start(self, draw: LabelDraw) -> None:
+        """Take the labels of a step whose output has one position per input."""
 
-        Returns:
-            ``[K, N, C]``.
-        """
-        lik, m = self.likelihood, self.mc_samples
-        generator = self.generator(h.device)
-        if not self.exact_pass:
-            self.context = _LabelContext(None, None, None, *h.shape)
-            return lik.sampled_residuals(h, m, generator)
+        def first_position(x):
+            return None if x is None else x[:, 0]
+
         self.context = _LabelContext(
-            weights=lik.weights(h),
-            fourth_weights=lik.fourth_weights(h),
-            coefficients=lik.sample_coefficients(h, m, generator),
-            num_inputs=h.shape[0],
-            num_outputs=h.shape[1],
+            weights=first_position(draw.weights),
+            fourth_weights=first_position(draw.fourth_weights),
+            coefficients=first_position(draw.coefficients),
+            num_inputs=draw.num_inputs,
+            num_outputs=draw.directions.shape[-1],
         )
-        return lik.directions(h)
+
+    def save_start(self, output: Tensor, directions: Tensor) -> None:
+        """Backpropagate ``directions [K, *output.shape]`` from the model output."""
+        self.saved_quantities._saved_quantities[output.data_ptr()] = _Backpropagated(directions)
 
     def layer_output_terms(self, module: nn.Module, bp: "_Backpropagated") -> Dict[str, Tensor]:
         """Per-input terms of a Linear layer's output, computed once for weight and bias."""
@@ -174,20 +173,6 @@ class FisherExtension(BackpropExtension):
             None if ctx.coefficients is None else ctx.coefficients[samples],
             self.terms,
         )
-
-
-class _Loss(ModuleExtension):
-    """Starts the backpropagation from the loss's input; the user's labels are unused."""
-
-    def backpropagate(self, ext, module, g_inp, g_out, bp_quantity):  # noqa: D102
-        h = module.input0.detach()
-        if isinstance(module, nn.CrossEntropyLoss) and h.dim() != 2:
-            raise ValueError(
-                "fimhooks supports nn.CrossEntropyLoss on logits of shape [N, C]; "
-                f"got shape {tuple(h.shape)}."
-            )
-        directions = ext.start(h.reshape(h.shape[0], -1))
-        return _Backpropagated(directions.reshape(directions.shape[:1] + h.shape))
 
 
 class _PassThrough(ModuleExtension):
@@ -380,15 +365,21 @@ _PARAMETERIZED = {
     nn.BatchNorm2d: BatchNormNdDerivatives,
     nn.BatchNorm3d: BatchNormNdDerivatives,
 }
-LOSSES = (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss)
-
 #: Module types fimhooks can attach to (leaves of the model).
 SUPPORTED_MODULES = tuple(_ELEMENTWISE) + tuple(_LINEAR_OPS) + tuple(_PARAMETERIZED)
 
 
 def _module_extensions() -> Dict[type, ModuleExtension]:
-    exts = {cls: _Loss() for cls in LOSSES}
+    exts = {}
     exts.update({cls: _Elementwise(d()) for cls, d in _ELEMENTWISE.items()})
     exts.update({cls: _PassThrough(d()) for cls, d in _LINEAR_OPS.items()})
     exts.update({cls: _Parameterized(d()) for cls, d in _PARAMETERIZED.items()})
     return exts
+
+
+_EXTENSIONS = _module_extensions()
+
+
+def module_extension(module: nn.Module) -> ModuleExtension:
+    """The chain path's rule for a supported layer."""
+    return next(_EXTENSIONS[c] for c in type(module).__mro__ if c in _EXTENSIONS)

@@ -19,7 +19,7 @@ All numbers are per observation: nothing here depends on a loss's reduction or s
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -130,42 +130,44 @@ class Gaussian(Likelihood):
         return noise / self.sigma
 
 
+#: Likelihood names accepted by ``FisherMonitor`` instead of a loss module.
+LIKELIHOOD_NAMES = ("categorical", "bernoulli", "gaussian")
 SUPPORTED_LOSSES = "nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss"
 
 
-def likelihood_from_loss(loss_fn: nn.Module, sigma: Optional[float] = None) -> Likelihood:
-    """The likelihood that a PyTorch loss module encodes (SPEC §1).
+def likelihood_from(spec: Union[str, nn.Module], sigma: Optional[float] = None) -> Likelihood:
+    """The likelihood named by ``spec`` or encoded by a PyTorch loss module (SPEC §1).
 
     Args:
-        loss_fn: An ``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss`` or ``nn.MSELoss``.
-        sigma: Gaussian noise level, only with ``nn.MSELoss`` (default 1). It is a parameter
-            of the likelihood, not implied by the loss's factor 2.
+        spec: ``"categorical"``, ``"bernoulli"``, ``"gaussian"``, or an
+            ``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss`` or ``nn.MSELoss``. Class
+            weights, ``pos_weight`` and label smoothing change the loss, not the model's
+            likelihood: they are accepted and play no part.
+        sigma: Gaussian noise level (default 1). It is a parameter of the likelihood, not
+            implied by the loss's factor 2.
 
     Raises:
-        ValueError: for any other loss, for options that change the likelihood
-            (class weights, label smoothing, ``pos_weight``), or ``sigma`` without MSE.
+        ValueError: for another name or loss, or ``sigma`` with a non-Gaussian likelihood.
     """
-    if isinstance(loss_fn, nn.MSELoss):
+    name = spec if isinstance(spec, str) else _LOSS_NAMES.get(type(spec))
+    if name not in LIKELIHOOD_NAMES:
+        given = repr(spec) if isinstance(spec, str) else f"loss {type(spec).__name__}"
+        raise ValueError(
+            f"Unsupported likelihood: {given}. fimhooks supports the names "
+            f"{', '.join(map(repr, LIKELIHOOD_NAMES))} or the losses {SUPPORTED_LOSSES}."
+        )
+    if name == "gaussian":
         return Gaussian(1.0 if sigma is None else sigma)
     if sigma is not None:
         raise ValueError(
-            f"sigma is a parameter of the Gaussian likelihood (nn.MSELoss) only; "
-            f"got sigma={sigma!r} with {type(loss_fn).__name__}."
+            f"sigma is a parameter of the Gaussian likelihood only; got sigma={sigma!r} "
+            f"with the {name} likelihood."
         )
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
-            raise ValueError(
-                "fimhooks supports nn.CrossEntropyLoss without class weights and without "
-                "label smoothing: those change the loss but not the model's likelihood."
-            )
-        return Categorical()
-    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
-        if loss_fn.weight is not None or loss_fn.pos_weight is not None:
-            raise ValueError(
-                "fimhooks supports nn.BCEWithLogitsLoss without weight and pos_weight: "
-                "those change the loss but not the model's likelihood."
-            )
-        return Bernoulli()
-    raise ValueError(
-        f"Unsupported loss {type(loss_fn).__name__}: fimhooks supports {SUPPORTED_LOSSES}."
-    )
+    return Categorical() if name == "categorical" else Bernoulli()
+
+
+_LOSS_NAMES = {
+    nn.CrossEntropyLoss: "categorical",
+    nn.BCEWithLogitsLoss: "bernoulli",
+    nn.MSELoss: "gaussian",
+}

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+import weakref
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fimhooks.diagonal_terms import BatchSums
 from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
-from fimhooks.extension import LOSSES, SAVEFIELD, SUPPORTED_MODULES, FisherExtension
+from fimhooks.extension import SAVEFIELD, SUPPORTED_MODULES, FisherExtension, module_extension
+from fimhooks.general import general_batch_sums
+from fimhooks.graph import curved_layer
 from fimhooks.jsonlog import FisherLog
-from fimhooks.likelihoods import likelihood_from_loss
+from fimhooks.layers import random_inside, rule_for
+from fimhooks.likelihoods import likelihood_from
+from fimhooks.observations import (
+    LabelDraw,
+    draw_labels,
+    position_mask,
+    read_positions,
+    to_output_layout,
+)
 from fimhooks.progress import progress
+from fimhooks.recording import ForwardRecord, chain_of
 from fimhooks.running import ESTIMATORS, RunningDiagonal
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -24,22 +36,29 @@ class FisherMonitor:
 
     Use it around the ordinary backward pass of a training step::
 
-        monitor = FisherMonitor(model, loss_fn)
-        loss = loss_fn(model(x), y)
+        monitor = FisherMonitor(model, "categorical")
+        loss = F.cross_entropy(model(x), y)
         with monitor:
             loss.backward()
         est = monitor.estimates()
 
-    Labels for Î₁ and Î₂ are drawn from the model (the batch's labels are never used), and
-    all numbers are per observation, independent of the loss's reduction and batch size.
-    ``p.grad`` is left exactly as without the monitor.
+    The monitor attaches at the model's output: any loss computed from it works, and the
+    labels it uses never enter the estimates. Labels for Î₁ and Î₂ are drawn from the
+    model, and all numbers are per observation, independent of the loss's reduction and
+    batch size. ``p.grad`` is left exactly as without the monitor.
 
     Args:
-        model: The network; its leaves must be supported layers (checked here).
-        loss_fn: ``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss`` or ``nn.MSELoss``.
-        sigma: Gaussian noise level; only with ``nn.MSELoss`` (default 1).
-        mc_samples: Label draws per input (``M``).
-        every: Collect on every ``every``-th backward pass inside ``with monitor:``.
+        model: The network. Any graph autograd can differentiate; layers without a
+            declaration of their own use an exact generic per-input rule.
+        likelihood: ``"categorical"`` (logits ``[N, C]`` or ``[N, *, C]``, class axis
+            last), ``"bernoulli"``, ``"gaussian"``, or the loss module that encodes it:
+            ``nn.CrossEntropyLoss`` (its ``[N, C, *]`` layout), ``nn.BCEWithLogitsLoss``,
+            ``nn.MSELoss``.
+        sigma: Gaussian noise level (default 1); Gaussian likelihood only.
+        output: Callable from whatever the model's forward returns to the output tensor
+            (e.g. ``lambda out: out.logits``); default: the return value itself.
+        mc_samples: Label draws per observation (``M``).
+        every: Collect on every ``every``-th ``with monitor:`` block.
         ema_decay: ``None`` for the cumulative average, or ``β`` in ``(0, 1)`` for a
             bias-corrected exponential moving average.
         estimators: Which of ``"I1", "I2", "exact"`` to compute; fewer is cheaper. The
@@ -48,16 +67,17 @@ class FisherMonitor:
             so collecting never changes the user's random number stream.
 
     Raises:
-        ValueError: for an unsupported loss or layer (with its path), BatchNorm in
-            training mode, or invalid options.
+        ValueError: for an unsupported likelihood, BatchNorm in training mode, or invalid
+            options.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: nn.Module,
+        likelihood: Union[str, nn.Module],
         *,
         sigma: Optional[float] = None,
+        output: Optional[Callable] = None,
         mc_samples: int = 1,
         every: int = 1,
         ema_decay: Optional[float] = None,
@@ -66,7 +86,8 @@ class FisherMonitor:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-        self.likelihood = likelihood_from_loss(loss_fn, sigma)
+        self.likelihood = likelihood_from(likelihood, sigma)
+        self._class_axis = 1 if isinstance(likelihood, nn.CrossEntropyLoss) else -1
         self.estimators = _check_estimators(estimators)
         if not (isinstance(mc_samples, int) and mc_samples >= 1):
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
@@ -74,40 +95,56 @@ class FisherMonitor:
             raise ValueError(f"every must be a positive integer, got {every!r}.")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be None or in (0, 1), got {ema_decay!r}.")
-        self.model, self.loss_fn = model, loss_fn
+        if output is not None and not callable(output):
+            raise TypeError(f"output must be a callable, got {type(output).__name__}.")
+        self.model, self._output_of = model, output
         self.mc_samples, self.every, self.ema_decay = mc_samples, every, ema_decay
         self.seed = torch.initial_seed() if seed is None else int(seed)
-        self._leaves = _supported_leaves(model)
-        _check_batchnorm(self._leaves)
-        _check_unshared(self._leaves)
+        _check_not_extended(model)
+        _check_batchnorm(model)
+        self._paths = {id(m): path for path, m in model.named_modules()}
         self._param_names = {id(p): name for name, p in model.named_parameters()}
-        self._layer_of = {
-            f"{path}.{local}" if path else local: path
-            for path, module in self._leaves.items()
-            for local, _ in module.named_parameters(recurse=False)
-        }
+        self._declared = _declarations(model)
+        self._layer_of = {name: self._declared[id(p)][0][0] for name, p in model.named_parameters()}
+        self._leaves = {path: m for path, m in model.named_modules() if not list(m.children())}
+        self._chain_leaves = _chain_leaves(model, self._leaves, self._declared)
+        self._watched = [m for m in model.modules() if _has_params(m)]
+        self._watched += [m for m in self._leaves.values() if not _has_params(m)]
         self._extension = FisherExtension(
             self.likelihood, _terms(self.estimators), mc_samples, self._generator
         )
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._handles = []
-        self._inplace = []
         self._accumulators: Dict[str, RunningDiagonal] = {}
         self.skipped = 0
         self._entries = 0
         self._collecting = False
         self._inside = False
         self._removed = False
+        self._busy = False
         self._num_outputs = 1
         self.collected_steps = 0
         self._listeners: List[Callable] = []
         self._pending: Dict[str, BatchSums] = {}
+        self._pending_inputs = 0
+        self._records: List[ForwardRecord] = []
+        self._recording: Optional[ForwardRecord] = None
+        self._mask = self._next_mask = None
         self._warned = set()
-        self._reused = set()
-        self._switch_inplace_off()
         self._set_hooks(True)
 
     # --- the context manager -------------------------------------------------------
+
+    def __call__(self, *, mask: Optional[Tensor] = None) -> "FisherMonitor":
+        """Options for the next ``with`` block: ``with monitor(mask=attention_mask):``.
+
+        Args:
+            mask: Which positions are observed (``True``), shaped like the output without
+                its class axis, or ``[N]`` (one flag per input). Masked positions (padding)
+                are neither drawn nor counted.
+        """
+        self._next_mask = mask
+        return self
 
     def __enter__(self) -> "FisherMonitor":
         if self._removed:
@@ -115,30 +152,22 @@ class FisherMonitor:
         if self._inside:
             raise RuntimeError("`with monitor:` blocks cannot be nested.")
         if self._armed:
-            _check_batchnorm(self._leaves)
+            _check_batchnorm(self.model)
+        self._mask, self._next_mask = self._next_mask, None
         self._inside = True
         self._collecting = self._armed
         self._entries += 1
-        if self._collecting:
-            self._extension.reset()
-            self._pending = {}
-            self._warning_filter = warnings.catch_warnings()
-            self._warning_filter.__enter__()
-            # Expected for the first layer (its input needs no gradient); harmless here.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing when")
+        self._pending, self._pending_inputs = {}, 0
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._inside = False
         if self._collecting:
             self._collecting = False
-            self._warning_filter.__exit__(exc_type, exc, tb)
-            self._cleanup_io()
-            context = self._extension.context
-            self._extension.reset()
             if exc_type is None:
-                self._commit(context)
-            self._pending = {}
+                self._commit()
+            self._pending, self._pending_inputs = {}, 0
+        self._records, self._mask = [], None
         self._set_hooks(self._armed)
         return False
 
@@ -147,12 +176,12 @@ class FisherMonitor:
         """Whether the next (or current) ``with`` block collects."""
         return self._entries % self.every == 0
 
-    def _commit(self, context) -> None:
-        if context is None or not self._pending:
+    def _commit(self) -> None:
+        if not self._pending:
             self._warn_once(
                 "empty",
                 "nothing was collected inside `with monitor:`: call backward on a loss "
-                "computed with the monitored loss_fn inside the block.",
+                "computed from the monitored model's output inside the block.",
             )
             return
         totals = [t for batch in self._pending.values() for t in batch.totals()]
@@ -164,89 +193,178 @@ class FisherMonitor:
                 "(counted in estimates().skipped); further skips are not warned about.",
             )
             return
-        self._num_outputs = context.num_outputs
         for name, sums in self._pending.items():
             if name not in self._accumulators:
                 self._accumulators[name] = RunningDiagonal(self.ema_decay, self.mc_samples)
-            self._accumulators[name].update(sums, context.num_inputs)
+            self._accumulators[name].update(sums, self._pending_inputs)
         self.collected_steps += 1
         for listener in list(self._listeners):
             listener(self)
 
     # --- hooks: they only move data -------------------------------------------------
 
-    def _switch_inplace_off(self) -> None:
-        for module in self._leaves.values():
-            if getattr(module, "inplace", False):
-                module.inplace = False  # full backward hooks fail on in-place outputs
-                self._inplace.append(module)
-
     def _set_hooks(self, on: bool) -> None:
         """Hooks exist only around collected steps, so other steps cost nothing extra."""
         if on and not self._handles:
-            for module in self._hooked_modules():
-                self._handles.append(module.register_forward_hook(self._store_io))
-                self._handles.append(module.register_full_backward_hook(self._run_extension))
+            self._handles.append(self.model.register_forward_pre_hook(self._start_record))
+            for module in self._watched:
+                self._handles.append(
+                    module.register_forward_hook(self._record_call, with_kwargs=True)
+                )
+            self._handles.append(self.model.register_forward_hook(self._finish_record))
         elif not on:
             for handle in self._handles:
                 handle.remove()
             self._handles = []
 
-    def _store_io(self, module, inputs, output) -> None:
-        if torch.is_grad_enabled():
-            if "output" in vars(module):  # called again before its backward ran
-                self._reused.add(module)
-            for i, tensor in enumerate(inputs):
-                setattr(module, f"input{i}", tensor)
-            module.output = output
+    def _start_record(self, module, args) -> None:
+        if torch.is_grad_enabled() and self._recording is None:
+            self._recording = ForwardRecord()
 
-    def _run_extension(self, module, g_inp, g_out) -> None:
-        if not self._collecting:  # a backward outside `with monitor:` used the forward
-            _forget_io(module)
+    def _record_call(self, module, args, kwargs, output) -> None:
+        if self._recording is not None:
+            self._recording.add(module, self._paths[id(module)], args, kwargs, output)
+
+    def _finish_record(self, module, args, output) -> None:
+        record, self._recording = self._recording, None
+        if record is None:
             return
-        if self._extension.context is None and module is not self.loss_fn:
-            raise RuntimeError(
-                "fimhooks: the backward pass inside `with monitor:` does not start at the "
-                f"monitored loss ({type(self.loss_fn).__name__}); compute the loss with "
-                "the loss_fn given to FisherMonitor."
+        h = output if self._output_of is None else self._output_of(output)
+        if not isinstance(h, Tensor):
+            raise TypeError(
+                f"fimhooks: the model's forward returned {type(h).__name__}, not a tensor; "
+                "pass output= to FisherMonitor to select it, e.g. "
+                "output=lambda out: out.logits."
             )
-        if module in self._reused:
-            raise RuntimeError(
-                f"fimhooks: layer '{self._path_of(module)}' ({type(module).__name__}) ran more than once in "
-                "the forward pass before this backward; fimhooks needs one call per layer "
-                "(use a separate module for each use, and do not repeat the forward pass)."
-            )
-        if not hasattr(module, "output"):
-            raise RuntimeError(
-                f"fimhooks: no forward pass was recorded for {type(module).__name__}; run "
-                "the forward pass after creating the monitor and with gradients enabled."
-            )
-        if module is not self.loss_fn and not self._extension.has_quantity_for(module.output):
-            raise RuntimeError(
-                "fimhooks: nothing was propagated back to the output of layer "
-                f"'{self._path_of(module)}'. "
-                "The model's forward must pass each layer's output to the next supported "
-                "layer (functional operations and copying reshapes in between are not "
-                "supported), and the forward pass must not be repeated before backward."
-            )
-        self._extension(module, g_inp, g_out)
-        for param in module.parameters(recurse=False):
-            sums = getattr(param, SAVEFIELD, None)
-            if sums is not None:
-                self._pending[self._param_names[id(param)]] = sums
-                delattr(param, SAVEFIELD)
-        _forget_io(module)
+        if not h.requires_grad:
+            return
+        record.output = h
+        self._records.append(record)
+        monitor, weak_record = weakref.ref(self), weakref.ref(record)
+        h.register_hook(lambda grad: monitor() and monitor()._on_output_grad(weak_record()))
 
-    def _cleanup_io(self) -> None:
-        for module in self._hooked_modules():
-            _forget_io(module)
-        self._reused = set()
+    def _on_output_grad(self, record: Optional[ForwardRecord]) -> None:
+        """The backward pass reached the model output: collect before it goes further."""
+        if record is None or self._busy or record.consumed or not self._collecting:
+            return
+        self._busy, record.consumed = True, True
+        try:
+            self._collect(record)
+        finally:
+            self._busy = False
 
-    def _hooked_modules(self) -> List[nn.Module]:
-        return list(self._leaves.values()) + [self.loss_fn]
+    def _collect(self, record: ForwardRecord) -> None:
+        h = record.output
+        positions = read_positions(h.detach(), self.likelihood, self._class_axis)
+        observed = position_mask(self._mask, h, positions, self._class_axis)
+        generator = self._generator(h.device)
+        draw = draw_labels(
+            self.likelihood, positions, observed, self.mc_samples, generator,
+            self._extension.exact_pass,
+        )  # fmt: skip
+        chain = None
+        if self._chain_leaves is not None and positions.shape[1] == 1 and self._mask is None:
+            chain = chain_of(record, h, self._chain_leaves)
+        sums = self._chain_sums(chain, h, draw) if chain else self._general_sums(record, draw)
+        for name, value in sums.items():
+            pending = self._pending.get(name)
+            self._pending[name] = value if pending is None else pending.add(value)
+        self._pending_inputs += draw.num_inputs
+        self._num_outputs = positions.shape[2]
 
-    def _path_of(self, module: nn.Module) -> str:
-        return next((p for p, m in self._leaves.items() if m is module), "loss")
+    def _chain_sums(self, chain, h: Tensor, draw: LabelDraw) -> Dict[str, BatchSums]:
+        """The fast path for chains of supported layers (BackPACK's module derivatives)."""
+        ext = self._extension
+        ext.reset()
+        ext.start(draw)
+        directions = draw.directions[:, :, 0]
+        ext.save_start(h, directions.reshape(directions.shape[0], *h.shape))
+        sums = {}
+        try:
+            for call in chain:
+                call.module.input0, call.module.output = call.inputs[0], call.output
+            for call in reversed(chain):
+                module_extension(call.module)(ext, call.module, None, None)
+                for param in call.module.parameters(recurse=False):
+                    value = getattr(param, SAVEFIELD, None)
+                    if value is not None:
+                        sums[self._param_names[id(param)]] = value
+                        delattr(param, SAVEFIELD)
+        finally:
+            for call in chain:
+                _forget_io(call.module)
+            ext.reset()
+        return sums
+
+    def _general_sums(self, record: ForwardRecord, draw: LabelDraw) -> Dict[str, BatchSums]:
+        """Any graph: directions backpropagated by autograd (``general``)."""
+        uses = self._uses(record)
+        for call in {id(c): c for u in uses.values() for c, _ in u}.values():
+            names = [local for u in uses.values() for c, local in u if c is call]
+            if rule_for(call.module, names).grads.__name__ == "generic_grads":
+                reason = random_inside(call.module)
+                if reason:
+                    raise RuntimeError(
+                        f"fimhooks: layer '{call.path}' ({type(call.module).__name__}) is "
+                        f"replayed one input at a time, but {reason}; set that dropout to 0 "
+                        "or call model.eval() while collecting."
+                    )
+        if "I2" in self.estimators:
+            self._check_no_curvature(record, uses)
+        return general_batch_sums(
+            record.output,
+            lambda g: to_output_layout(g, record.output, self.likelihood, self._class_axis),
+            draw,
+            uses,
+            self.likelihood.kappa,
+            self._extension.terms,
+        )
+
+    def _uses(self, record: ForwardRecord) -> dict:
+        """``{parameter name: [(call, name inside the called module), ...]}``."""
+        calls_at: Dict[str, list] = {}
+        for call in record.calls:
+            calls_at.setdefault(call.path, []).append(call)
+        uses = {}
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            found = []
+            for path, local in self._declared[id(param)]:
+                while path not in calls_at and path:  # used inside an ancestor's forward
+                    parent, _, child = path.rpartition(".")
+                    path, local = parent, f"{child}.{local}"
+                found += [(c, local) for c in calls_at.get(path, [])]
+            if found:
+                uses[name] = list({(id(c), loc): (c, loc) for c, loc in found}.values())
+        return uses
+
+    def _check_no_curvature(self, record: ForwardRecord, uses: dict) -> None:
+        """Î₂ on the general path: only where it equals exact; else a clear error."""
+        for name, param_uses in uses.items():
+            call, local = param_uses[0]
+            if len(param_uses) > 1:
+                raise RuntimeError(
+                    f"fimhooks: 'I2' needs the curvature of parameter '{name}', which is used "
+                    f"by {len(param_uses)} calls (tied or reused); fimhooks computes Î₂ only "
+                    "where the network is piecewise linear after each layer. Use "
+                    "estimators=('I1', 'exact')."
+                )
+            if not rule_for(call.module, [local]).affine:
+                raise RuntimeError(
+                    f"fimhooks: 'I2' needs the curvature of layer '{call.path}' "
+                    f"({type(call.module).__name__}), which is not affine in its parameters. "
+                    "Use estimators=('I1', 'exact')."
+                )
+        nodes = {c.edge.node: c.path for c in record.calls if c.edge is not None}
+        found = curved_layer(record.output.grad_fn, nodes)
+        if found:
+            raise RuntimeError(
+                f"fimhooks: 'I2' needs the network's curvature above layer '{found[0]}', "
+                f"which passes through the operation {found[1]}; fimhooks follows it only "
+                "through chains of supported layers. Use estimators=('I1', 'exact'), or a "
+                "model whose layers run one after another."
+            )
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -313,16 +431,10 @@ class FisherMonitor:
         self.skipped = 0
 
     def remove(self) -> None:
-        """Remove all hooks and leave model and loss exactly as they were."""
+        """Remove all hooks and leave the model exactly as it was."""
         self._set_hooks(False)
         self._removed = True
-        for module in self._inplace:
-            module.inplace = True
-        self._inplace = []
-        self._cleanup_io()
-        for param in self.model.parameters():
-            if hasattr(param, SAVEFIELD):
-                delattr(param, SAVEFIELD)
+        self._records, self._recording = [], None
 
     def state_dict(self) -> dict:
         """Statistics, schedule and sampler state, to restore the monitor exactly."""
@@ -355,6 +467,7 @@ class FisherMonitor:
     def _options(self) -> dict:
         return {
             "likelihood": self.likelihood.name,
+            "sigma": getattr(self.likelihood, "sigma", None),
             "mc_samples": self.mc_samples,
             "every": self.every,
             "ema_decay": self.ema_decay,
@@ -384,51 +497,47 @@ def _terms(estimators: tuple) -> frozenset:
     return frozenset(terms)
 
 
-def _supported_leaves(model: nn.Module) -> Dict[str, nn.Module]:
-    """Leaf modules by path; raises for unsupported ones and for stray parameters."""
-    leaves = {}
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _declarations(model: nn.Module) -> Dict[int, list]:
+    """``{id(parameter): [(path of a module declaring it, local name), ...]}``."""
+    declared: Dict[int, list] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for local, param in module.named_parameters(recurse=False):
+            entry = declared.setdefault(id(param), [])
+            if (path, local) not in entry:
+                entry.append((path, local))
+    return declared
+
+
+def _chain_leaves(model, leaves: dict, declared: dict) -> Optional[Dict[int, nn.Module]]:
+    """Leaves by id when the fast chain path may apply, else ``None``.
+
+    It needs supported layers only, each parameter declared once, and no module holding
+    parameters of its own besides the leaves.
+    """
+    if not all(isinstance(m, SUPPORTED_MODULES) for m in leaves.values()):
+        return None
+    if any(len(d) > 1 for d in declared.values()):
+        return None
+    if any(list(m.parameters(recurse=False)) for m in model.modules() if list(m.children())):
+        return None
+    return {id(m): m for m in leaves.values()}
+
+
+def _check_not_extended(model: nn.Module) -> None:
     for path, module in model.named_modules():
-        children = list(module.children())
-        if children:
-            if list(module.parameters(recurse=False)):
-                raise ValueError(
-                    f"module '{path or '<model>'}' ({type(module).__name__}) holds "
-                    "parameters directly and also has submodules; fimhooks supports "
-                    "parameters only inside supported layers."
-                )
-            continue
-        if isinstance(module, LOSSES):
-            continue
-        if not isinstance(module, SUPPORTED_MODULES):
-            supported = ", ".join(sorted(cls.__name__ for cls in SUPPORTED_MODULES))
-            raise ValueError(
-                f"unsupported layer '{path or '<model>'}' ({type(module).__name__}). "
-                f"fimhooks supports: {supported}."
-            )
         if getattr(module, "_backpack_extend", False):
             raise ValueError(
                 f"layer '{path}' was extended with backpack.extend(); fimhooks installs "
                 "its own hooks: pass a model that was not extended."
             )
-        leaves[path] = module
-    return leaves
 
 
-def _check_unshared(leaves: Dict[str, nn.Module]) -> None:
-    """A parameter used by two layers has one score, not one per layer: not supported."""
-    owner = {}
-    for path, module in leaves.items():
-        for local, param in module.named_parameters(recurse=False):
-            if id(param) in owner:
-                raise ValueError(
-                    f"parameter '{path}.{local}' is shared with '{owner[id(param)]}'; "
-                    "fimhooks supports parameters used by one layer only."
-                )
-            owner[id(param)] = f"{path}.{local}"
-
-
-def _check_batchnorm(leaves: Dict[str, nn.Module]) -> None:
-    for path, module in leaves.items():
+def _check_batchnorm(model: nn.Module) -> None:
+    for path, module in model.named_modules():
         if isinstance(module, _BATCHNORM) and module.training:
             raise ValueError(
                 f"BatchNorm layer '{path}' is in training mode: per-sample quantities are "
@@ -438,6 +547,6 @@ def _check_batchnorm(leaves: Dict[str, nn.Module]) -> None:
 
 
 def _forget_io(module: nn.Module) -> None:
-    for attr in [a for a in vars(module) if a == "output" or a.startswith("input")]:
-        if attr == "output" or attr[len("input") :].isdigit():
+    for attr in ("input0", "output"):
+        if attr in vars(module):
             delattr(module, attr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Iterable, Union
 
-import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -16,7 +15,7 @@ Batch = Union[Tensor, tuple, list]
 
 def estimate(
     model: nn.Module,
-    loss_fn: nn.Module,
+    likelihood: Union[str, nn.Module],
     data: Union[Batch, Iterable[Batch]],
     *,
     progress: bool = True,
@@ -26,7 +25,7 @@ def estimate(
 
     Args:
         model: The network (left unchanged: its gradients and hooks are restored).
-        loss_fn: The loss that encodes the likelihood (see ``FisherMonitor``).
+        likelihood: A likelihood name or the loss that encodes it (see ``FisherMonitor``).
         data: One batch (a tensor ``x`` or a pair ``(x, y)``) or an iterable of them.
             Labels are never used for the Fisher: the monitor samples its own.
         progress: Show a tqdm progress bar.
@@ -37,14 +36,15 @@ def estimate(
     """
     batches = [data] if _is_batch(data) else data
     saved_grads = {p: p.grad for p in model.parameters()}
-    monitor = FisherMonitor(model, loss_fn, **options)
+    monitor = FisherMonitor(model, likelihood, **options)
     try:
         for batch in tqdm(batches, desc="fimhooks", disable=not progress, leave=False):
             x = batch if isinstance(batch, Tensor) else batch[0]
             output = model(x)
-            loss = loss_fn(output, _placeholder_target(loss_fn, output))
-            with monitor:
-                loss.backward()
+            if options.get("output") is not None:
+                output = options["output"](output)
+            with monitor:  # any scalar of the output starts the backward the monitor needs
+                output.sum().backward()
             for p in model.parameters():
                 p.grad = None
         return monitor.estimates()
@@ -63,10 +63,3 @@ def _is_batch(data) -> bool:
         and all(isinstance(t, Tensor) for t in data)
         and len(data[0]) == len(data[1])
     )
-
-
-def _placeholder_target(loss_fn: nn.Module, output: Tensor) -> Tensor:
-    """A target of the right shape: the loss needs one, the Fisher does not use it."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        return torch.zeros(output.shape[0], dtype=torch.long, device=output.device)
-    return torch.zeros_like(output).detach()

@@ -15,53 +15,96 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
+_NAMES = {nn.CrossEntropyLoss: "categorical", nn.BCEWithLogitsLoss: "bernoulli"}
 
-def per_input_reference(model: nn.Module, loss_fn: nn.Module, x: Tensor, sigma: float = 1.0):
+
+def per_input_reference(
+    model: nn.Module,
+    likelihood,
+    x,
+    sigma: float = 1.0,
+    *,
+    output=None,
+    mask: Tensor = None,
+    second_order: bool = True,
+):
     """Per-input ``g, v1, v2`` and the expectations of the I1 and I2 summands.
+
+    Args:
+        likelihood: A name or a loss module. Categorical outputs ``[N, *, C]`` (class axis
+            last; axis 1 for an ``nn.CrossEntropyLoss`` module) have one observation per
+            position: an input's quantity is the mean over its unmasked positions, its
+            label-noise variances ``(1/T²) Σ_t v_t`` (SPEC §7c).
+        x: Inputs ``[N, ...]``, or a tuple of such tensors.
+        output: Callable from the forward's return value to the output tensor.
+        mask: ``[N, *positions]`` observed positions (categorical only).
+        second_order: Compute ``v2`` and the I2 expectation (needs Hessians).
 
     Returns:
         ``{quantity: {param name: [N, *param.shape]}}``.
     """
+    name = _NAMES.get(type(likelihood), likelihood if isinstance(likelihood, str) else "gaussian")
+    class_axis = 1 if isinstance(likelihood, nn.CrossEntropyLoss) else -1
+    inputs = x if isinstance(x, tuple) else (x,)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters()}
     shapes = [params[n].shape for n in names]
     sizes = [params[n].numel() for n in names]
     flat = torch.cat([params[n].flatten() for n in names])
 
-    def output(theta: Tensor, xn: Tensor) -> Tensor:
+    def positions(theta: Tensor, *xn: Tensor) -> Tensor:
+        """The output of one input as ``[T, C]``."""
         chunks = dict(zip(names, (c.reshape(s) for c, s in zip(theta.split(sizes), shapes))))
-        return functional_call(model, {**params, **chunks}, (xn.unsqueeze(0),)).flatten()
+        out = functional_call(model, {**params, **chunks}, tuple(a.unsqueeze(0) for a in xn))
+        h = (out if output is None else output(out))[0]
+        if name != "categorical":
+            return h.reshape(1, -1)
+        axis = class_axis - 1 if class_axis > 0 else -1  # within one input's output
+        return h.movedim(axis, -1).reshape(-1, h.shape[axis])
 
     rows = {key: [] for key in ("exact", "v1", "v2", "mean_I1", "mean_I2")}
-    for xn in x:
-        h = output(flat, xn).detach()
-        J = jacrev(output)(flat, xn)  # [C, P]
-        H = hessian(output)(flat, xn)  # [C, P, P]
-        w = torch.diagonal(H, dim1=1, dim2=2)  # [C, P]: ∂²h_a/∂θ_i²
-        probs, residuals = _label_distribution(loss_fn, h, sigma)
-        if residuals is None:  # Gaussian: moments of ρ ~ N(0, I/σ²)
-            g = (J**2).sum(0) / sigma**2
-            fourth = 3 * g**2  # Isserlis: E(uᵀρ)⁴ = 3 (uᵀΣu)²
-            v2 = (w**2).sum(0) / sigma**2
-            mean_b = g
-        else:
-            s = residuals @ J  # [Y, P] scores for each outcome
-            r = residuals @ w  # [Y, P] Hessian residuals
-            g_direct = torch.diagonal(J.T @ _fisher_h(loss_fn, h) @ J)
-            g = probs @ s**2
-            assert torch.allclose(g, g_direct, rtol=1e-10, atol=1e-14)
-            fourth = probs @ s**4
-            v2 = probs @ r**2 - (probs @ r) ** 2
-            mean_b = probs @ (g_direct - r)
-        for key, value in zip(rows, (g, fourth - g**2, v2, g, mean_b)):
-            rows[key].append(value)
+    for n in range(len(inputs[0])):
+        xn = tuple(a[n] for a in inputs)
+        h = positions(flat, *xn).detach()
+        J = jacrev(positions)(flat, *xn)  # [T, C, P]
+        H = hessian(positions)(flat, *xn) if second_order else None  # [T, C, P, P]
+        observed = torch.ones(len(h), dtype=torch.bool) if mask is None else mask[n].flatten()
+        terms = [
+            _position_terms(name, h[t], J[t], None if H is None else H[t], sigma)
+            for t in range(len(h))
+            if observed[t]
+        ]
+        count = len(terms)
+        for key, scale in zip(rows, (count, count**2, count**2, count, count)):
+            rows[key].append(sum(t[key] for t in terms) / scale)
     return {key: _unflatten(torch.stack(v), names, shapes, sizes) for key, v in rows.items()}
 
 
-def estimator_reference(model, loss_fn, x, mc_samples: int, sigma: float = 1.0):
+def _position_terms(name: str, h: Tensor, J: Tensor, H, sigma: float) -> dict:
+    """SPEC §3 quantities of one observation with output ``h [C]`` and ``J [C, P]``."""
+    w = torch.zeros_like(J) if H is None else torch.diagonal(H, dim1=1, dim2=2)  # ∂²h_a/∂θ_i²
+    probs, residuals = _label_distribution(name, h)
+    if residuals is None:  # Gaussian: moments of ρ ~ N(0, I/σ²)
+        g = (J**2).sum(0) / sigma**2
+        fourth = 3 * g**2  # Isserlis: E(uᵀρ)⁴ = 3 (uᵀΣu)²
+        v2 = (w**2).sum(0) / sigma**2
+        mean_b = g
+    else:
+        s = residuals @ J  # [Y, P] scores for each outcome
+        r = residuals @ w  # [Y, P] Hessian residuals
+        g_direct = torch.diagonal(J.T @ _fisher_h(name, h) @ J)
+        g = probs @ s**2
+        assert torch.allclose(g, g_direct, rtol=1e-10, atol=1e-14)
+        fourth = probs @ s**4
+        v2 = probs @ r**2 - (probs @ r) ** 2
+        mean_b = probs @ (g_direct - r)
+    return {"exact": g, "v1": fourth - g**2, "v2": v2, "mean_I1": g, "mean_I2": mean_b}
+
+
+def estimator_reference(model, likelihood, x, mc_samples: int, sigma: float = 1.0, **options):
     """Exact, closed-form variances and data variance of one batch (SPEC §3-§4)."""
-    per_input = per_input_reference(model, loss_fn, x, sigma)
-    n = x.shape[0]
+    per_input = per_input_reference(model, likelihood, x, sigma, **options)
+    n = len(next(iter(per_input["exact"].values())))
     out = {
         "exact": {k: v.mean(0) for k, v in per_input["exact"].items()},
         "v1": {k: v.sum(0) / (n**2 * mc_samples) for k, v in per_input["v1"].items()},
@@ -72,12 +115,12 @@ def estimator_reference(model, loss_fn, x, mc_samples: int, sigma: float = 1.0):
     return out
 
 
-def _label_distribution(loss_fn, h: Tensor, sigma: float):
+def _label_distribution(name: str, h: Tensor):
     """Enumerated outcomes: probabilities ``[Y]`` and residuals ``t(y) − η`` ``[Y, C]``."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
+    if name == "categorical":
         p = torch.softmax(h, 0)
         return p, torch.eye(len(h), dtype=h.dtype) - p
-    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+    if name == "bernoulli":
         p = torch.sigmoid(h)
         patterns = torch.tensor(list(itertools.product([0.0, 1.0], repeat=len(h))), dtype=h.dtype)
         probs = torch.prod(torch.where(patterns == 1, p, 1 - p), dim=1)
@@ -85,9 +128,9 @@ def _label_distribution(loss_fn, h: Tensor, sigma: float):
     return None, None
 
 
-def _fisher_h(loss_fn, h: Tensor) -> Tensor:
+def _fisher_h(name: str, h: Tensor) -> Tensor:
     """``I_h``, the covariance of ``t(y)``, from its definition (SPEC §1 table)."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
+    if name == "categorical":
         p = torch.softmax(h, 0)
         return torch.diag(p) - torch.outer(p, p)
     p = torch.sigmoid(h)

@@ -1,0 +1,170 @@
+"""Batch sums on any graph autograd can differentiate: the general path.
+
+The label directions ``V [K, N, T, C]`` are backpropagated by autograd itself, in one
+batched backward per chunk of positions (``is_grads_batched``), from the model output to
+the output of every watched call (its gradient edge, recorded in the forward pass).
+Each layer's rule (``layers``) turns those vectors into per-input parameter gradients
+``U [K, n, *P]``, summed over the calls that use a parameter (tied weights), and
+``diagonal_terms`` reduces them per position and input to batch sums.
+
+Memory is bounded: the batched backward holds ``K·(positions in a chunk)`` vectors of each
+watched output, and per-input tensors of a parameter's size exist for a chunk of inputs
+at a time (``ELEMENTS``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+from fimhooks.diagonal_terms import (
+    BatchSums,
+    add_position,
+    batch_sums,
+    per_input_terms,
+    rank_one_batch_sums,
+)
+from fimhooks.layers import batch_axis, rule_for
+from fimhooks.observations import LabelDraw
+from fimhooks.recording import Call
+
+#: Entries of per-input tensors of a parameter's size formed at once.
+ELEMENTS = 2**22
+#: Entries of the vectors held at the watched outputs in one batched backward.
+CAPTURE_ELEMENTS = 2**25
+
+#: One use of a parameter: a call and the parameter's name inside the called module.
+Use = Tuple[Call, str]
+
+
+def general_batch_sums(
+    output: Tensor,
+    to_output: callable,
+    draw: LabelDraw,
+    uses: Dict[str, List[Use]],
+    kappa: float,
+    terms: frozenset,
+) -> Dict[str, BatchSums]:
+    """Batch sums of every parameter in ``uses`` for one collected step.
+
+    Args:
+        output: The model output ``h`` whose history is backpropagated.
+        to_output: ``[D, N, T, C] -> [D, *h.shape]``, the output's layout.
+        draw: Directions, weights and coefficients of the step.
+        uses: ``{parameter name: [(call, local name), ...]}``.
+        kappa: The likelihood's ``κ`` (``v₁ = Σ w4 U⁴ + κ g²``).
+        terms: The terms to reduce (``diagonal_terms``).
+
+    Returns:
+        ``{parameter name: BatchSums}``.
+    """
+    calls = list({id(c): c for use in uses.values() for c, _ in use}.values())
+    K, N, T = draw.directions.shape[:3]
+    watched = sum(c.output.numel() for c in calls)
+    per_chunk = max(1, min(T, CAPTURE_ELEMENTS // max(1, K * watched)))
+    chunks = [range(t, min(T, t + per_chunk)) for t in range(0, T, per_chunk)]
+    largest = max(p.numel() for p in _parameters(uses).values())
+    step = max(1, ELEMENTS // (K * per_chunk * largest))
+    totals: Dict[str, BatchSums] = {}
+    for start in range(0, N, step):
+        samples = slice(start, min(N, start + step))
+        sums = _input_chunk_sums(
+            output, to_output, draw, uses, calls, chunks, samples, kappa, terms
+        )
+        for name, value in sums.items():
+            totals[name] = totals[name].add(value) if name in totals else value
+    return totals
+
+
+def _input_chunk_sums(output, to_output, draw, uses, calls, chunks, samples, kappa, terms):
+    per_input: Dict[str, dict] = {name: {} for name in uses}
+    rank_one: Dict[str, BatchSums] = {}
+    for positions in chunks:
+        captured = _backward(output, to_output, draw, positions, samples, calls)
+        for name, param_uses in uses.items():
+            if _is_rank_one(param_uses, draw):
+                rank_one[name] = _rank_one_sums(param_uses, captured, draw, samples, kappa, terms)
+                continue
+            U = sum(
+                _use_grads(call, local, captured[id(call)], samples) for call, local in param_uses
+            )
+            U = U.unflatten(0, (len(positions), -1))
+            for j, t in enumerate(positions):
+                step_terms = _position_terms(U[j], draw, t, samples, kappa, terms)
+                weight = draw.position_weights[samples, t]
+                per_input[name] = add_position(per_input[name], step_terms, weight)
+    sums = {name: batch_sums(value) for name, value in per_input.items() if value}
+    sums.update(rank_one)
+    return sums
+
+
+def _backward(output, to_output, draw: LabelDraw, positions, samples, calls) -> Dict[int, Tensor]:
+    """Vectors at each watched output, ``{id(call): [len(positions)·K, n, *out]}``.
+
+    The batch axis of each output is moved next to the directions' axis.
+    """
+    V = draw.directions
+    vectors = torch.zeros(len(positions), *V.shape, dtype=V.dtype, device=V.device)
+    for j, t in enumerate(positions):
+        vectors[j, :, samples, t] = V[:, samples, t]
+    vectors = to_output(vectors.flatten(0, 1)).to(output.dtype)
+    edges = [c.edge for c in calls if c.edge is not None]
+    grads = torch.autograd.grad(
+        [output], edges, [vectors], retain_graph=True, allow_unused=True, is_grads_batched=True
+    )
+    captured, found = {}, iter(grads)
+    for call in calls:
+        grad = next(found) if call.edge is not None else None
+        if grad is None:
+            grad = vectors.new_zeros(vectors.shape[0], *call.output.shape)
+        axis = batch_axis(call.module)
+        captured[id(call)] = grad.detach().movedim(1 + axis, 1)[:, samples]
+    return captured
+
+
+def _use_grads(call: Call, local: str, grad_out: Tensor, samples: slice) -> Tensor:
+    rule = rule_for(call.module, [local])
+    return rule.grads(call, [local], grad_out, samples)[local]
+
+
+def _position_terms(U: Tensor, draw: LabelDraw, t: int, samples: slice, kappa, terms) -> dict:
+    def at(x):
+        return None if x is None else x[samples, t]
+
+    return per_input_terms(
+        U, None, at(draw.weights), at(draw.fourth_weights), kappa, at(draw.coefficients), terms
+    )
+
+
+def _is_rank_one(param_uses: List[Use], draw: LabelDraw) -> bool:
+    """A Linear weight or bias used once, on ``[N, in]`` inputs, with one position."""
+    if len(param_uses) != 1 or draw.directions.shape[2] != 1:
+        return False
+    call, local = param_uses[0]
+    rule = rule_for(call.module, [local])
+    return rule.rank_one and call.inputs[0].dim() == 2
+
+
+def _rank_one_sums(param_uses, captured, draw, samples, kappa, terms) -> BatchSums:
+    """Linear layer: terms of the output times powers of the input (no per-input weights)."""
+    call, local = param_uses[0]
+    G = captured[id(call)]  # [K, n, out]
+    output_terms = add_position(
+        {}, _position_terms(G, draw, 0, samples, kappa, terms), draw.position_weights[samples, 0]
+    )
+    if local == "bias":
+        return batch_sums(output_terms)
+    return rank_one_batch_sums(output_terms, call.args[0][samples])
+
+
+def _parameters(uses: Dict[str, List[Use]]) -> Dict[str, Tensor]:
+    return {name: getattr_path(u[0][0].module, u[0][1]) for name, u in uses.items()}
+
+
+def getattr_path(module, path: str) -> Tensor:
+    """``module.a.b`` for ``path = "a.b"``."""
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module

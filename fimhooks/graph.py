@@ -1,0 +1,110 @@
+"""Where Î₂ needs the network's curvature, read from the autograd graph (general path).
+
+``∂²h/∂θᵢ² = 0`` for a parameter of a layer that is affine in its parameters when every
+operation between the layer's output and the model output is piecewise linear in that
+output: then Î₂ equals the exact diagonal and has no label noise (SPEC §3). This module
+walks the graph from the model output down to each watched output and names the first
+operation that breaks the condition. Products of two tensors that both depend on layer
+outputs (attention scores, gates) count as curved.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Tuple
+
+#: Operations (autograd node names without the trailing version digit) linear or piecewise
+#: linear in each input.
+_PIECEWISE_LINEAR = {
+    "Relu", "LeakyRelu", "Threshold", "Hardtanh", "Prelu", "Rrelu", "Abs", "Clamp",
+    "ClampMin", "ClampMax", "Maximum", "Minimum", "Max", "Min", "Amax", "Amin",
+    "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices",
+    "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
+    "View", "UnsafeView", "Reshape", "ReshapeAlias", "Expand", "Permute", "Transpose",
+    "T", "Squeeze", "SqueezeDim", "SqueezeDims", "Unsqueeze", "Slice", "Select", "Index",
+    "IndexSelect", "Gather", "Cat", "Stack", "Split", "SplitWithSizes", "Unbind", "Clone",
+    "Add", "Sub", "Neg", "Sum", "Mean", "Flip", "Roll", "Repeat", "ConstantPadNd",
+    "NativeDropout", "ToCopy", "Alias", "AsStrided", "Unfold", "Im2Col", "Col2Im",
+    "BackwardHookFunction", "MaskedFill", "Where",
+}  # fmt: skip
+#: Operations linear in each input separately: piecewise linear while at most one input
+#: depends on a layer output.
+_PRODUCTS = {
+    "Mul",
+    "Mm",
+    "Bmm",
+    "Addmm",
+    "Addbmm",
+    "Baddbmm",
+    "Convolution",
+    "Embedding",
+    "Dot",
+    "Mv",
+}
+
+
+def curved_layer(output_node, layer_nodes: Dict[object, str]) -> Optional[Tuple[str, str]]:
+    """The first watched layer reached through a curved operation, or ``None``.
+
+    Returns:
+        ``(layer path, operation name)``.
+
+    Args:
+        output_node: ``grad_fn`` of the model output.
+        layer_nodes: ``{grad_fn of a watched output: layer path}``.
+    """
+    depends = _DependsOnLayers(layer_nodes)
+    stack, seen = [(output_node, None)], set()
+    while stack:
+        node, curved_by = stack.pop()
+        if node is None or (node, curved_by) in seen:
+            continue
+        seen.add((node, curved_by))
+        if curved_by is not None and node in layer_nodes:
+            return layer_nodes[node], curved_by
+        name = _op_name(node)
+        if curved_by is None and not _piecewise_linear(node, name, depends):
+            curved_by = name
+        stack.extend((child, curved_by) for child, _ in node.next_functions)
+    return None
+
+
+def _piecewise_linear(node, name: str, depends) -> bool:
+    if name in _PIECEWISE_LINEAR or name == "AccumulateGrad":
+        return True
+    if name == "Div":  # linear in the numerator only
+        children = [c for c, _ in node.next_functions]
+        return len(children) < 2 or not depends(children[1])
+    if name in _PRODUCTS:
+        return sum(depends(c) for c, _ in node.next_functions) <= 1
+    return False
+
+
+class _DependsOnLayers:
+    """Whether a node's value depends on a watched layer output (memoised)."""
+
+    def __init__(self, layer_nodes: Iterable):
+        self._known = {node: True for node in layer_nodes}
+
+    def __call__(self, node) -> bool:
+        if node is None:
+            return False
+        stack = [node]
+        while stack:
+            top = stack[-1]
+            if top in self._known:
+                stack.pop()
+                continue
+            pending = [c for c, _ in top.next_functions if c is not None and c not in self._known]
+            if pending:
+                stack.extend(pending)
+                continue
+            self._known[top] = any(self._known.get(c, False) for c, _ in top.next_functions)
+            stack.pop()
+        return self._known[node]
+
+
+def _op_name(node) -> str:
+    name = type(node).__name__
+    if name.endswith("Backward") or name[-1].isdigit():
+        name = name.rstrip("0123456789")
+    return name[: -len("Backward")] if name.endswith("Backward") else name

@@ -1,0 +1,143 @@
+"""How a model output is read as observations, and where labels are drawn (SPEC §1, §7c).
+
+An output ``h`` is read as ``[N, T, C]``: ``N`` inputs, ``T`` positions per input, ``C``
+natural parameters per position. Each position is one observation with its own label
+draw; an input's summand is the mean over its unmasked positions.
+
+* categorical: the class axis is last (``[N, *, C]``), or axis 1 for an
+  ``nn.CrossEntropyLoss`` module's ``[N, C, *]`` layout; every other axis is a position.
+* bernoulli, gaussian: all non-batch entries of an input are one observation (``T = 1``).
+
+``LabelDraw`` holds what one collected step draws: the backpropagated directions, their
+weights and the sampled coefficients, per position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fimhooks.likelihoods import Categorical, Likelihood
+
+
+def read_positions(h: Tensor, likelihood: Likelihood, class_axis: int) -> Tensor:
+    """``h`` as ``[N, T, C]`` (a view where the layout allows)."""
+    if h.dim() == 0:
+        raise ValueError("the model output is a scalar; fimhooks needs a batch axis first.")
+    if not isinstance(likelihood, Categorical):
+        return h.reshape(h.shape[0], 1, -1)
+    if h.dim() < 2:
+        raise ValueError(
+            f"categorical outputs need a class axis: got shape {tuple(h.shape)}; expected "
+            "logits [N, C] or [N, *, C]."
+        )
+    return h.movedim(class_axis, -1).reshape(h.shape[0], -1, h.shape[class_axis])
+
+
+def to_output_layout(g: Tensor, h: Tensor, likelihood: Likelihood, class_axis: int) -> Tensor:
+    """Inverse of ``read_positions`` for ``[D, N, T, C]`` vectors: ``[D, *h.shape]``."""
+    if not isinstance(likelihood, Categorical):
+        return g.reshape(g.shape[0], *h.shape)
+    moved = list(h.movedim(class_axis, -1).shape)
+    return g.reshape(g.shape[0], *moved).movedim(-1, class_axis % h.dim() + 1)
+
+
+def position_mask(mask: Optional[Tensor], h: Tensor, positions: Tensor, class_axis: int) -> Tensor:
+    """``[N, T]`` boolean: which positions are observed.
+
+    Args:
+        mask: ``None`` (all), or a boolean/0-1 tensor shaped like the output without its
+            class axis (categorical), or ``[N]`` (one flag per input).
+        h: The model output.
+        positions: ``h`` read as ``[N, T, C]``.
+        class_axis: The class axis of ``h``.
+    """
+    n, t = positions.shape[:2]
+    if mask is None:
+        return torch.ones(n, t, dtype=torch.bool, device=h.device)
+    mask = torch.as_tensor(mask, device=h.device)
+    position_shape = tuple(s for i, s in enumerate(h.shape) if i != class_axis % h.dim())
+    if t > 1 and tuple(mask.shape) == position_shape:
+        return mask.reshape(n, t).bool()
+    if tuple(mask.shape) == (n,):
+        return mask.reshape(n, 1).expand(n, t).bool()
+    expected = f"{position_shape} or ({n},)" if t > 1 else f"({n},)"
+    raise ValueError(
+        f"mask has shape {tuple(mask.shape)}; for a model output of shape {tuple(h.shape)} "
+        f"it must be {expected}: True where a position is observed."
+    )
+
+
+@dataclass
+class LabelDraw:
+    """Directions and labels of one collected step (see ``likelihoods``).
+
+    Attributes:
+        directions: ``[K, N, T, C]`` vectors to backpropagate, zero at masked positions.
+        weights: ``[N, T, K]`` (``None`` when only Î₁ is collected: then the directions
+            are the ``K = M`` sampled residuals themselves).
+        fourth_weights: ``[N, T, K]``.
+        coefficients: ``[N, T, M, K]`` sampled residuals in the directions' basis.
+        position_weights: ``[N, T]``: ``1/T_n`` at the observed positions of input ``n``.
+        num_inputs: Inputs with at least one observed position.
+    """
+
+    directions: Tensor
+    weights: Optional[Tensor]
+    fourth_weights: Optional[Tensor]
+    coefficients: Optional[Tensor]
+    position_weights: Tensor
+    num_inputs: int
+
+    @property
+    def num_directions(self) -> int:
+        """``K``, directions per position."""
+        return self.directions.shape[0]
+
+
+def draw_labels(
+    likelihood: Likelihood,
+    positions: Tensor,
+    observed: Tensor,
+    mc_samples: int,
+    generator: torch.Generator,
+    exact_pass: bool,
+) -> LabelDraw:
+    """Draw labels at the observed positions only (masked ones are neither drawn nor counted).
+
+    Args:
+        likelihood: The likelihood.
+        positions: ``[N, T, C]`` model output, detached.
+        observed: ``[N, T]`` boolean.
+        mc_samples: Label draws per observation (``M``).
+        generator: The monitor's generator.
+        exact_pass: Backpropagate ``C`` directions per position (else the ``M`` residuals).
+    """
+    h = positions[observed]  # [P, C]
+    counts = observed.sum(1)
+    position_weights = observed / counts.clamp_min(1).unsqueeze(1).to(positions.dtype)
+    if exact_pass:
+        directions = likelihood.directions(h)
+        weights, fourth = likelihood.weights(h), likelihood.fourth_weights(h)
+        coefficients = likelihood.sample_coefficients(h, mc_samples, generator)
+        per_position = [_scatter(weights, observed), _scatter(fourth, observed)]
+        per_position.append(_scatter(coefficients, observed))
+    else:
+        directions = likelihood.sampled_residuals(h, mc_samples, generator)
+        per_position = [None, None, None]
+    return LabelDraw(
+        _scatter(directions.transpose(0, 1), observed).permute(2, 0, 1, 3),
+        *per_position,
+        position_weights=position_weights.to(positions.dtype),
+        num_inputs=int((counts > 0).sum()),
+    )
+
+
+def _scatter(values: Tensor, observed: Tensor) -> Tensor:
+    """``[P, *rest]`` values at the observed positions to ``[N, T, *rest]`` (zeros elsewhere)."""
+    out = values.new_zeros(*observed.shape, *values.shape[1:])
+    out[observed] = values
+    return out

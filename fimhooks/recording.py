@@ -1,0 +1,124 @@
+"""What one forward pass leaves for the collected step: the calls of the watched modules.
+
+A ``ForwardRecord`` is made by the monitor's forward hooks for one call of the model and
+kept by the monitor (never on the user's modules) until the backward pass through its
+output consumes it or the next forward pass replaces it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+
+@dataclass
+class Call:
+    """One call of a watched module.
+
+    Attributes:
+        module: The module.
+        path: Its path in the model.
+        inputs: Positional arguments as given (tensors keep their autograd history).
+        kwargs: Keyword arguments as given.
+        output: The first tensor of the output.
+        edge: Where the gradient enters ``output``'s history at the time of the call, so
+            that an in-place operation applied to the output later does not move it.
+        versions: Version counters of the tensor inputs and of the output at the time of
+            the call.
+    """
+
+    module: nn.Module
+    path: str
+    inputs: tuple
+    kwargs: dict
+    output: Tensor
+    edge: Optional[GradientEdge]
+    versions: Tuple[int, ...]
+
+    @property
+    def args(self) -> tuple:
+        """The positional arguments, detached."""
+        return tuple(_detached(a) for a in self.inputs)
+
+    @property
+    def batch_size(self) -> int:
+        """Inputs in the batch (the batch axis of the first argument)."""
+        from fimhooks.layers import batch_axis
+
+        return self.inputs[0].shape[batch_axis(self.module)]
+
+    def modified_in_place(self) -> bool:
+        """Whether a tensor input or the output was changed in place after the call."""
+        tensors = [a for a in self.inputs if isinstance(a, Tensor)] + [self.output]
+        return any(t._version != v for t, v in zip(tensors, self.versions))
+
+
+@dataclass
+class ForwardRecord:
+    """The watched calls of one forward pass of the model, in the order they returned.
+
+    Attributes:
+        calls: The calls.
+        output: The model output (set when the forward pass returns).
+        consumed: Whether a backward pass through ``output`` was collected.
+    """
+
+    calls: List[Call] = field(default_factory=list)
+    output: Optional[Tensor] = None
+    consumed: bool = False
+
+    def add(self, module: nn.Module, path: str, args: tuple, kwargs: dict, output) -> None:
+        """Record a call (a forward hook's arguments)."""
+        first = output if isinstance(output, Tensor) else _first_tensor(output)
+        if first is None:
+            return
+        edge = get_gradient_edge(first) if first.requires_grad else None
+        versions = tuple(a._version for a in args if isinstance(a, Tensor)) + (first._version,)
+        self.calls.append(Call(module, path, args, dict(kwargs), first, edge, versions))
+
+
+def chain_of(record: ForwardRecord, output: Tensor, leaves: dict) -> Optional[List[Call]]:
+    """The calls as a chain, or ``None`` when the forward pass was not one.
+
+    A chain: every leaf that ran (``leaves``: ``{id: module}``) ran once, each on (a contiguous view of) the previous
+    leaf's output, the first on a tensor without gradient, and the model output is (a
+    view of) the last leaf's output; nothing was changed in place.
+    """
+    calls = [c for c in record.calls if id(c.module) in leaves]
+    if not calls or len({id(c.module) for c in calls}) != len(calls):
+        return None
+    if any(len(c.inputs) != 1 or c.kwargs for c in calls):
+        return None
+    if calls[0].inputs[0].requires_grad or not _same_data(calls[-1].output, output):
+        return None
+    for previous, call in zip(calls, calls[1:]):
+        if not _same_data(previous.output, call.inputs[0]):
+            return None
+    if any(c.modified_in_place() for c in calls):
+        return None
+    return calls
+
+
+def _same_data(a, b) -> bool:
+    """``b`` is ``a`` or a reshaping view of it."""
+    return (
+        isinstance(a, Tensor)
+        and isinstance(b, Tensor)
+        and a.data_ptr() == b.data_ptr()
+        and a.numel() == b.numel()
+        and a.is_contiguous()
+        and b.is_contiguous()
+    )
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def _first_tensor(output) -> Optional[Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(output)
+    return next((t for t in leaves if isinstance(t, Tensor)), None)

@@ -1,0 +1,169 @@
+"""Any graph autograd can differentiate, against the torch.func brute force (SPEC §9)."""
+
+import graphs
+import pytest
+import torch
+from reference import estimator_reference
+from test_reference import assert_close
+from torch import nn
+from torch.nn import functional as F
+
+import fimhooks
+
+SIGMA = 0.7
+#: model, likelihood, the functional loss the user trains with
+CASES = [
+    ("residual_mlp", "categorical", lambda h, y: F.cross_entropy(h, y)),
+    ("relu_residual", "bernoulli", lambda h, y: F.binary_cross_entropy_with_logits(h, y)),
+    ("layernorm_gelu", "categorical", lambda h, y: F.cross_entropy(h, y, label_smoothing=0.1)),
+    ("encoder_classifier", "categorical", lambda h, y: F.cross_entropy(h, y)),
+    ("tiny_lm", "categorical", lambda h, y: F.cross_entropy(h.flatten(0, 1), y.flatten())),
+    ("conv_groupnorm", "bernoulli", lambda h, y: F.binary_cross_entropy_with_logits(h, y)),
+    ("residual_mlp", "gaussian", lambda h, y: F.mse_loss(h, y)),
+    ("tied", "gaussian", lambda h, y: F.mse_loss(h, y, reduction="sum")),
+]
+
+
+def targets(h, likelihood):
+    generator = torch.Generator().manual_seed(2)
+    if likelihood == "categorical":
+        return torch.randint(0, h.shape[-1], h.shape[:-1], generator=generator)
+    if likelihood == "bernoulli":
+        return torch.randint(0, 2, h.shape, generator=generator).double()
+    return torch.randn(h.shape, generator=generator, dtype=h.dtype)
+
+
+def collect(model, likelihood, x, loss, mc_samples=2, mask=None, **options):
+    sigma = SIGMA if likelihood == "gaussian" else None
+    monitor = fimhooks.FisherMonitor(
+        model, likelihood, sigma=sigma, mc_samples=mc_samples, **options
+    )
+    h = model(x)
+    with monitor(mask=mask):
+        loss(h, targets(h, likelihood)).backward()
+    monitor.remove()
+    return monitor.estimates()
+
+
+def gradients(model, x, loss, likelihood, monitor=None):
+    model.zero_grad()
+    h = model(x)
+    if monitor is None:
+        loss(h, targets(h, likelihood)).backward()
+    else:
+        with monitor:
+            loss(h, targets(h, likelihood)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name, likelihood, loss", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_closed_forms_match_brute_force(name, likelihood, loss):
+    out = 5 if name == "tiny_lm" else 3
+    model, x = graphs.make(name, out), graphs.inputs(name)
+    plain = gradients(model, x, loss, likelihood)
+    est = collect(model, likelihood, x, loss, estimators=("I1", "exact"))
+    sigma = SIGMA if likelihood == "gaussian" else 1.0
+    ref = estimator_reference(model, likelihood, x, 2, sigma, second_order=False)
+    assert_close(est.fisher("exact"), ref["exact"], "exact")
+    assert_close(est.variance("I1"), ref["v1"], "v1")
+    assert_close(est.data_variance(), ref["data"], "data variance")
+    monitor = fimhooks.FisherMonitor(model, likelihood, sigma=None if sigma == 1.0 else sigma)
+    monitor_grads = (
+        gradients(model, x, loss, likelihood, monitor) if name == "relu_residual" else None
+    )
+    if monitor_grads is not None:
+        for key, grad in plain.items():
+            torch.testing.assert_close(monitor_grads[key], grad, rtol=1e-12, atol=0)
+
+
+def test_per_token_outputs_with_a_mask():
+    model, x = graphs.make("tiny_lm", 5), graphs.inputs("tiny_lm")
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    loss = CASES[4][2]
+    est = collect(model, "categorical", x, loss, mask=mask, estimators=("I1", "exact"))
+    keep = mask.any(1)
+    ref = estimator_reference(model, "categorical", x[keep], 2, mask=mask[keep], second_order=False)
+    assert est.num_inputs == 3
+    assert_close(est.fisher("exact"), ref["exact"], "exact")
+    assert_close(est.variance("I1"), ref["v1"], "v1")
+    assert_close(est.data_variance(), ref["data"], "data variance")
+
+
+def test_cross_entropy_module_layout_and_label_smoothing():
+    """``nn.CrossEntropyLoss`` reads ``[N, C, T]``; label smoothing changes the loss only."""
+
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = graphs.make("tiny_lm", 5)
+
+        def forward(self, tokens):
+            return self.lm(tokens).transpose(1, 2)
+
+    model, x = Transposed(), graphs.inputs("tiny_lm")
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
+    labels = torch.randint(0, 5, (4, 3))
+    est = collect(model, loss_fn, x, lambda h, y: loss_fn(h, labels), estimators=("I1", "exact"))
+    ref = estimator_reference(model.lm, "categorical", x, 2, second_order=False)
+    assert_close(est.fisher("exact"), {f"lm.{k}": v for k, v in ref["exact"].items()}, "exact")
+
+
+def test_i2_is_exact_where_the_network_is_piecewise_linear():
+    model, x = graphs.make("relu_residual", 3), graphs.inputs("relu_residual")
+    loss = CASES[1][2]
+    est = collect(model, "bernoulli", x, loss)
+    ref = estimator_reference(model, "bernoulli", x, 2)
+    assert_close(est.fisher("I2"), ref["mean_I2"], "I2")
+    assert_close(est.variance("I2"), ref["v2"], "v2")
+    assert all((v == 0).all() for v in est.variance("I2").values())
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("residual_mlp", r"curvature above layer '(a|b)'.*operation (Tanh|Sigmoid)"),
+        ("tied", r"'inner.weight', which is used by 2 calls"),
+        ("encoder_classifier", r"layer 'encoder.self_attn' \(MultiheadAttention\)"),
+    ],
+)
+def test_i2_is_refused_where_it_would_need_curvature(name, match):
+    model, x = graphs.make(name, 3), graphs.inputs(name)
+    monitor = fimhooks.FisherMonitor(model, "categorical")
+    h = model(x)
+    with pytest.raises(RuntimeError, match=match):
+        with monitor:
+            F.cross_entropy(h, targets(h, "categorical")).backward()
+
+
+def test_errors_for_outputs_and_options():
+    model, x = graphs.make("residual_mlp", 3), graphs.inputs("residual_mlp")
+
+    class Dict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return {"logits": self.inner(x)}
+
+    monitor = fimhooks.FisherMonitor(Dict(), "categorical")
+    with pytest.raises(TypeError, match="returned dict, not a tensor; pass output="):
+        Dict.__call__(monitor.model, x)
+    monitor.remove()
+    monitor = fimhooks.FisherMonitor(
+        Dict(), "categorical", output=lambda out: out["logits"], estimators=("I1", "exact")
+    )
+    h = monitor.model(x)["logits"]
+    with monitor:
+        h.sum().backward()
+    assert monitor.estimates().num_inputs == len(x)
+    with pytest.raises(ValueError, match="sigma is a parameter of the Gaussian"):
+        fimhooks.FisherMonitor(model, "bernoulli", sigma=0.5)
+    with pytest.raises(ValueError, match="'categorical', 'bernoulli', 'gaussian'"):
+        fimhooks.FisherMonitor(model, "poisson")
+    lm, tokens = graphs.make("tiny_lm", 5), graphs.inputs("tiny_lm")
+    monitor = fimhooks.FisherMonitor(lm, "categorical")
+    h = lm(tokens)
+    with pytest.raises(ValueError, match=r"mask has shape \(4, 2\).*\(4, 3\) or \(4,\)"):
+        with monitor(mask=torch.ones(4, 2, dtype=torch.bool)):
+            h.sum().backward()
