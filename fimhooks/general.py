@@ -26,9 +26,9 @@ from fimhooks.diagonal_terms import (
     per_input_terms,
     rank_one_batch_sums,
 )
-from fimhooks.layers import batch_axis, rule_for
+from fimhooks.layers import rule_for
 from fimhooks.observations import LabelDraw
-from fimhooks.recording import Call
+from fimhooks.recording import Call, batch_axis
 
 #: Entries of per-input tensors of a parameter's size formed at once.
 ELEMENTS = 2**22

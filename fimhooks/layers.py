@@ -19,6 +19,8 @@ from backpack.utils.conv import unfold_by_conv
 from torch import Tensor, nn
 from torch.func import functional_call, vjp
 
+from fimhooks.recording import batch_axis, first_tensor
+
 Grads = Dict[str, Tensor]
 
 
@@ -93,7 +95,7 @@ def generic_grads(call, names: Sequence[str], grad_out: Tensor, samples: slice) 
             batched = [a if d is None else a.unsqueeze(d) for a, d in zip(args_n, arg_dims)]
             kw = {k: v if kw_dims[k] is None else v.unsqueeze(0) for k, v in kwargs_n.items()}
             out = functional_call(module, p, tuple(batched), kw)
-            return _first_tensor(out).select(axis, 0)
+            return first_tensor(out).select(axis, 0)
 
         _, pull_back = vjp(output, params)
         return torch.vmap(pull_back)(g_n)[0]
@@ -102,23 +104,12 @@ def generic_grads(call, names: Sequence[str], grad_out: Tensor, samples: slice) 
     return {n: value.transpose(0, 1) for n, value in per_input.items()}
 
 
-def batch_axis(module: nn.Module) -> int:
-    """The batch axis of a module's inputs and first output."""
-    if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
-        return 1
-    return 0
-
-
 def _batched(value, axis: int, size: int) -> bool:
     return isinstance(value, Tensor) and value.dim() > axis and value.shape[axis] == size
 
 
 def _slice_at(axis: int, samples: slice) -> tuple:
     return (slice(None),) * axis + (samples,)
-
-
-def _first_tensor(out) -> Tensor:
-    return out if isinstance(out, Tensor) else next(o for o in out if isinstance(o, Tensor))
 
 
 _GENERIC_AFFINE = LayerRule(generic_grads, affine=True)

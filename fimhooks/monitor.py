@@ -323,18 +323,26 @@ class FisherMonitor:
     def _uses(self, record: ForwardRecord) -> dict:
         """``{parameter name: [(call, name inside the called module), ...]}``."""
         calls_at: Dict[str, list] = {}
-        for call in record.calls:
-            calls_at.setdefault(call.path, []).append(call)
+        for call in record.calls:  # calls shared by all inputs (broadcast) cannot be split
+            if call.per_input(len(record.output)):
+                calls_at.setdefault(call.path, []).append(call)
         uses = {}
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
-            found = []
+            found, called = [], False
             for path, local in self._declared[id(param)]:
+                called = called or any(c.path == path for c in record.calls)
                 while path not in calls_at and path:  # used inside an ancestor's forward
                     parent, _, child = path.rpartition(".")
                     path, local = parent, f"{child}.{local}"
                 found += [(c, local) for c in calls_at.get(path, [])]
+            if not found and called:
+                raise RuntimeError(
+                    f"fimhooks: parameter '{name}' is used only in computations shared by "
+                    "all inputs (broadcast over the batch) by modules whose outputs have no "
+                    "batch axis; fimhooks cannot split its gradient per input there."
+                )
             if found:
                 uses[name] = list({(id(c), loc): (c, loc) for c, loc in found}.values())
         return uses
@@ -396,7 +404,7 @@ class FisherMonitor:
             accumulators,
             layer_of=self._layer_of,
             estimators=self.estimators,
-            layer_types={path: type(m).__name__ for path, m in self._leaves.items()},
+            layer_types={path: type(m).__name__ for path, m in self.model.named_modules()},
             exact_pass=self._extension.exact_pass,
             num_outputs=self._num_outputs,
             skipped=self.skipped,

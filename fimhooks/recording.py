@@ -15,6 +15,13 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 
+def batch_axis(module: nn.Module) -> int:
+    """The batch axis of a module's inputs and first output."""
+    if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+        return 1
+    return 0
+
+
 @dataclass
 class Call:
     """One call of a watched module.
@@ -46,10 +53,13 @@ class Call:
 
     @property
     def batch_size(self) -> int:
-        """Inputs in the batch (the batch axis of the first argument)."""
-        from fimhooks.layers import batch_axis
+        """Inputs in the batch (the batch axis of the output)."""
+        return self.output.shape[batch_axis(self.module)]
 
-        return self.inputs[0].shape[batch_axis(self.module)]
+    def per_input(self, num_inputs: int) -> bool:
+        """Whether the output has the batch axis of ``num_inputs`` inputs."""
+        axis = batch_axis(self.module)
+        return self.output.dim() > axis and self.output.shape[axis] == num_inputs
 
     def modified_in_place(self) -> bool:
         """Whether a tensor input or the output was changed in place after the call."""
@@ -73,7 +83,7 @@ class ForwardRecord:
 
     def add(self, module: nn.Module, path: str, args: tuple, kwargs: dict, output) -> None:
         """Record a call (a forward hook's arguments)."""
-        first = output if isinstance(output, Tensor) else _first_tensor(output)
+        first = output if isinstance(output, Tensor) else first_tensor(output)
         if first is None:
             return
         edge = get_gradient_edge(first) if first.requires_grad else None
@@ -119,6 +129,7 @@ def _detached(value):
     return value.detach() if isinstance(value, Tensor) else value
 
 
-def _first_tensor(output) -> Optional[Tensor]:
+def first_tensor(output) -> Optional[Tensor]:
+    """The first tensor in a module's output (a tensor, a tuple, a dict or a ModelOutput)."""
     leaves, _ = torch.utils._pytree.tree_flatten(output)
     return next((t for t in leaves if isinstance(t, Tensor)), None)

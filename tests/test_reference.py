@@ -11,11 +11,12 @@ from fimhooks import extension
 RTOL = 1e-8
 
 
-def assert_close(actual: dict, expected: dict, what: str):
+def assert_close(actual: dict, expected: dict, what: str, floor: dict = None):
+    """Relative agreement to ``RTOL``; ``floor`` gives a parameter's smallest scale."""
     assert actual.keys() == expected.keys(), what
     for name in expected:
         a, e = actual[name], expected[name]
-        scale = e.abs().max().clamp_min(1e-12)
+        scale = e.abs().max().clamp_min(1e-12 if floor is None else floor[name])
         err = (a - e).abs().max() / scale
         assert err < RTOL, f"{what}[{name}] differs by {err:.2e} (relative):\n{a}\n{e}"
 
