@@ -20,8 +20,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-#: Terms whose per-input values are needed squared too (sample variances across inputs).
-SQUARED_TERMS = ("exact", "I1", "I2")
+from fimhooks.quantities import TERMS
 
 
 def per_input_terms(
@@ -63,10 +62,6 @@ def per_input_terms(
     return out
 
 
-#: Terms that are label-noise variances of one summand: they scale with a weight squared.
-VARIANCE_TERMS = ("v1", "v2")
-
-
 def add_position(total: Dict[str, Tensor], terms: Dict[str, Tensor], weight: Tensor) -> dict:
     """``total + weight · terms`` per input (``weight²`` for variances), aliases kept.
 
@@ -84,14 +79,10 @@ def add_position(total: Dict[str, Tensor], terms: Dict[str, Tensor], weight: Ten
         if twin is not None:
             out[name] = out[twin]
             continue
-        w = weight ** (2 if name in VARIANCE_TERMS else 1)
+        w = weight ** (2 if TERMS[name].label_variance else 1)
         scaled = value * w.reshape(-1, *[1] * (value.dim() - 1))
         out[name] = total[name] + scaled if name in total else scaled
     return out
-
-
-#: Power of the layer input with which each term scales for a rank-one (Linear) weight.
-INPUT_POWER = {"exact": 2, "I1": 2, "I2": 2, "v1": 4, "v2": 4}
 
 
 @dataclass
@@ -169,11 +160,11 @@ def _summands(terms: Dict[str, Tensor]):
         twin = next((k for k, (other, _) in summands.items() if other is t), None)
         if twin is not None:
             aliases[name] = twin
-            if name in SQUARED_TERMS:
+            if TERMS[name].summand:
                 aliases[name + "_sq"] = twin + "_sq"
             continue
-        summands[name] = (t, INPUT_POWER[name])
-        if name in SQUARED_TERMS:
+        summands[name] = (t, TERMS[name].input_power)
+        if TERMS[name].summand:
             summands[name + "_sq"] = (t * t, 4)
     return summands, aliases
 

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from fimhooks.guidance import cost_per_input, draws_suggested, inputs_needed
-from fimhooks.running import ESTIMATORS, RunningDiagonal
+from fimhooks.quantities import ESTIMATORS
+from fimhooks.running import RunningDiagonal
 
 #: Relative standard error that the guidance aims at by default.
 DEFAULT_TARGET = 0.05

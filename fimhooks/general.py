@@ -26,7 +26,7 @@ from fimhooks.diagonal_terms import (
     per_input_terms,
     rank_one_batch_sums,
 )
-from fimhooks.layers import rule_for
+from fimhooks.layers import per_input_rule, spec_for
 from fimhooks.observations import LabelDraw
 from fimhooks.recording import Call, batch_axis
 
@@ -125,8 +125,7 @@ def _backward(output, to_output, draw: LabelDraw, positions, samples, calls) -> 
 
 
 def _use_grads(call: Call, local: str, grad_out: Tensor, samples: slice) -> Tensor:
-    rule = rule_for(call.module, [local])
-    return rule.grads(call, [local], grad_out, samples)[local]
+    return per_input_rule(call.module, [local])(call, [local], grad_out, samples)[local]
 
 
 def _position_terms(U: Tensor, draw: LabelDraw, t: int, samples: slice, kappa, terms) -> dict:
@@ -142,9 +141,8 @@ def _is_rank_one(param_uses: List[Use], draw: LabelDraw) -> bool:
     """A Linear weight or bias used once, on ``[N, in]`` inputs, with one position."""
     if len(param_uses) != 1 or draw.directions.shape[2] != 1:
         return False
-    call, local = param_uses[0]
-    rule = rule_for(call.module, [local])
-    return rule.rank_one and call.inputs[0].dim() == 2
+    call, _ = param_uses[0]
+    return spec_for(call.module).rank_one and call.inputs[0].dim() == 2
 
 
 def _rank_one_sums(param_uses, captured, draw, samples, kappa, terms) -> BatchSums:

@@ -1,12 +1,21 @@
-"""Per-input parameter gradients of one layer call: one declaration per layer type.
+"""One declaration per layer type: how each path of fimhooks handles it.
 
-A rule maps a recorded call (``recording.Call``) and the vectors backpropagated to its
-output, ``grad_out [D, n, *out]`` for the inputs ``samples``, to per-input gradients
-``{local parameter name: [D, n, *param.shape]}``: the part of ``∂(V_dᵀ h_n)/∂θ`` that flows
-through that call. A parameter used by several calls (tied weights) sums them.
+A ``LayerSpec`` says, for one ``nn.Module`` type:
 
-Layers without a declaration use ``generic_grads``: ``torch.func`` on one input at a time
-(exact, bounded memory, slower).
+* ``chain``: its rule on the chain path (BackPACK's derivatives, ``chain``); layers
+  without one send a forward pass to the general path;
+* ``grads``: its per-input rule on the general path. It maps a recorded call
+  (``recording.Call``) and the vectors backpropagated to its output, ``grad_out
+  [D, n, *out]`` (the batch axis moved next to ``D``) for the inputs ``samples``, to
+  per-input gradients ``{local parameter name: [D, n, *param.shape]}``. Without one,
+  ``generic_grads`` replays the module on one input at a time with ``torch.func``
+  (exact, bounded memory, slower);
+* ``affine``: its output is affine in each of its parameters, so Î₂ of the layer needs no
+  curvature of the layer itself;
+* ``rank_one``: per-input weight Jacobians are outer products on ``[N, in]`` inputs;
+* ``kfac``: it has Kronecker factors (``FisherPreconditioner(structure="kfac")``);
+* ``batch_statistics``: in training mode each output depends on the whole batch, so
+  per-input quantities are undefined there (BatchNorm).
 """
 
 from __future__ import annotations
@@ -15,62 +24,78 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
-from backpack.utils.conv import unfold_by_conv
+from backpack.core.derivatives.batchnorm_nd import BatchNormNdDerivatives
+from backpack.core.derivatives.conv1d import Conv1DDerivatives
+from backpack.core.derivatives.conv2d import Conv2DDerivatives
+from backpack.core.derivatives.conv3d import Conv3DDerivatives
+from backpack.core.derivatives.conv_transpose1d import ConvTranspose1DDerivatives
+from backpack.core.derivatives.conv_transpose2d import ConvTranspose2DDerivatives
+from backpack.core.derivatives.conv_transpose3d import ConvTranspose3DDerivatives
+from backpack.core.derivatives.dropout import DropoutDerivatives
+from backpack.core.derivatives.elu import ELUDerivatives
+from backpack.core.derivatives.flatten import FlattenDerivatives
+from backpack.core.derivatives.leakyrelu import LeakyReLUDerivatives
+from backpack.core.derivatives.linear import LinearDerivatives
+from backpack.core.derivatives.logsigmoid import LogSigmoidDerivatives
+from backpack.core.derivatives.maxpool1d import MaxPool1DDerivatives
+from backpack.core.derivatives.maxpool2d import MaxPool2DDerivatives
+from backpack.core.derivatives.maxpool3d import MaxPool3DDerivatives
+from backpack.core.derivatives.relu import ReLUDerivatives
+from backpack.core.derivatives.selu import SELUDerivatives
+from backpack.core.derivatives.sigmoid import SigmoidDerivatives
+from backpack.core.derivatives.tanh import TanhDerivatives
+from backpack.core.derivatives.zeropad2d import ZeroPad2dDerivatives
 from torch import Tensor, nn
 from torch.func import functional_call, vjp
 
+from fimhooks import jacobians
+from fimhooks.chain import Elementwise, LinearOpDerivatives, Parameterized, PassThrough
 from fimhooks.recording import batch_axis, first_tensor
 
 Grads = Dict[str, Tensor]
 
 
 @dataclass(frozen=True)
-class LayerRule:
-    """How fimhooks handles one layer type on the general path.
+class LayerSpec:
+    """How fimhooks handles one layer type (see the module docstring)."""
 
-    Attributes:
-        grads: ``(call, names, grad_out [D, n, *out], samples) -> {name: [D, n, *P]}``.
-        affine: The output is affine in each of the layer's parameters, so Î₂ of the
-            layer needs no curvature of the layer itself.
-        rank_one: Per-input weight Jacobians are outer products on ``[N, in]`` inputs
-            (Linear): batch sums are products of output terms and input powers.
-    """
-
-    grads: Callable
-    affine: bool
+    chain: Optional[PassThrough] = None
+    grads: Optional[Callable] = None
+    affine: bool = False
     rank_one: bool = False
+    kfac: bool = False
+    batch_statistics: bool = False
 
 
 def _linear_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
-    x = call.args[0][samples]
-    g = grad_out.reshape(*grad_out.shape[:2], -1, grad_out.shape[-1])  # [D, n, L, out]
     out = {}
     if "weight" in names:
-        out["weight"] = torch.einsum("dnlo,nli->dnoi", g, x.reshape(x.shape[0], -1, x.shape[-1]))
+        out["weight"] = jacobians.linear_weight(grad_out, call.args[0][samples])
     if "bias" in names:
-        out["bias"] = g.sum(2)
+        out["bias"] = grad_out.reshape(*grad_out.shape[:2], -1, grad_out.shape[-1]).sum(2)
     return out
 
 
 def _embedding_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
     module = call.module
-    index = call.args[0][samples]
-    one_hot = nn.functional.one_hot(index.reshape(index.shape[0], -1), module.num_embeddings)
-    g = grad_out.reshape(*grad_out.shape[:2], -1, grad_out.shape[-1])  # [D, n, L, dim]
-    weight = torch.einsum("dnle,nlv->dnve", g, one_hot.to(g.dtype))
+    if module.scale_grad_by_freq:
+        raise ValueError(
+            f"Embedding '{call.path}' has scale_grad_by_freq=True: its gradient depends on "
+            "the whole batch, so per-input gradients are undefined."
+        )
+    weight = jacobians.embedding_weight(grad_out, call.args[0][samples], module.num_embeddings)
     if module.padding_idx is not None:  # torch leaves that row without gradient
         weight[:, :, module.padding_idx] = 0
     return {"weight": weight}
 
 
 def _conv_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
-    """Convolutions with ``groups=1`` and zero padding: weights from the unfolded input."""
     module = call.module
+    if not jacobians.unfoldable(module):
+        return generic_grads(call, names, grad_out, samples)
     out = {}
     if "weight" in names:
-        patches = unfold_by_conv(call.args[0][samples], module)  # [n, in·k, positions]
-        products = torch.einsum("dnop,nip->dnoi", grad_out.flatten(3), patches)
-        out["weight"] = products.reshape(*grad_out.shape[:2], *module.weight.shape)
+        out["weight"] = jacobians.conv_weight(grad_out, call.args[0][samples], module)
     if "bias" in names:
         out["bias"] = grad_out.flatten(3).sum(3)
     return out
@@ -87,7 +112,8 @@ def generic_grads(call, names: Sequence[str], grad_out: Tensor, samples: slice) 
     axis, size = batch_axis(module), call.batch_size
     args = [a[_slice_at(axis, samples)] if _batched(a, axis, size) else a for a in call.args]
     arg_dims = [axis if _batched(a, axis, size) else None for a in call.args]
-    kwargs = {k: v[samples] if _batched(v, 0, size) else v for k, v in call.kwargs.items()}
+    kwargs = {k: _detached(v) for k, v in call.kwargs.items()}
+    kwargs = {k: v[samples] if _batched(v, 0, size) else v for k, v in kwargs.items()}
     kw_dims = {k: 0 if _batched(v, 0, size) else None for k, v in call.kwargs.items()}
 
     def one_input(args_n, kwargs_n, g_n):
@@ -108,39 +134,88 @@ def _batched(value, axis: int, size: int) -> bool:
     return isinstance(value, Tensor) and value.dim() > axis and value.shape[axis] == size
 
 
+def _detached(value):
+    return value.detach() if isinstance(value, Tensor) else value
+
+
 def _slice_at(axis: int, samples: slice) -> tuple:
     return (slice(None),) * axis + (samples,)
 
 
-_GENERIC_AFFINE = LayerRule(generic_grads, affine=True)
-RULES: Dict[type, LayerRule] = {
-    nn.Linear: LayerRule(_linear_grads, affine=True, rank_one=True),
-    nn.Embedding: LayerRule(_embedding_grads, affine=True),
-    nn.LayerNorm: _GENERIC_AFFINE,
-    nn.GroupNorm: _GENERIC_AFFINE,
-    nn.BatchNorm1d: _GENERIC_AFFINE,
-    nn.BatchNorm2d: _GENERIC_AFFINE,
-    nn.BatchNorm3d: _GENERIC_AFFINE,
-    nn.ConvTranspose1d: _GENERIC_AFFINE,
-    nn.ConvTranspose2d: _GENERIC_AFFINE,
-    nn.ConvTranspose3d: _GENERIC_AFFINE,
-    nn.EmbeddingBag: _GENERIC_AFFINE,
+def _activation(derivatives) -> LayerSpec:
+    return LayerSpec(chain=Elementwise(derivatives()))
+
+
+def _linear_op(derivatives) -> LayerSpec:
+    return LayerSpec(chain=PassThrough(derivatives()))
+
+
+def _weighted(derivatives, grads=None, **flags) -> LayerSpec:
+    return LayerSpec(chain=Parameterized(derivatives()), grads=grads, affine=True, **flags)
+
+
+_AFFINE = LayerSpec(affine=True)
+LAYERS: Dict[type, LayerSpec] = {
+    nn.Dropout: _activation(DropoutDerivatives),
+    nn.ReLU: _activation(ReLUDerivatives),
+    nn.LeakyReLU: _activation(LeakyReLUDerivatives),
+    nn.Tanh: _activation(TanhDerivatives),
+    nn.Sigmoid: _activation(SigmoidDerivatives),
+    nn.ELU: _activation(ELUDerivatives),
+    nn.SELU: _activation(SELUDerivatives),
+    nn.LogSigmoid: _activation(LogSigmoidDerivatives),
+    nn.MaxPool1d: _linear_op(MaxPool1DDerivatives),
+    nn.MaxPool2d: _linear_op(MaxPool2DDerivatives),
+    nn.MaxPool3d: _linear_op(MaxPool3DDerivatives),
+    nn.AvgPool1d: _linear_op(LinearOpDerivatives),
+    nn.AvgPool2d: _linear_op(LinearOpDerivatives),
+    nn.AvgPool3d: _linear_op(LinearOpDerivatives),
+    nn.AdaptiveAvgPool1d: _linear_op(LinearOpDerivatives),
+    nn.AdaptiveAvgPool2d: _linear_op(LinearOpDerivatives),
+    nn.AdaptiveAvgPool3d: _linear_op(LinearOpDerivatives),
+    nn.Identity: _linear_op(LinearOpDerivatives),
+    nn.ZeroPad2d: _linear_op(ZeroPad2dDerivatives),
+    nn.Flatten: _linear_op(FlattenDerivatives),
+    nn.Linear: _weighted(LinearDerivatives, _linear_grads, rank_one=True, kfac=True),
+    nn.Conv1d: _weighted(Conv1DDerivatives, _conv_grads),
+    nn.Conv2d: _weighted(Conv2DDerivatives, _conv_grads),
+    nn.Conv3d: _weighted(Conv3DDerivatives, _conv_grads),
+    nn.ConvTranspose1d: _weighted(ConvTranspose1DDerivatives),
+    nn.ConvTranspose2d: _weighted(ConvTranspose2DDerivatives),
+    nn.ConvTranspose3d: _weighted(ConvTranspose3DDerivatives),
+    nn.BatchNorm1d: _weighted(BatchNormNdDerivatives, batch_statistics=True),
+    nn.BatchNorm2d: _weighted(BatchNormNdDerivatives, batch_statistics=True),
+    nn.BatchNorm3d: _weighted(BatchNormNdDerivatives, batch_statistics=True),
+    nn.Embedding: LayerSpec(grads=_embedding_grads, affine=True),
+    nn.EmbeddingBag: _AFFINE,
+    nn.LayerNorm: _AFFINE,
+    nn.GroupNorm: _AFFINE,
 }
 if hasattr(nn, "RMSNorm"):
-    RULES[nn.RMSNorm] = _GENERIC_AFFINE
-_CONV_RULE = LayerRule(_conv_grads, affine=True)
-_GENERIC = LayerRule(generic_grads, affine=False)
+    LAYERS[nn.RMSNorm] = _AFFINE
+_UNDECLARED = LayerSpec()
 
 
-def rule_for(module: nn.Module, names: Sequence[str]) -> LayerRule:
-    """The rule for a module, given the parameter names it is responsible for."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        plain = module.groups == 1 and module.padding_mode == "zeros"
-        return _CONV_RULE if plain and not isinstance(module.padding, str) else _GENERIC_AFFINE
-    rule = RULES.get(type(module))
-    if rule is None or not set(names) <= {n for n, _ in module.named_parameters(recurse=False)}:
-        return _GENERIC
-    return rule
+def spec_for(module: nn.Module) -> LayerSpec:
+    """The declaration of a module's type (or of its nearest declared base class)."""
+    return next((LAYERS[c] for c in type(module).__mro__ if c in LAYERS), _UNDECLARED)
+
+
+def per_input_rule(module: nn.Module, names: Sequence[str]) -> Callable:
+    """The general path's rule for the parameters ``names`` of ``module``.
+
+    A module's own rule covers the parameters it declares; parameters of submodules used
+    inside its forward (``nn.MultiheadAttention.out_proj``) take the generic rule.
+    """
+    own = {n for n, _ in module.named_parameters(recurse=False)}
+    grads = spec_for(module).grads
+    return grads if grads is not None and set(names) <= own else generic_grads
+
+
+def affine_in(module: nn.Module, names: Sequence[str]) -> bool:
+    """Whether ``module``'s output is affine in each of the parameters ``names``."""
+    own = {n for n, _ in module.named_parameters(recurse=False)}
+    return spec_for(module).affine and set(names) <= own
 
 
 def random_inside(module: nn.Module) -> Optional[str]:

@@ -9,13 +9,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from fimhooks.chain import chain_batch_sums
 from fimhooks.diagonal_terms import BatchSums
 from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
-from fimhooks.extension import SAVEFIELD, SUPPORTED_MODULES, FisherExtension, module_extension
 from fimhooks.general import general_batch_sums
 from fimhooks.graph import curved_layer
 from fimhooks.jsonlog import FisherLog
-from fimhooks.layers import random_inside, rule_for
+from fimhooks.layers import affine_in, generic_grads, per_input_rule, random_inside, spec_for
 from fimhooks.likelihoods import likelihood_from
 from fimhooks.observations import (
     LabelDraw,
@@ -25,10 +25,9 @@ from fimhooks.observations import (
     to_output_layout,
 )
 from fimhooks.progress import progress
+from fimhooks.quantities import ESTIMATORS, exact_pass, terms_for
 from fimhooks.recording import ForwardRecord, chain_of
-from fimhooks.running import ESTIMATORS, RunningDiagonal
-
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from fimhooks.running import RunningDiagonal
 
 
 class FisherMonitor:
@@ -110,9 +109,9 @@ class FisherMonitor:
         self._chain_leaves = _chain_leaves(model, self._leaves, self._declared)
         self._watched = [m for m in model.modules() if _has_params(m)]
         self._watched += [m for m in self._leaves.values() if not _has_params(m)]
-        self._extension = FisherExtension(
-            self.likelihood, _terms(self.estimators), mc_samples, self._generator
-        )
+        self._terms = terms_for(self.estimators)
+        self._exact_pass = exact_pass(self._terms)
+        self._kronecker = False
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._handles = []
         self._accumulators: Dict[str, RunningDiagonal] = {}
@@ -260,7 +259,7 @@ class FisherMonitor:
         generator = self._generator(h.device)
         draw = draw_labels(
             self.likelihood, positions, observed, self.mc_samples, generator,
-            self._extension.exact_pass,
+            self._exact_pass,
         )  # fmt: skip
         chain = None
         if self._chain_leaves is not None and positions.shape[1] == 1 and self._mask is None:
@@ -274,34 +273,18 @@ class FisherMonitor:
 
     def _chain_sums(self, chain, h: Tensor, draw: LabelDraw) -> Dict[str, BatchSums]:
         """The fast path for chains of supported layers (BackPACK's module derivatives)."""
-        ext = self._extension
-        ext.reset()
-        ext.start(draw)
-        directions = draw.directions[:, :, 0]
-        ext.save_start(h, directions.reshape(directions.shape[0], *h.shape))
-        sums = {}
-        try:
-            for call in chain:
-                call.module.input0, call.module.output = call.inputs[0], call.output
-            for call in reversed(chain):
-                module_extension(call.module)(ext, call.module, None, None)
-                for param in call.module.parameters(recurse=False):
-                    value = getattr(param, SAVEFIELD, None)
-                    if value is not None:
-                        sums[self._param_names[id(param)]] = value
-                        delattr(param, SAVEFIELD)
-        finally:
-            for call in chain:
-                _forget_io(call.module)
-            ext.reset()
-        return sums
+        layers = [(c.module, c.inputs[0], c.output) for c in chain]
+        rules = [spec_for(c.module).chain for c in chain]
+        kappa, kronecker = self.likelihood.kappa, self._kronecker
+        sums = chain_batch_sums(layers, rules, h, draw, kappa, self._terms, kronecker)
+        return {self._param_names[key]: value for key, value in sums.items()}
 
     def _general_sums(self, record: ForwardRecord, draw: LabelDraw) -> Dict[str, BatchSums]:
         """Any graph: directions backpropagated by autograd (``general``)."""
         uses = self._uses(record)
         for call in {id(c): c for u in uses.values() for c, _ in u}.values():
             names = [local for u in uses.values() for c, local in u if c is call]
-            if rule_for(call.module, names).grads.__name__ == "generic_grads":
+            if per_input_rule(call.module, names) is generic_grads:
                 reason = random_inside(call.module)
                 if reason:
                     raise RuntimeError(
@@ -317,7 +300,7 @@ class FisherMonitor:
             draw,
             uses,
             self.likelihood.kappa,
-            self._extension.terms,
+            self._terms,
         )
 
     def _uses(self, record: ForwardRecord) -> dict:
@@ -358,7 +341,7 @@ class FisherMonitor:
                     "where the network is piecewise linear after each layer. Use "
                     "estimators=('I1', 'exact')."
                 )
-            if not rule_for(call.module, [local]).affine:
+            if not affine_in(call.module, [local]):
                 raise RuntimeError(
                     f"fimhooks: 'I2' needs the curvature of layer '{call.path}' "
                     f"({type(call.module).__name__}), which is not affine in its parameters. "
@@ -405,7 +388,7 @@ class FisherMonitor:
             layer_of=self._layer_of,
             estimators=self.estimators,
             layer_types={path: type(m).__name__ for path, m in self.model.named_modules()},
-            exact_pass=self._extension.exact_pass,
+            exact_pass=self._exact_pass,
             num_outputs=self._num_outputs,
             skipped=self.skipped,
         )
@@ -432,6 +415,14 @@ class FisherMonitor:
         log = FisherLog(self, target, writer, target_rse)
         self._listeners.append(log)
         return log
+
+    def collect_kronecker_factors(self) -> None:
+        """Also collect the Kronecker factors of Linear layers on chains (for KFAC).
+
+        ``estimates().kronecker_factors(kind)`` then returns them, averaged like the
+        estimates. Layers on the general path have none.
+        """
+        self._kronecker = True
 
     def reset(self) -> None:
         """Forget all collected statistics (hooks stay attached)."""
@@ -493,18 +484,6 @@ def _check_estimators(estimators: Iterable[str]) -> tuple:
     return estimators
 
 
-def _terms(estimators: tuple) -> frozenset:
-    """Per-parameter terms to reduce (``diagonal_terms``) for the chosen estimators."""
-    if set(estimators) == {"I1"}:
-        return frozenset({"I1"})
-    terms = {"exact"}
-    if "I1" in estimators:
-        terms |= {"I1", "v1"}
-    if "I2" in estimators:
-        terms |= {"I2", "v2"}
-    return frozenset(terms)
-
-
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
@@ -526,7 +505,7 @@ def _chain_leaves(model, leaves: dict, declared: dict) -> Optional[Dict[int, nn.
     It needs supported layers only, each parameter declared once, and no module holding
     parameters of its own besides the leaves.
     """
-    if not all(isinstance(m, SUPPORTED_MODULES) for m in leaves.values()):
+    if not all(spec_for(m).chain is not None for m in leaves.values()):
         return None
     if any(len(d) > 1 for d in declared.values()):
         return None
@@ -546,7 +525,7 @@ def _check_not_extended(model: nn.Module) -> None:
 
 def _check_batchnorm(model: nn.Module) -> None:
     for path, module in model.named_modules():
-        if isinstance(module, _BATCHNORM) and module.training:
+        if spec_for(module).batch_statistics and module.training:
             raise ValueError(
                 f"BatchNorm layer '{path}' is in training mode: per-sample quantities are "
                 "undefined there because each output depends on the whole batch. Put it "

@@ -6,8 +6,8 @@ import warnings
 from typing import Dict
 
 import torch
-from torch import nn
 
+from fimhooks.layers import spec_for
 from fimhooks.preconditioning import (
     damped_kronecker_inverses,
     diagonal_denominator,
@@ -74,11 +74,11 @@ class FisherPreconditioner:
         self._diagonal: Dict[str, torch.Tensor] = {}
         self._kronecker: Dict[str, tuple] = {}
         if structure == "kfac":
-            monitor._extension.kronecker = True
+            monitor.collect_kronecker_factors()
             others = [
-                p
-                for p, m in monitor._leaves.items()
-                if _has_params(m) and not isinstance(m, nn.Linear)
+                path
+                for path, m in monitor.model.named_modules()
+                if list(m.parameters(recurse=False)) and not spec_for(m).kfac
             ]
             if others:
                 warnings.warn(
@@ -158,10 +158,3 @@ class FisherPreconditioner:
 
 def _join(layer: str, local: str) -> str:
     return f"{layer}.{local}" if layer else local
-
-
-def _has_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
-
-
-__all__ = ["FisherPreconditioner"]

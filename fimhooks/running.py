@@ -27,10 +27,8 @@ import torch
 from torch import Tensor
 
 from fimhooks.diagonal_terms import BatchSums
+from fimhooks.quantities import ESTIMATOR_SPECS, ESTIMATORS, TERMS
 
-ESTIMATORS = ("I1", "I2", "exact")
-#: Closed-form label-noise variance term of each sampled estimator (SPEC §3).
-LABEL_VARIANCE_TERM = {"I1": "v1", "I2": "v2"}
 #: Batch sums of Kronecker factors (``extension.kronecker_sums``): averaged like estimates.
 KRONECKER_PREFIX = "kron_"
 #: Steps staged in the model's precision before they are folded into float64.
@@ -113,7 +111,7 @@ class RunningDiagonal:
                 step["mean_" + name] = total / n
                 m2 = (sums[name + "_sq"] - total**2 / n).clamp_min_(0.0)
                 step["var_" + name] = m2 / ((n - 1) * n) if n > 1 else torch.zeros_like(m2)
-        for term in LABEL_VARIANCE_TERM.values():
+        for term in (name for name, t in TERMS.items() if t.label_variance):
             if term in sums:
                 step["labelvar_" + term] = sums[term] / (n**2 * self.mc_samples)
         for key in sums:
@@ -172,7 +170,7 @@ class RunningDiagonal:
     def label_variance(self, estimator: str) -> Tensor:
         """Closed-form label-noise variance of the running estimate, ``[*P]``."""
         self._fold()
-        term = LABEL_VARIANCE_TERM.get(estimator)
+        term = ESTIMATOR_SPECS[estimator].variance
         key = term if self.ema_decay is None else f"labelvar_{term}"
         if key not in self.stats:  # 'exact', or v2 of a piecewise-linear layer
             return torch.zeros_like(self.fisher(estimator))

@@ -6,7 +6,8 @@ from cases import LIKELIHOODS, MODELS, make_input, make_loss, make_model, make_t
 from reference import estimator_reference
 
 import fimhooks
-from fimhooks import extension
+from fimhooks import chain, jacobians
+from fimhooks import monitor as monitor_module
 
 RTOL = 1e-8
 
@@ -98,7 +99,7 @@ def test_rank_one_linear_path_equals_generic_path(model_name, likelihood, monkey
     loss_fn, out, sigma = make_loss(likelihood)
     model, x = make_model(model_name, out), make_input(model_name)
     fast = collect(model, loss_fn, x, sigma, 2, seed=3)
-    monkeypatch.setattr(extension, "_is_rank_one", lambda module: False)
+    monkeypatch.setattr(chain, "is_rank_one", lambda module: False)
     generic = collect(model, loss_fn, x, sigma, 2, seed=3)
     assert_same_estimates(fast, generic)
 
@@ -110,8 +111,27 @@ def test_generic_path_variants_agree(model_name, change, monkeypatch):
     model, x = make_model(model_name, out), make_input(model_name)
     whole = collect(model, loss_fn, x, sigma, 2, seed=4)
     if change == "one input at a time":
-        monkeypatch.setattr(extension, "_ELEMENTS", 1)
+        monkeypatch.setattr(chain, "ELEMENTS", 1)
     else:
-        monkeypatch.setattr(extension, "_unfoldable", lambda module: False)
+        monkeypatch.setattr(jacobians, "unfoldable", lambda module: False)
     chunked = collect(model, loss_fn, x, sigma, 2, seed=4)
     assert_same_estimates(chunked, whole)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_general_path_matches_brute_force_on_chains(model_name, likelihood, monkeypatch):
+    """The general path (autograd, per-layer rules) on the models the chain path serves."""
+    loss_fn, out, sigma = make_loss(likelihood)
+    model, x = make_model(model_name, out), make_input(model_name)
+    chained = collect(model, loss_fn, x, sigma, 2, seed=5, estimators=("I1", "exact"))
+    monkeypatch.setattr(monitor_module, "chain_of", lambda *args: None)
+    general = collect(model, loss_fn, x, sigma, 2, seed=5, estimators=("I1", "exact"))
+    ref = estimator_reference(model, loss_fn, x, 2, sigma or 1.0)
+    assert_close(general.fisher("exact"), ref["exact"], "exact")
+    assert_close(general.variance("I1"), ref["v1"], "v1")
+    assert_close(general.data_variance(), ref["data"], "data variance")
+    for estimator in ["I1", "exact"]:  # same labels: the same sampled estimates
+        assert_close(general.fisher(estimator), chained.fisher(estimator), estimator)
+        empirical = general.empirical_variance(estimator)
+        assert_close(empirical, chained.empirical_variance(estimator), estimator)

@@ -1,0 +1,301 @@
+"""The chain path: label directions pulled back layer by layer with BackPACK's derivatives.
+
+For a forward pass that is a chain of supported layers (``recording.chain_of``), the
+directions are pulled back from the model output through each layer's transposed
+Jacobian (BackPACK's ``core.derivatives``), carrying a ``Backpropagated`` quantity:
+
+* ``first``: ``[K, N, *shape]`` the directions pulled back to the current tensor
+  (``Jᵀ V``), from which exact, Î₁ and v₁ follow.
+* ``sources``: for Î₂ only, one ``curvature.CurvatureSource`` for every activation
+  ``z ↦ σ(z)`` met so far with ``σ'' ≠ 0``; then ``∂²(V_kᵀh)/∂θ_i²`` is the sum over
+  sources of ``Σ_s c_ks (∂z_s/∂θ_i)²``.
+
+Each parameter's quantities are reduced to batch sums (``diagonal_terms``) at its layer,
+so per-input tensors exist for one layer at a time only. BackPACK's derivatives read a
+layer's ``input0`` and ``output``: they are set on the layer for the duration of the pass
+and removed in ``finally``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from fimhooks import jacobians
+from fimhooks.curvature import CurvatureSource
+from fimhooks.diagonal_terms import BatchSums, batch_sums, per_input_terms, rank_one_batch_sums
+from fimhooks.observations import LabelDraw
+
+#: Second-order Jacobians handled per chunk at a parameter (bounds peak memory).
+CHUNK = 64
+#: Entries of a per-input tensor of a parameter's size formed at once.
+ELEMENTS = 2**22
+
+
+@dataclass
+class Backpropagated:
+    """What travels down the chain (see the module docstring)."""
+
+    first: Tensor
+    sources: Tuple[CurvatureSource, ...] = ()
+
+    def shaped_like(self, output: Tensor) -> "Backpropagated":
+        """The same quantity for a view of ``output`` (``squeeze``, ``view`` between layers)."""
+        first = self.first.reshape(self.first.shape[0], *output.shape)
+        return Backpropagated(first, tuple(s.shaped_like(output) for s in self.sources))
+
+
+@dataclass
+class ChainPass:
+    """One pass down a chain: the step's labels in, batch sums per parameter out.
+
+    Attributes:
+        weights, fourth_weights: ``[N, K]`` (``None`` when only Î₁ is collected: the
+            directions are then the sampled residuals).
+        coefficients: ``[N, M, K]``.
+        kappa: The likelihood's ``κ``.
+        terms: Which of ``exact, v1, v2, I1, I2`` to reduce.
+        kronecker: Also reduce the Kronecker factors of Linear layers.
+        results: ``{id(parameter): BatchSums}``.
+    """
+
+    weights: Optional[Tensor]
+    fourth_weights: Optional[Tensor]
+    coefficients: Optional[Tensor]
+    kappa: float
+    terms: FrozenSet[str]
+    kronecker: bool = False
+    saved: Dict[int, Backpropagated] = field(default_factory=dict)
+    results: Dict[int, BatchSums] = field(default_factory=dict)
+    _output_terms: Optional[tuple] = None
+
+    @property
+    def second_order(self) -> bool:
+        """Whether Î₂'s curvature sources are carried."""
+        return "I2" in self.terms
+
+    def output_terms(self, U: Tensor, W: Optional[Tensor], samples=slice(None)) -> dict:
+        """Per-input terms from ``U`` and ``W`` ``[K, N, *P]`` of the inputs ``samples``."""
+
+        def rows(x):
+            return None if x is None else x[samples]
+
+        weights, fourth, coefficients = (
+            rows(self.weights),
+            rows(self.fourth_weights),
+            rows(self.coefficients),
+        )
+        return per_input_terms(U, W, weights, fourth, self.kappa, coefficients, self.terms)
+
+    def layer_output_terms(self, module: nn.Module, bp: Backpropagated) -> dict:
+        """Per-input terms of a Linear layer's output, computed once for weight and bias."""
+        if self._output_terms is None or self._output_terms[0] is not module:
+            terms = self.output_terms(bp.first, _output_second_derivatives(bp))
+            self._output_terms = (module, terms)
+        return self._output_terms[1]
+
+    def kronecker_sums(self, U: Tensor, module: nn.Module) -> Dict[str, Tensor]:
+        """Batch sums of the Kronecker factors of a Linear layer (see ``preconditioning``).
+
+        ``kron_A``: ``Σ_n x̃ x̃ᵀ``; ``kron_G_sampled``: ``Σ_n mean_m s sᵀ`` for the sampled
+        scores ``s`` (BackPACK's KFAC); ``kron_G_exact``: ``Σ_n E_y[s sᵀ]`` (its KFLR).
+        """
+        x = module.input0.detach()
+        if module.bias is not None:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        sums = {"kron_A": x.T @ x}
+        if self.weights is None:  # the directions are the sampled residuals
+            sums["kron_G_sampled"] = torch.einsum("kno,knp->op", U, U) / U.shape[0]
+            return sums
+        scores = torch.einsum("nmk,kno->mno", self.coefficients, U)
+        sums["kron_G_sampled"] = torch.einsum("mno,mnp->op", scores, scores) / scores.shape[0]
+        sums["kron_G_exact"] = torch.einsum("nk,kno,knp->op", self.weights, U, U)
+        return sums
+
+
+def chain_batch_sums(
+    layers: Sequence[Tuple[nn.Module, Tensor, Tensor]],
+    rules: Sequence["PassThrough"],
+    output: Tensor,
+    draw: LabelDraw,
+    kappa: float,
+    terms: FrozenSet[str],
+    kronecker: bool = False,
+) -> Dict[int, BatchSums]:
+    """Batch sums of every parameter of a chain, for one collected step.
+
+    Args:
+        layers: ``(module, input, output)`` of each layer, in forward order.
+        rules: Each layer's rule (``layers.spec_for(module).chain``).
+        output: The model output, (a view of) the last layer's output.
+        draw: The step's labels; one position per input.
+        kappa: The likelihood's ``κ``.
+        terms: The terms to reduce.
+        kronecker: Also reduce Kronecker factors of Linear layers.
+
+    Returns:
+        ``{id(parameter): BatchSums}``.
+    """
+
+    def first_position(x):
+        return None if x is None else x[:, 0]
+
+    chain = ChainPass(
+        first_position(draw.weights),
+        first_position(draw.fourth_weights),
+        first_position(draw.coefficients),
+        kappa,
+        terms,
+        kronecker,
+    )
+    directions = draw.directions[:, :, 0]
+    chain.saved[output.data_ptr()] = Backpropagated(
+        directions.reshape(directions.shape[0], *output.shape)
+    )
+    try:
+        for module, x, y in layers:
+            module.input0, module.output = x, y
+        for (module, _, _), rule in reversed(list(zip(layers, rules))):
+            rule(chain, module)
+    finally:
+        for module, _, _ in layers:
+            for attr in ("input0", "output"):
+                vars(module).pop(attr, None)
+    return chain.results
+
+
+class PassThrough:
+    """A parameter-free layer: pulls the quantity back through its transposed Jacobian."""
+
+    params: Tuple[str, ...] = ()
+
+    def __init__(self, derivatives):
+        self.derivatives = derivatives
+
+    def __call__(self, chain: ChainPass, module: nn.Module) -> None:
+        """Reduce the layer's parameters and pass the quantity to its input."""
+        # the next layer may have received a view of this output: restore its shape
+        bp = chain.saved.pop(module.output.data_ptr()).shaped_like(module.output)
+        for name in self.params:
+            param = getattr(module, name, None)
+            if param is not None and param.requires_grad:
+                chain.results[id(param)] = self.reduce(chain, module, name, bp)
+        if module.input0.requires_grad:
+            chain.saved[module.input0.data_ptr()] = self.backpropagate(chain, module, bp)
+
+    def reduce(self, chain, module, name, bp) -> BatchSums:
+        """Batch sums of one parameter."""
+        raise NotImplementedError
+
+    def jac_t(self, module, mat: Tensor) -> Tensor:
+        """``Jᵀ mat`` for ``mat [V, N, *out]``."""
+        return self.derivatives.jac_t_mat_prod(module, None, None, mat)
+
+    def backpropagate(self, chain, module, bp: Backpropagated) -> Backpropagated:
+        """The quantity at the layer's input."""
+        sources = tuple(self.pull_back(s, module) for s in bp.sources)
+        return Backpropagated(self.jac_t(module, bp.first), sources)
+
+    def pull_back(self, source: CurvatureSource, module) -> CurvatureSource:
+        """A curvature source seen from the layer's input."""
+        return source.through_module(lambda m: self.jac_t(module, m), module.output.shape)
+
+
+class LinearOpDerivatives:
+    """Transposed Jacobian of a parameter-free linear module, by ``torch.func``.
+
+    Used for average pooling, whose BackPACK derivatives build a float32 transposed
+    convolution (failing for float64 models), for adaptive pooling and ``Identity``.
+    """
+
+    @staticmethod
+    def jac_t_mat_prod(module, g_inp, g_out, mat: Tensor) -> Tensor:  # noqa: D102
+        _, vjp = torch.func.vjp(module.forward, module.input0.detach())
+        return torch.vmap(vjp)(mat)[0]
+
+
+class Elementwise(PassThrough):
+    """Element-wise map (activation, dropout): adds a curvature source where ``σ'' ≠ 0``."""
+
+    def backpropagate(self, chain, module, bp: Backpropagated) -> Backpropagated:  # noqa: D102
+        out = super().backpropagate(chain, module, bp)
+        if not chain.second_order or self.derivatives.hessian_is_zero(module):
+            return out
+        d2f = self.derivatives.d2f(module, None, None)
+        coefficients = (d2f.unsqueeze(0) * bp.first).flatten(2)
+        return Backpropagated(out.first, out.sources + (CurvatureSource(coefficients),))
+
+    def pull_back(self, source, module):  # noqa: D102
+        derivative = self.derivatives.df(module, None, None)
+        return source.through_elementwise(derivative, lambda m: self.jac_t(module, m))
+
+
+class Parameterized(PassThrough):
+    """A layer with parameters: reduces per-input terms to batch sums per parameter."""
+
+    params = ("weight", "bias")
+
+    def reduce(self, chain, module, name, bp: Backpropagated) -> BatchSums:  # noqa: D102
+        if is_rank_one(module):
+            terms = chain.layer_output_terms(module, bp)
+            if name == "bias":
+                return batch_sums(terms)
+            sums = rank_one_batch_sums(terms, module.input0.detach())
+            if chain.kronecker:
+                sums.sums.update(chain.kronecker_sums(bp.first, module))
+            return sums
+        return self.generic_sums(chain, module, bp, name)
+
+    def pull_back(self, source, module):  # noqa: D102
+        if is_rank_one(module):
+            jac_t = lambda m: self.jac_t(module, m)  # noqa: E731
+            return source.through_linear(module.weight, jac_t, module.output.shape)
+        return super().pull_back(source, module)
+
+    def generic_sums(self, chain, module, bp, name) -> BatchSums:
+        """Batch sums from per-input Jacobian products, a chunk of inputs at a time.
+
+        Per-input tensors of the parameter's size exist for ``ELEMENTS`` entries at most,
+        so memory does not grow with the batch.
+        """
+        directions, n = bp.first.shape[0], bp.first.shape[1]
+        step = max(1, ELEMENTS // (directions * getattr(module, name).numel()))
+        total = None
+        for start in range(0, n, step):
+            samples = slice(start, min(n, start + step))
+            U = self.per_input_products(name, module, bp.first[:, samples], samples, step >= n)
+            W = torch.zeros_like(U) if bp.sources else None
+            for source in bp.sources:
+                jac = source.dense(module.output.shape, samples)
+                coefficients = source.coefficients[:, samples]
+                for first in range(0, jac.shape[0], CHUNK):
+                    rows = slice(first, first + CHUNK)
+                    J = self.per_input_products(name, module, jac[rows], samples, step >= n)
+                    W += torch.einsum("kns,sn...->kn...", coefficients[:, :, rows], J * J)
+            sums = batch_sums(chain.output_terms(U, W, samples))
+            total = sums if total is None else total.add(sums)
+        return total
+
+    def per_input_products(self, name, module, mat, samples: slice, whole: bool) -> Tensor:
+        """``[V, n, *param.shape]`` per-input transposed Jacobian products of ``mat``."""
+        if name == "weight" and jacobians.unfoldable(module):
+            return jacobians.conv_weight(mat, module.input0[samples].detach(), module)
+        indices = None if whole else list(range(module.input0.shape[0])[samples])
+        return self.derivatives.param_mjp(
+            name, module, None, None, mat, sum_batch=False, subsampling=indices
+        )
+
+
+def is_rank_one(module: nn.Module) -> bool:
+    """Linear layer on ``[N, in]`` inputs: per-input weight Jacobians are outer products."""
+    return isinstance(module, nn.Linear) and module.input0.dim() == 2
+
+
+def _output_second_derivatives(bp: Backpropagated) -> Optional[Tensor]:
+    """``[K, N, out]`` second derivatives with respect to a Linear layer's output."""
+    if not bp.sources:
+        return None
+    return sum(source.squared_contraction() for source in bp.sources)

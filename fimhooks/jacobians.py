@@ -1,0 +1,44 @@
+"""Per-input transposed Jacobian products of layer weights, as pure tensor functions.
+
+Each maps vectors at a layer's output, ``[D, n, *out]`` for ``n`` inputs, to per-input
+parameter gradients ``[D, n, *param.shape]``: ``Σ`` over the layer's positions of the
+output vector times the input.
+"""
+
+from __future__ import annotations
+
+from backpack.utils.conv import unfold_by_conv
+from torch import Tensor, einsum, nn
+
+
+def linear_weight(vectors: Tensor, x: Tensor) -> Tensor:
+    """``x [n, *L, in]``, ``vectors [D, n, *L, out]`` to ``[D, n, out, in]``."""
+    g = vectors.reshape(*vectors.shape[:2], -1, vectors.shape[-1])
+    return einsum("dnlo,nli->dnoi", g, x.reshape(x.shape[0], -1, x.shape[-1]))
+
+
+def embedding_weight(vectors: Tensor, index: Tensor, num_embeddings: int) -> Tensor:
+    """``index [n, *L]``, ``vectors [D, n, *L, dim]`` to ``[D, n, num_embeddings, dim]``."""
+    one_hot = nn.functional.one_hot(index.reshape(index.shape[0], -1), num_embeddings)
+    g = vectors.reshape(*vectors.shape[:2], -1, vectors.shape[-1])
+    return einsum("dnle,nlv->dnve", g, one_hot.to(g.dtype))
+
+
+def conv_weight(vectors: Tensor, x: Tensor, module: nn.Module) -> Tensor:
+    """A convolution with ``groups=1`` and zero padding, from its unfolded input.
+
+    Faster than BackPACK's grouped-convolution route for many vectors.
+    """
+    patches = unfold_by_conv(x, module)  # [n, in·k, positions]
+    products = einsum("dnop,nip->dnoi", vectors.flatten(3), patches)
+    return products.reshape(*vectors.shape[:2], *module.weight.shape)
+
+
+def unfoldable(module: nn.Module) -> bool:
+    """A convolution whose per-input weight products ``conv_weight`` computes."""
+    return (
+        isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
