@@ -62,16 +62,16 @@ def per_input_terms(
     return out
 
 
-def add_position(total: Dict[str, Tensor], terms: Dict[str, Tensor], weight: Tensor) -> dict:
-    """``total + weight · terms`` per input (``weight²`` for variances), aliases kept.
+def add_positions(total: Dict[str, Tensor], terms: Dict[str, Tensor], weights: Tensor) -> dict:
+    """``total + Σ_t weights[n, t] · terms[t, n]`` (``weights²`` for variances), aliases kept.
 
     An input's summand is the mean over its positions (SPEC §7c), so a position of input
-    ``n`` enters with ``weight[n] = 1/T_n`` and its label-noise variance with ``1/T_n²``.
+    ``n`` enters with ``weights[n, t] = 1/T_n`` and its label-noise variance with ``1/T_n²``.
 
     Args:
-        total: ``{term: [n, *P]}`` so far (empty at the first position).
-        terms: ``{term: [n, *P]}`` of one position, from ``per_input_terms``.
-        weight: ``[n]``.
+        total: ``{term: [n, *P]}`` so far (empty at first).
+        terms: ``{term: [t, n, *P]}`` of some positions, from ``per_input_terms``.
+        weights: ``[n, t]``.
     """
     out = {}
     for name, value in terms.items():
@@ -79,8 +79,8 @@ def add_position(total: Dict[str, Tensor], terms: Dict[str, Tensor], weight: Ten
         if twin is not None:
             out[name] = out[twin]
             continue
-        w = weight ** (2 if TERMS[name].label_variance else 1)
-        scaled = value * w.reshape(-1, *[1] * (value.dim() - 1))
+        w = weights * weights if TERMS[name].label_variance else weights
+        scaled = torch.einsum("nt,tn...->n...", w.to(value.dtype), value)
         out[name] = total[name] + scaled if name in total else scaled
     return out
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fimhooks.diagonal_terms import (
     BatchSums,
-    add_position,
+    add_positions,
     batch_sums,
     per_input_terms,
     rank_one_batch_sums,
@@ -62,11 +62,13 @@ def general_batch_sums(
     """
     calls = list({id(c): c for use in uses.values() for c, _ in use}.values())
     K, N, T = draw.directions.shape[:3]
-    watched = sum(c.output.numel() for c in calls)
-    per_chunk = max(1, min(T, CAPTURE_ELEMENTS // max(1, K * watched)))
-    chunks = [range(t, min(T, t + per_chunk)) for t in range(0, T, per_chunk)]
     largest = max(p.numel() for p in _parameters(uses).values())
-    step = max(1, ELEMENTS // (K * per_chunk * largest))
+    # Inputs per chunk first: every chunk of inputs repeats the backward of all positions.
+    step = min(N, max(1, ELEMENTS // (K * largest)))
+    watched = sum(c.output.numel() for c in calls)
+    per_chunk = min(T, CAPTURE_ELEMENTS // max(1, K * watched), ELEMENTS // (K * step * largest))
+    per_chunk = max(1, per_chunk)
+    chunks = [range(t, min(T, t + per_chunk)) for t in range(0, T, per_chunk)]
     totals: Dict[str, BatchSums] = {}
     for start in range(0, N, step):
         samples = slice(start, min(N, start + step))
@@ -90,11 +92,9 @@ def _input_chunk_sums(output, to_output, draw, uses, calls, chunks, samples, kap
             U = sum(
                 _use_grads(call, local, captured[id(call)], samples) for call, local in param_uses
             )
-            U = U.unflatten(0, (len(positions), -1))
-            for j, t in enumerate(positions):
-                step_terms = _position_terms(U[j], draw, t, samples, kappa, terms)
-                weight = draw.position_weights[samples, t]
-                per_input[name] = add_position(per_input[name], step_terms, weight)
+            step_terms = _position_terms(U, draw, positions, samples, kappa, terms)
+            weights = draw.position_weights[samples][:, positions]
+            per_input[name] = add_positions(per_input[name], step_terms, weights)
     sums = {name: batch_sums(value) for name, value in per_input.items() if value}
     sums.update(rank_one)
     return sums
@@ -128,13 +128,21 @@ def _use_grads(call: Call, local: str, grad_out: Tensor, samples: slice) -> Tens
     return per_input_rule(call.module, [local])(call, [local], grad_out, samples)[local]
 
 
-def _position_terms(U: Tensor, draw: LabelDraw, t: int, samples: slice, kappa, terms) -> dict:
-    def at(x):
-        return None if x is None else x[samples, t]
+def _position_terms(U: Tensor, draw: LabelDraw, positions, samples: slice, kappa, terms):
+    """Per-input terms at each position, ``{term: [t, n, *P]}``, from ``U [t·K, n, *P]``.
 
-    return per_input_terms(
+    Positions are folded into the inputs' axis so that ``per_input_terms`` runs once.
+    """
+    t, n = len(positions), U.shape[1]
+    U = U.unflatten(0, (t, -1)).transpose(0, 1).reshape(-1, t * n, *U.shape[2:])
+
+    def at(x):  # [N, T, ...] -> [t·n, ...], positions first
+        return None if x is None else x[samples][:, positions].transpose(0, 1).flatten(0, 1)
+
+    out = per_input_terms(
         U, None, at(draw.weights), at(draw.fourth_weights), kappa, at(draw.coefficients), terms
     )
+    return {name: value.unflatten(0, (t, n)) for name, value in out.items()}
 
 
 def _is_rank_one(param_uses: List[Use], draw: LabelDraw) -> bool:
@@ -149,9 +157,8 @@ def _rank_one_sums(param_uses, captured, draw, samples, kappa, terms) -> BatchSu
     """Linear layer: terms of the output times powers of the input (no per-input weights)."""
     call, local = param_uses[0]
     G = captured[id(call)]  # [K, n, out]
-    output_terms = add_position(
-        {}, _position_terms(G, draw, 0, samples, kappa, terms), draw.position_weights[samples, 0]
-    )
+    position_terms = _position_terms(G, draw, range(1), samples, kappa, terms)
+    output_terms = add_positions({}, position_terms, draw.position_weights[samples, :1])
     if local == "bias":
         return batch_sums(output_terms)
     return rank_one_batch_sums(output_terms, call.args[0][samples])

@@ -7,6 +7,8 @@ output vector times the input.
 
 from __future__ import annotations
 
+import math
+
 from backpack.utils.conv import unfold_by_conv
 from torch import Tensor, einsum, nn
 
@@ -29,9 +31,35 @@ def conv_weight(vectors: Tensor, x: Tensor, module: nn.Module) -> Tensor:
 
     Faster than BackPACK's grouped-convolution route for many vectors.
     """
-    patches = unfold_by_conv(x, module)  # [n, in·k, positions]
+    if isinstance(module, nn.Conv2d):  # im2col, much faster than a one-hot convolution
+        patches = nn.functional.unfold(
+            x, module.kernel_size, module.dilation, module.padding, module.stride
+        )
+    else:
+        patches = unfold_by_conv(x, module)  # [n, in·k, positions]
     products = einsum("dnop,nip->dnoi", vectors.flatten(3), patches)
     return products.reshape(*vectors.shape[:2], *module.weight.shape)
+
+
+def scale_and_shift(vectors: Tensor, normalized: Tensor, start: int, dims: int) -> tuple:
+    """Weight and bias of ``y = x̂ ⊙ w + b`` (LayerNorm, GroupNorm, RMSNorm).
+
+    Args:
+        vectors: ``[D, n, *out]``.
+        normalized: ``x̂``, ``[n, *out]``.
+        start: First axis of ``out`` that the parameters cover.
+        dims: Number of axes they cover.
+
+    Returns:
+        ``([D, n, *P], [D, n, *P])``.
+    """
+    out = normalized.shape[1:]
+    covered = out[start : start + dims]
+    sizes = (math.prod(out[:start]), math.prod(covered), math.prod(out[start + dims :]))
+    g = vectors.reshape(*vectors.shape[:2], *sizes)
+    x = normalized.reshape(normalized.shape[0], *sizes)
+    weight = einsum("dnlps,nlps->dnp", g, x).reshape(*vectors.shape[:2], *covered)
+    return weight, g.sum((2, 4)).reshape(*vectors.shape[:2], *covered)
 
 
 def unfoldable(module: nn.Module) -> bool:

@@ -101,6 +101,23 @@ def _conv_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
     return out
 
 
+def _norm_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
+    """LayerNorm, GroupNorm, RMSNorm: ``y = x̂ ⊙ weight + bias`` with ``x̂`` from the input."""
+    module, x = call.module, call.args[0][samples]
+    if isinstance(module, nn.GroupNorm):
+        normalized = nn.functional.group_norm(x, module.num_groups, eps=module.eps)
+        start, dims = 0, 1  # channels
+    else:
+        shape = module.normalized_shape
+        normalize = nn.functional.layer_norm
+        if not isinstance(module, nn.LayerNorm):
+            normalize = nn.functional.rms_norm
+        normalized = normalize(x, shape, eps=module.eps)
+        start, dims = x.dim() - 1 - len(shape), len(shape)
+    weight, bias = jacobians.scale_and_shift(grad_out, normalized, start, dims)
+    return {"weight": weight, "bias": bias}
+
+
 def generic_grads(call, names: Sequence[str], grad_out: Tensor, samples: slice) -> Grads:
     """Any module: ``torch.func`` vector-Jacobian products on one input at a time.
 
@@ -188,11 +205,11 @@ LAYERS: Dict[type, LayerSpec] = {
     nn.BatchNorm3d: _weighted(BatchNormNdDerivatives, batch_statistics=True),
     nn.Embedding: LayerSpec(grads=_embedding_grads, affine=True),
     nn.EmbeddingBag: _AFFINE,
-    nn.LayerNorm: _AFFINE,
-    nn.GroupNorm: _AFFINE,
+    nn.LayerNorm: LayerSpec(grads=_norm_grads, affine=True),
+    nn.GroupNorm: LayerSpec(grads=_norm_grads, affine=True),
 }
 if hasattr(nn, "RMSNorm"):
-    LAYERS[nn.RMSNorm] = _AFFINE
+    LAYERS[nn.RMSNorm] = LayerSpec(grads=_norm_grads, affine=True)
 _UNDECLARED = LayerSpec()
 
 

@@ -56,7 +56,11 @@ class Likelihood:
     ) -> Tensor:
         """Sampled residuals ``t(ŷ) − η``. Returns ``[M, N, C]``."""
         coefficients = self.sample_coefficients(h, mc_samples, generator)
-        return torch.einsum("nmk,knc->mnc", coefficients, self.directions(h))
+        return self.combine_directions(h, coefficients).transpose(0, 1)
+
+    def combine_directions(self, h: Tensor, coefficients: Tensor) -> Tensor:
+        """``Σ_k R_k V_k`` for coefficients ``[N, M, K]`` (identity directions). ``[N, M, C]``."""
+        return coefficients
 
 
 class Categorical(Likelihood):
@@ -76,6 +80,10 @@ class Categorical(Likelihood):
 
     def weights(self, h: Tensor) -> Tensor:  # noqa: D102
         return torch.softmax(h, dim=1)
+
+    def combine_directions(self, h: Tensor, coefficients: Tensor) -> Tensor:  # noqa: D102
+        p = torch.softmax(h, dim=1).unsqueeze(1)
+        return coefficients - coefficients.sum(2, keepdim=True) * p
 
     def fourth_weights(self, h: Tensor) -> Tensor:  # noqa: D102
         return torch.softmax(h, dim=1)

@@ -59,7 +59,7 @@ class TinyLM(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(vocab, dim)
         self.wpe = nn.Parameter(torch.randn(3, dim) * 0.3)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.RMSNorm(dim) if hasattr(nn, "RMSNorm") else nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
