@@ -17,6 +17,7 @@ BackPACK extensions; ``torch.func`` computes per-sample gradients with ``vmap``)
     fimhooks I1+I2+exact     adds Î₂ and v₂
     fimhooks not collected   a step inside `with monitor:` that is not collected
     backpack DiagGGNExact    the diagonal GGN alone (reference for I1+exact)
+    backpack DiagGGNMC       its one-sample Monte-Carlo version
     backpack DiagHessian     the diagonal Hessian alone (reference for I2 on curved nets)
     backpack BatchGrad I1    per-sample gradients of the sampled-label loss, reduced
     backpack SqrtGGNExact    per-sample sqrt GGN, reduced to exact, v₁ and data variance
@@ -47,18 +48,105 @@ ROWS = [
     "fimhooks I1+I2+exact",
     "fimhooks not collected",
     "backpack DiagGGNExact",
+    "backpack DiagGGNMC",
     "backpack DiagHessian",
     "backpack BatchGrad I1",
     "backpack SqrtGGNExact",
     "backpack BatchDiagHessian",
     "torch.func I1",
 ]
-MODELS = ["mlp_relu", "mlp_tanh", "cnn", "mse_mlp"]
+MODELS = ["mlp_relu", "mlp_tanh", "cnn", "mse_mlp", "resnet_gn", "resnet_bn", "transformer_lm"]
+#: Models that are not chains of layers: BackPACK needs its graph converter for them.
+BRANCHING = ("resnet_gn", "resnet_bn", "transformer_lm")
+
+
+class ResidualBlock(nn.Module):
+    """Two 3×3 convolutions of 16 channels with normalisation and a skip connection."""
+
+    def __init__(self, norm, relu):
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(16, 16, 3, padding=1), norm(16)
+        self.conv2, self.norm2 = nn.Conv2d(16, 16, 3, padding=1), norm(16)
+        self.relu1, self.relu2 = relu(), relu()
+
+    def forward(self, x):
+        y = self.norm2(self.conv2(self.relu1(self.norm1(self.conv1(x)))))
+        return self.relu2(x + y)
+
+
+class ResNet(nn.Module):
+    """ResNet-style CNN: stem, two residual blocks, global average pooling, 10 classes."""
+
+    def __init__(self, norm, relu):
+        super().__init__()
+        self.stem, self.relu = nn.Conv2d(3, 16, 3, padding=1), relu()
+        self.blocks = nn.Sequential(ResidualBlock(norm, relu), ResidualBlock(norm, relu))
+        self.pool, self.flatten = nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.flatten(self.pool(self.blocks(self.relu(self.stem(x))))))
+
+
+class _FunctionalReLU(nn.Module):
+    def forward(self, x):
+        return nn.functional.relu(x)
+
+
+class PreNormBlock(nn.Module):
+    """Pre-norm transformer block with causal attention computed functionally."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        qkv = self.qkv(self.norm1(x)).view(n, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(n, t, d))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class LanguageModel(nn.Module):
+    """2-layer pre-norm transformer language model: d 128, 4 heads, T 64, V 512."""
+
+    def __init__(self, vocab=512, d=128, length=64, heads=4, layers=2):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(length, d)
+        self.blocks = nn.Sequential(*[PreNormBlock(d, heads) for _ in range(layers)])
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.wte(tokens) + self.wpe(positions)[None]
+        return self.head(self.norm(self.blocks(x)))
+
+
+class SequenceCrossEntropy(nn.CrossEntropyLoss):
+    """Cross-entropy over every position of ``[N, T, V]`` logits."""
+
+    def forward(self, logits, target):  # noqa: D102
+        return super().forward(logits.flatten(0, 1), target.flatten())
 
 
 def make_problem(name: str, batch: int, device: str):
     """Model, loss, inputs and labels of a benchmark problem."""
     torch.manual_seed(0)
+    if name == "transformer_lm":
+        model, x = LanguageModel(), torch.randint(0, 512, (batch, 64))
+        return model.to(device), SequenceCrossEntropy(), x.to(device), x.to(device)
+    if name.startswith("resnet"):
+        if name == "resnet_gn":
+            model = ResNet(lambda c: nn.GroupNorm(4, c), _FunctionalReLU)
+        else:
+            model = ResNet(nn.BatchNorm2d, nn.ReLU).eval()
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        return model.to(device), nn.CrossEntropyLoss(), x.to(device), y.to(device)
     if name in ("mlp_relu", "mlp_tanh", "mse_mlp"):
         act = nn.Tanh if name == "mlp_tanh" else nn.ReLU
         out = 1 if name == "mse_mlp" else 10
@@ -89,17 +177,19 @@ def sampled_labels(loss_fn, output):
     """Labels drawn from the model, as fimhooks does."""
     with torch.no_grad():
         if isinstance(loss_fn, nn.CrossEntropyLoss):
-            return torch.multinomial(torch.softmax(output, 1), 1).squeeze(1)
+            probs = torch.softmax(output, -1).reshape(-1, output.shape[-1])
+            return torch.multinomial(probs, 1).reshape(output.shape[:-1])
         return output + torch.randn_like(output)
 
 
-def make_step(row: str, model, loss_fn, x, y):
+def make_step(row: str, model, loss_fn, x, y, model_name: str = ""):
     """A closure running one training step with the row's extra work."""
     from backpack import backpack, extend
     from backpack.extensions import (
         BatchDiagHessian,
         BatchGrad,
         DiagGGNExact,
+        DiagGGNMC,
         DiagHessian,
         SqrtGGNExact,
     )
@@ -130,7 +220,8 @@ def make_step(row: str, model, loss_fn, x, y):
             "fimhooks I1+exact": ("I1", "exact"),
         }.get(row, ("I1", "I2", "exact"))
         every = 10**9 if row == "fimhooks not collected" else 1
-        monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=estimators, every=every)
+        likelihood = "categorical" if isinstance(loss_fn, nn.CrossEntropyLoss) else "gaussian"
+        monitor = fimhooks.FisherMonitor(model, likelihood, estimators=estimators, every=every)
         plain_step(monitor)  # the first step is collected; later ones are not
         return lambda: plain_step(monitor)
     if row == "torch.func I1":
@@ -153,12 +244,14 @@ def make_step(row: str, model, loss_fn, x, y):
 
         return step
 
-    extend(model)
+    model = extend(model, use_converter=model_name in BRANCHING)
     extend(loss_fn)
     sum_loss = type(loss_fn)(reduction="sum")
     extend(sum_loss)
     if row == "backpack DiagGGNExact":
         return lambda: plain_step(backpack(DiagGGNExact()))
+    if row == "backpack DiagGGNMC":
+        return lambda: plain_step(backpack(DiagGGNMC()))
     if row == "backpack DiagHessian":
         return lambda: plain_step(backpack(DiagHessian()))
     if row == "backpack SqrtGGNExact":
@@ -208,7 +301,7 @@ def run_worker(model_name: str, row: str, batch: int, device: str, repeats: int)
     """
     model, loss_fn, x, y = make_problem(model_name, batch, device)
     plain = make_step("plain", copy.deepcopy(model), copy.deepcopy(loss_fn), x, y)
-    step = make_step(row, model, loss_fn, x, y)
+    step = make_step(row, model, loss_fn, x, y, model_name)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def timed(run) -> float:

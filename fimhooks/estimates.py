@@ -32,6 +32,8 @@ class FisherEstimates:
         num_outputs: Outputs ``C`` of the network (the exact pass backpropagates ``C``
             vectors per input).
         skipped: Collected batches skipped for non-finite statistics.
+        generic_layers: Paths of the layers whose per-input gradients came from the
+            generic ``torch.func`` rule.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class FisherEstimates:
         exact_pass: bool,
         num_outputs: int = 1,
         skipped: int = 0,
+        generic_layers: tuple = (),
     ):
         self._acc = accumulators
         self._layer_of = layer_of
@@ -52,6 +55,7 @@ class FisherEstimates:
         self.exact_pass = exact_pass
         self.num_outputs = num_outputs
         self.skipped = skipped
+        self.generic_layers = tuple(generic_layers)
 
     @property
     def num_inputs(self) -> int:
@@ -77,6 +81,7 @@ class FisherEstimates:
             exact_pass=self.exact_pass,
             num_outputs=self.num_outputs,
             skipped=self.skipped + other.skipped,
+            generic_layers=tuple(dict.fromkeys(self.generic_layers + other.generic_layers)),
         )
 
     def has(self, name: str) -> bool:
@@ -248,6 +253,12 @@ class FisherEstimates:
             "M: label draws per input worth taking; best: fewest backpropagated vectors to "
             f"reach {target:.0%}."
         )
+        if self.generic_layers:
+            legend += (
+                "\nLayers on the generic per-input rule (exact, slower): "
+                + ", ".join(self.generic_layers)
+                + "."
+            )
         return title + "\n" + _format_table(header, rows) + "\n" + legend
 
     def _layers(self) -> Dict[str, List[str]]:

@@ -108,3 +108,31 @@ def _op_name(node) -> str:
     if name.endswith("Backward") or name[-1].isdigit():
         name = name.rstrip("0123456789")
     return name[: -len("Backward")] if name.endswith("Backward") else name
+
+
+def broadcast_sums(output_node, nodes: Iterable, num_inputs: int) -> Dict[object, object]:
+    """For each of ``nodes``, the addition that broadcasts its value over the batch.
+
+    A value shared by all inputs (position embeddings computed once, ``[1, T, d]``) that is
+    added to a per-input tensor has, per input, the gradient of the sum. Returns
+    ``{node: the sum's node}`` where the node has exactly one consumer, an addition with
+    ``num_inputs`` rows.
+    """
+    wanted, consumers, seen, stack = set(nodes), {}, set(), [output_node]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child in wanted:
+                consumers.setdefault(child, []).append(node)
+            stack.append(child)
+    found = {}
+    for node, users in consumers.items():
+        user = users[0]
+        if len(users) == 1 and _op_name(user) == "Add" and getattr(user, "_saved_alpha", 1) == 1:
+            shape = user._input_metadata[0].shape
+            if len(shape) and shape[0] == num_inputs:
+                found[node] = user
+    return found

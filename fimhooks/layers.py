@@ -76,6 +76,14 @@ def _linear_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
     return out
 
 
+def _transposed_linear_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
+    """Hugging Face's ``Conv1D``: ``y = x @ weight + bias`` with ``weight [in, out]``."""
+    grads = _linear_grads(call, names, grad_out, samples)
+    if "weight" in grads:
+        grads["weight"] = grads["weight"].transpose(-1, -2)
+    return grads
+
+
 def _embedding_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
     module = call.module
     if module.scale_grad_by_freq:
@@ -102,11 +110,18 @@ def _conv_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
 
 
 def _norm_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
-    """LayerNorm, GroupNorm, RMSNorm: ``y = x̂ ⊙ weight + bias`` with ``x̂`` from the input."""
+    """Normalisation layers: ``y = x̂ ⊙ weight + bias`` with ``x̂`` from the input.
+
+    BatchNorm in eval mode normalises with its running statistics.
+    """
     module, x = call.module, call.args[0][samples]
     if isinstance(module, nn.GroupNorm):
         normalized = nn.functional.group_norm(x, module.num_groups, eps=module.eps)
         start, dims = 0, 1  # channels
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        mean, var = module.running_mean, module.running_var
+        normalized = nn.functional.batch_norm(x, mean, var, training=False, eps=module.eps)
+        start, dims = 0, 1
     else:
         shape = module.normalized_shape
         normalize = nn.functional.layer_norm
@@ -200,9 +215,9 @@ LAYERS: Dict[type, LayerSpec] = {
     nn.ConvTranspose1d: _weighted(ConvTranspose1DDerivatives),
     nn.ConvTranspose2d: _weighted(ConvTranspose2DDerivatives),
     nn.ConvTranspose3d: _weighted(ConvTranspose3DDerivatives),
-    nn.BatchNorm1d: _weighted(BatchNormNdDerivatives, batch_statistics=True),
-    nn.BatchNorm2d: _weighted(BatchNormNdDerivatives, batch_statistics=True),
-    nn.BatchNorm3d: _weighted(BatchNormNdDerivatives, batch_statistics=True),
+    nn.BatchNorm1d: _weighted(BatchNormNdDerivatives, _norm_grads, batch_statistics=True),
+    nn.BatchNorm2d: _weighted(BatchNormNdDerivatives, _norm_grads, batch_statistics=True),
+    nn.BatchNorm3d: _weighted(BatchNormNdDerivatives, _norm_grads, batch_statistics=True),
     nn.Embedding: LayerSpec(grads=_embedding_grads, affine=True),
     nn.EmbeddingBag: _AFFINE,
     nn.LayerNorm: LayerSpec(grads=_norm_grads, affine=True),
@@ -210,12 +225,19 @@ LAYERS: Dict[type, LayerSpec] = {
 }
 if hasattr(nn, "RMSNorm"):
     LAYERS[nn.RMSNorm] = LayerSpec(grads=_norm_grads, affine=True)
+#: Layers of other libraries, by class name (so that fimhooks need not import them).
+LAYERS_BY_NAME: Dict[str, LayerSpec] = {
+    "Conv1D": LayerSpec(grads=_transposed_linear_grads, affine=True),  # transformers' GPT-2
+}
 _UNDECLARED = LayerSpec()
 
 
 def spec_for(module: nn.Module) -> LayerSpec:
     """The declaration of a module's type (or of its nearest declared base class)."""
-    return next((LAYERS[c] for c in type(module).__mro__ if c in LAYERS), _UNDECLARED)
+    declared = next((LAYERS[c] for c in type(module).__mro__ if c in LAYERS), None)
+    if declared is None and type(module).__module__.startswith("transformers."):
+        declared = LAYERS_BY_NAME.get(type(module).__name__)
+    return declared or _UNDECLARED
 
 
 def per_input_rule(module: nn.Module, names: Sequence[str]) -> Callable:

@@ -8,12 +8,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from fimhooks.chain import chain_batch_sums
 from fimhooks.diagonal_terms import BatchSums
 from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
 from fimhooks.general import general_batch_sums
-from fimhooks.graph import curved_layer
+from fimhooks.graph import broadcast_sums, curved_layer
 from fimhooks.jsonlog import FisherLog
 from fimhooks.layers import affine_in, generic_grads, per_input_rule, random_inside, spec_for
 from fimhooks.likelihoods import likelihood_from
@@ -129,6 +130,7 @@ class FisherMonitor:
         self._records: List[ForwardRecord] = []
         self._recording: Optional[ForwardRecord] = None
         self._mask = self._next_mask = None
+        self._generic_layers: Dict[str, None] = {}  # an ordered set
         self._warned = set()
         self._set_hooks(True)
 
@@ -285,6 +287,7 @@ class FisherMonitor:
         for call in {id(c): c for u in uses.values() for c, _ in u}.values():
             names = [local for u in uses.values() for c, local in u if c is call]
             if per_input_rule(call.module, names) is generic_grads:
+                self._generic_layers[call.path] = None
                 reason = random_inside(call.module)
                 if reason:
                     raise RuntimeError(
@@ -306,9 +309,8 @@ class FisherMonitor:
     def _uses(self, record: ForwardRecord) -> dict:
         """``{parameter name: [(call, name inside the called module), ...]}``."""
         calls_at: Dict[str, list] = {}
-        for call in record.calls:  # calls shared by all inputs (broadcast) cannot be split
-            if call.per_input(len(record.output)):
-                calls_at.setdefault(call.path, []).append(call)
+        for call in _per_input_calls(record):
+            calls_at.setdefault(call.path, []).append(call)
         uses = {}
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
@@ -391,6 +393,7 @@ class FisherMonitor:
             exact_pass=self._exact_pass,
             num_outputs=self._num_outputs,
             skipped=self.skipped,
+            generic_layers=tuple(self._generic_layers),
         )
 
     def progress(self, iterable, **tqdm_options):
@@ -484,6 +487,26 @@ def _check_estimators(estimators: Iterable[str]) -> tuple:
     return estimators
 
 
+def _per_input_calls(record: ForwardRecord) -> list:
+    """The calls whose gradient can be taken per input.
+
+    A call whose output has a batch axis; or one shared by all inputs whose value is added
+    to a per-input tensor (position embeddings), seen through that sum. Other shared calls
+    are left out: their parameters are then handled at a per-input call around them.
+    """
+    n = len(record.output)
+    shared = [c for c in record.calls if not c.per_input(n) and c.edge is not None]
+    sums = broadcast_sums(record.output.grad_fn, [c.edge.node for c in shared], n)
+    calls = []
+    for call in record.calls:
+        if call.per_input(n):
+            calls.append(call)
+        elif call.edge is not None and call.edge.node in sums:
+            node = sums[call.edge.node]
+            calls.append(call.broadcast(n, GradientEdge(node, 0), node._input_metadata[0].shape))
+    return calls
+
+
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
@@ -525,11 +548,19 @@ def _check_not_extended(model: nn.Module) -> None:
 
 def _check_batchnorm(model: nn.Module) -> None:
     for path, module in model.named_modules():
-        if spec_for(module).batch_statistics and module.training:
+        if not spec_for(module).batch_statistics:
+            continue
+        if module.training:
             raise ValueError(
                 f"BatchNorm layer '{path}' is in training mode: per-sample quantities are "
                 "undefined there because each output depends on the whole batch. Put it "
                 "in eval mode (module.eval()) while monitoring."
+            )
+        if module.running_mean is None:
+            raise ValueError(
+                f"BatchNorm layer '{path}' has track_running_stats=False, so it normalises "
+                "with the batch's statistics even in eval mode: per-sample quantities are "
+                "undefined there."
             )
 
 

@@ -7,7 +7,7 @@ output consumes it or the next forward pass replaces it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
 
 import torch
@@ -60,6 +60,25 @@ class Call:
         """Whether the output has the batch axis of ``num_inputs`` inputs."""
         axis = batch_axis(self.module)
         return self.output.dim() > axis and self.output.shape[axis] == num_inputs
+
+    def broadcast(self, num_inputs: int, edge: GradientEdge, shape) -> "Call":
+        """This call seen per input: its value was added to a tensor with a batch axis.
+
+        Arguments with one row are repeated (a view); the output takes the sum's shape and
+        ``edge`` is where the sum's gradient enters.
+        """
+
+        def rows(a):
+            if isinstance(a, Tensor) and a.dim() and a.shape[0] == 1:
+                return a.expand(num_inputs, *a.shape[1:])
+            return a
+
+        return replace(
+            self,
+            inputs=tuple(rows(a) for a in self.inputs),
+            output=self.output.expand(shape),
+            edge=edge,
+        )
 
     def modified_in_place(self) -> bool:
         """Whether a tensor input or the output was changed in place after the call."""

@@ -167,3 +167,50 @@ def test_errors_for_outputs_and_options():
     with pytest.raises(ValueError, match=r"mask has shape \(4, 2\).*\(4, 3\) or \(4,\)"):
         with monitor(mask=torch.ones(4, 2, dtype=torch.bool)):
             h.sum().backward()
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize("estimators", [("I1",), ("I1", "exact")], ids=["alone", "with exact"])
+@pytest.mark.parametrize("name", ["encoder_classifier", "tiny_lm"])
+def test_i1_is_unbiased_on_a_transformer(name, estimators):
+    """The running Î₁ over many label draws within a z-bound of exact (SPEC §3, §9)."""
+    model, x = graphs.make(name, 3), graphs.inputs(name)
+    steps = 200
+    monitor = fimhooks.FisherMonitor(
+        model, "categorical", estimators=estimators, mc_samples=2, seed=0
+    )
+    for _ in range(steps):
+        h = model(x)
+        with monitor:
+            h.sum().backward()
+        model.zero_grad()
+    ref = estimator_reference(model, "categorical", x, 2, second_order=False)
+    fisher = monitor.estimates().fisher("I1")
+    for key, exact in ref["exact"].items():
+        spread = (ref["v1"][key] / steps).sqrt()
+        error = fisher[key] - exact
+        zero = spread <= 1e-12 * exact.abs().max()
+        assert (error[zero].abs() <= 1e-8 * exact.abs().max()).all()
+        z = error[~zero] / spread[~zero]
+        assert (z.abs() < 5.0).all(), f"{key}: z={z}"
+
+
+def test_summary_names_the_layers_on_the_generic_rule():
+    model, x = graphs.make("encoder_classifier", 3), graphs.inputs("encoder_classifier")
+    est = collect(model, "categorical", x, CASES[3][2], estimators=("I1", "exact"))
+    assert est.generic_layers == ("encoder.self_attn",)
+    assert "generic per-input rule (exact, slower): encoder.self_attn." in est.summary()
+    relu = collect(graphs.make("relu_residual", 3), "bernoulli", x[:, 0, :].repeat(1, 2)[:, :3],
+                   CASES[1][2])  # fmt: skip
+    assert relu.generic_layers == () and "generic" not in relu.summary()
+
+
+def test_an_output_the_likelihood_cannot_read():
+    model = nn.Sequential(nn.Linear(3, 1), nn.Flatten(0))
+    monitor = fimhooks.FisherMonitor(model, "categorical")
+    h = model(torch.randn(4, 3))
+    with pytest.raises(
+        ValueError, match=r"categorical outputs need a class axis: got shape \(4,\)"
+    ):
+        with monitor:
+            h.sum().backward()
