@@ -69,7 +69,7 @@ class ResidualBlock(nn.Module):
         self.conv2, self.norm2 = nn.Conv2d(16, 16, 3, padding=1), norm(16)
         self.relu1, self.relu2 = relu(), relu()
 
-    def forward(self, x):
+    def forward(self, x):  # noqa: D102
         y = self.norm2(self.conv2(self.relu1(self.norm1(self.conv1(x)))))
         return self.relu2(x + y)
 
@@ -84,12 +84,12 @@ class ResNet(nn.Module):
         self.pool, self.flatten = nn.AdaptiveAvgPool2d(1), nn.Flatten()
         self.head = nn.Linear(16, 10)
 
-    def forward(self, x):
+    def forward(self, x):  # noqa: D102
         return self.head(self.flatten(self.pool(self.blocks(self.relu(self.stem(x))))))
 
 
 class _FunctionalReLU(nn.Module):
-    def forward(self, x):
+    def forward(self, x):  # noqa: D102
         return nn.functional.relu(x)
 
 
@@ -103,7 +103,7 @@ class PreNormBlock(nn.Module):
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
 
-    def forward(self, x):
+    def forward(self, x):  # noqa: D102
         n, t, d = x.shape
         qkv = self.qkv(self.norm1(x)).view(n, t, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
@@ -121,7 +121,7 @@ class LanguageModel(nn.Module):
         self.blocks = nn.Sequential(*[PreNormBlock(d, heads) for _ in range(layers)])
         self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
 
-    def forward(self, tokens):
+    def forward(self, tokens):  # noqa: D102
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.wte(tokens) + self.wpe(positions)[None]
         return self.head(self.norm(self.blocks(x)))
