@@ -110,13 +110,18 @@ def _op_name(node) -> str:
     return name[: -len("Backward")] if name.endswith("Backward") else name
 
 
-def broadcast_sums(output_node, nodes: Iterable, num_inputs: int) -> Dict[object, object]:
+#: Operations that only reshape a value (on the way from a shared value to its sum).
+_RESHAPES = {"Unsqueeze", "View", "UnsafeView", "Reshape", "ReshapeAlias", "Expand"}
+
+
+def broadcast_sums(output_node, nodes: Iterable, num_inputs: int) -> Dict[object, tuple]:
     """For each of ``nodes``, the addition that broadcasts its value over the batch.
 
-    A value shared by all inputs (position embeddings computed once, ``[1, T, d]``) that is
-    added to a per-input tensor has, per input, the gradient of the sum. Returns
-    ``{node: the sum's node}`` where the node has exactly one consumer, an addition with
-    ``num_inputs`` rows.
+    A value shared by all inputs (position embeddings computed once, ``[T, d]`` or
+    ``[1, T, d]``) that is added to a per-input tensor has, per input, the gradient of the
+    sum. Returns ``{node: (the sum's node, the sum's shape)}`` where the node's value
+    reaches one addition through reshapes only, the sum has ``num_inputs`` rows, and one
+    row holds as many entries as the value.
     """
     wanted, consumers, seen, stack = set(nodes), {}, set(), [output_node]
     while stack:
@@ -125,14 +130,19 @@ def broadcast_sums(output_node, nodes: Iterable, num_inputs: int) -> Dict[object
             continue
         seen.add(node)
         for child, _ in node.next_functions:
-            if child in wanted:
+            if child is not None:
                 consumers.setdefault(child, []).append(node)
             stack.append(child)
     found = {}
-    for node, users in consumers.items():
-        user = users[0]
-        if len(users) == 1 and _op_name(user) == "Add" and getattr(user, "_saved_alpha", 1) == 1:
-            shape = user._input_metadata[0].shape
-            if len(shape) and shape[0] == num_inputs:
-                found[node] = user
+    for node in wanted:
+        user = node
+        while len(consumers.get(user, ())) == 1:
+            user = consumers[user][0]
+            if _op_name(user) not in _RESHAPES:
+                break
+        if user is node or _op_name(user) != "Add" or getattr(user, "_saved_alpha", 1) != 1:
+            continue
+        shape = tuple(user._input_metadata[0].shape)
+        if len(shape) and shape[0] == num_inputs:
+            found[node] = (user, shape)
     return found

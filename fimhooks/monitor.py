@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
@@ -109,7 +110,8 @@ class FisherMonitor:
         self._leaves = {path: m for path, m in model.named_modules() if not list(m.children())}
         self._chain_leaves = _chain_leaves(model, self._leaves, self._declared)
         self._watched = [m for m in model.modules() if _has_params(m)]
-        self._watched += [m for m in self._leaves.values() if not _has_params(m)]
+        if self._chain_leaves is not None:  # the chain check needs every layer's call
+            self._watched += [m for m in self._leaves.values() if not _has_params(m)]
         self._terms = terms_for(self.estimators)
         self._exact_pass = exact_pass(self._terms)
         self._kronecker = False
@@ -240,13 +242,26 @@ class FisherMonitor:
         if not h.requires_grad:
             return
         record.output = h
+        if not self._inside:  # outside a block only the latest forward pass is kept
+            self._records = []
         self._records.append(record)
         monitor, weak_record = weakref.ref(self), weakref.ref(record)
         h.register_hook(lambda grad: monitor() and monitor()._on_output_grad(weak_record()))
 
     def _on_output_grad(self, record: Optional[ForwardRecord]) -> None:
         """The backward pass reached the model output: collect before it goes further."""
-        if record is None or self._busy or record.consumed or not self._collecting:
+        if self._busy or not self._collecting:
+            return
+        if record is None:
+            self._warn_once(
+                "dropped",
+                "a backward pass inside `with monitor:` went through a forward pass that "
+                "the monitor no longer holds, and was not collected: outside the block only "
+                "the latest forward pass is kept, so run each forward pass right before its "
+                "backward pass (or both inside the block).",
+            )
+            return
+        if record.consumed:
             return
         self._busy, record.consumed = True, True
         try:
@@ -490,20 +505,21 @@ def _check_estimators(estimators: Iterable[str]) -> tuple:
 def _per_input_calls(record: ForwardRecord) -> list:
     """The calls whose gradient can be taken per input.
 
-    A call whose output has a batch axis; or one shared by all inputs whose value is added
-    to a per-input tensor (position embeddings), seen through that sum. Other shared calls
-    are left out: their parameters are then handled at a per-input call around them.
+    A value computed once for all inputs (position embeddings) and added to a per-input
+    tensor is seen through that sum; otherwise a call whose output has a batch axis.
+    Other calls are left out: their parameters are then handled at a per-input call
+    around them.
     """
     n = len(record.output)
-    shared = [c for c in record.calls if not c.per_input(n) and c.edge is not None]
-    sums = broadcast_sums(record.output.grad_fn, [c.edge.node for c in shared], n)
+    nodes = [c.edge.node for c in record.calls if c.edge is not None]
+    sums = broadcast_sums(record.output.grad_fn, nodes, n)
     calls = []
     for call in record.calls:
-        if call.per_input(n):
+        shared = call.edge is not None and sums.get(call.edge.node)
+        if shared and math.prod(shared[1][1:]) == call.output.numel():
+            calls.append(call.broadcast(n, GradientEdge(shared[0], 0), shared[1]))
+        elif call.per_input(n):
             calls.append(call)
-        elif call.edge is not None and call.edge.node in sums:
-            node = sums[call.edge.node]
-            calls.append(call.broadcast(n, GradientEdge(node, 0), node._input_metadata[0].shape))
     return calls
 
 

@@ -64,21 +64,21 @@ class Call:
     def broadcast(self, num_inputs: int, edge: GradientEdge, shape) -> "Call":
         """This call seen per input: its value was added to a tensor with a batch axis.
 
-        Arguments with one row are repeated (a view); the output takes the sum's shape and
-        ``edge`` is where the sum's gradient enters.
+        The output takes the sum's shape, ``edge`` is where the sum's gradient enters, and
+        the arguments are repeated for every input (views): along their axis of size one
+        where the output has one, else along a new leading axis.
         """
+        has_row = self.output.dim() == len(shape)
 
         def rows(a):
-            if isinstance(a, Tensor) and a.dim() and a.shape[0] == 1:
-                return a.expand(num_inputs, *a.shape[1:])
-            return a
+            if not isinstance(a, Tensor) or not a.dim():
+                return a
+            a = a if has_row else a.unsqueeze(0)
+            return a.expand(num_inputs, *a.shape[1:]) if a.shape[0] == 1 else a
 
-        return replace(
-            self,
-            inputs=tuple(rows(a) for a in self.inputs),
-            output=self.output.expand(shape),
-            edge=edge,
-        )
+        output = self.output if has_row else self.output.unsqueeze(0)
+        inputs = tuple(rows(a) for a in self.inputs)
+        return replace(self, inputs=inputs, output=output.expand(shape), edge=edge)
 
     def modified_in_place(self) -> bool:
         """Whether a tensor input or the output was changed in place after the call."""

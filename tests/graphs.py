@@ -71,6 +71,22 @@ class TinyLM(nn.Module):
         return self.lm_head(x)
 
 
+class PositionEmbeddingLM(TinyLM):
+    """Positions from an ``nn.Embedding`` called once on ``arange(T)`` (no batch axis)."""
+
+    def __init__(self):
+        super().__init__()
+        del self.wpe
+        self.positions = nn.Embedding(3, 4)
+
+    def forward(self, tokens):
+        where = torch.arange(tokens.shape[1])
+        x = self.wte(tokens) + self.positions(where)[None]
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        x = x + F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.lm_head(x)
+
+
 class ConvGroupNorm(nn.Module):
     def __init__(self, out: int):
         super().__init__()
@@ -101,6 +117,7 @@ def make(name: str, out: int) -> nn.Module:
         "layernorm_gelu": lambda: NormGELU(out),
         "encoder_classifier": lambda: EncoderClassifier(out),
         "tiny_lm": lambda: TinyLM(),
+        "position_lm": lambda: PositionEmbeddingLM(),
         "conv_groupnorm": lambda: ConvGroupNorm(out),
         "tied": lambda: Tied(out),
     }
@@ -109,7 +126,7 @@ def make(name: str, out: int) -> nn.Module:
 
 def inputs(name: str, n: int = 4) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
-    if name == "tiny_lm":
+    if name in ("tiny_lm", "position_lm"):
         return torch.randint(0, 5, (n, 3), generator=generator)
     shape = {"encoder_classifier": (n, 3, 2), "conv_groupnorm": (n, 2, 3, 3)}.get(name, (n, 3))
     return torch.randn(shape, generator=generator, dtype=torch.float64)

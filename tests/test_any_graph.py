@@ -67,13 +67,22 @@ def test_closed_forms_match_brute_force(name, likelihood, loss):
     assert_close(est.fisher("exact"), ref["exact"], "exact")
     assert_close(est.variance("I1"), ref["v1"], "v1")
     assert_close(est.data_variance(), ref["data"], "data variance")
-    monitor = fimhooks.FisherMonitor(model, likelihood, sigma=None if sigma == 1.0 else sigma)
-    monitor_grads = (
-        gradients(model, x, loss, likelihood, monitor) if name == "relu_residual" else None
+    monitor = fimhooks.FisherMonitor(
+        model, likelihood, sigma=None if sigma == 1.0 else sigma, estimators=("I1", "exact")
     )
-    if monitor_grads is not None:
-        for key, grad in plain.items():
-            torch.testing.assert_close(monitor_grads[key], grad, rtol=1e-12, atol=0)
+    monitored = gradients(model, x, loss, likelihood, monitor)
+    for key, grad in plain.items():  # p.grad is what it is without the monitor
+        torch.testing.assert_close(monitored[key], grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n", [3, 4], ids=["batch equals length", "batch 4"])
+def test_position_embeddings_computed_once_for_the_batch(n):
+    model, x = graphs.make("position_lm", 5), graphs.inputs("position_lm", n=n)
+    est = collect(model, "categorical", x, CASES[4][2], estimators=("I1", "exact"))
+    ref = estimator_reference(model, "categorical", x, 2, second_order=False)
+    assert_close(est.fisher("exact"), ref["exact"], "exact")
+    assert_close(est.variance("I1"), ref["v1"], "v1")
+    assert est.generic_layers == ()
 
 
 def test_per_token_outputs_with_a_mask():
@@ -214,3 +223,23 @@ def test_an_output_the_likelihood_cannot_read():
     ):
         with monitor:
             h.sum().backward()
+
+
+def test_forward_passes_without_backward_are_not_kept():
+    model, x = graphs.make("residual_mlp", 3), graphs.inputs("residual_mlp")
+    monitor = fimhooks.FisherMonitor(model, "categorical", estimators=("I1", "exact"))
+    first = model(x)
+    for _ in range(3):  # a validation loop with gradients enabled
+        model(x)
+    assert len(monitor._records) == 1
+    with pytest.warns(RuntimeWarning, match="no longer holds"):
+        with monitor:
+            first.sum().backward()
+    second = model(x)
+    with monitor:
+        second.sum().backward()
+    assert monitor.estimates().num_inputs == len(x) and not monitor._records
+    with monitor:  # gradient accumulation: two forward and backward passes in one block
+        model(x[:2]).sum().backward()
+        model(x[2:]).sum().backward()
+    assert monitor.estimates().num_inputs == 2 * len(x)
