@@ -41,24 +41,65 @@ def per_input_terms(
     Returns:
         ``{term: [N, *P]}`` for each wanted term among ``exact, v1, v2, I1, I2``.
     """
+    partial = direction_sums(U, W, weights, fourth_weights, coefficients, wanted)
+    return finish_terms(partial, kappa, wanted, U.shape[0])
+
+
+def direction_sums(U, W, weights, fourth_weights, coefficients, wanted) -> Dict[str, Tensor]:
+    """Sums over some of the ``K`` directions, from which ``finish_terms`` makes the terms.
+
+    Every term is a function of sums over directions, so directions can be taken a chunk
+    at a time and their sums added (``add_sums``). Arguments as in ``per_input_terms``,
+    restricted to the chunk's directions.
+
+    Returns:
+        ``{"g": Σ w U², "fourth": Σ w4 U⁴, "scores": Σ R U [M, N, *P], "W2": Σ w W²,
+        "residuals": Σ R W [M, N, *P]}``, those the wanted terms need; ``{"U2": Σ U²}``
+        when the directions are the sampled residuals.
+    """
     wanted = set(wanted)
     if weights is None:
-        return {"I1": (U * U).mean(0)}
+        return {"U2": (U * U).sum(0)}
     U2 = U * U
-    g = _weighted_sum(weights, U2)
-    out = {"exact": g}
+    out = {"g": _weighted_sum(weights, U2)}
     if "v1" in wanted:
-        out["v1"] = _weighted_sum(fourth_weights, U2 * U2) + kappa * g * g
+        out["fourth"] = _weighted_sum(fourth_weights, U2 * U2)
     if "I1" in wanted:
-        scores = torch.einsum("nmk,kn...->mn...", coefficients, U)
-        out["I1"] = (scores * scores).mean(0)
+        out["scores"] = torch.einsum("nmk,kn...->mn...", coefficients, U)
+    if "I2" in wanted and W is not None:
+        out["W2"] = _weighted_sum(weights, W * W)
+        out["residuals"] = torch.einsum("nmk,kn...->mn...", coefficients, W)
+    return out
+
+
+def add_sums(a: Optional[Dict[str, Tensor]], b: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Direction sums of two chunks of directions together."""
+    return dict(b) if a is None else {key: a[key] + value for key, value in b.items()}
+
+
+def finish_terms(sums: Dict[str, Tensor], kappa: float, wanted, directions: int) -> dict:
+    """The terms from the sums over all directions (``direction_sums``).
+
+    Args:
+        sums: Direction sums over all ``K`` directions.
+        kappa: The likelihood's ``κ``.
+        wanted: The terms to return.
+        directions: ``K`` (the number of sampled residuals when ``"U2"`` is given).
+    """
+    if "U2" in sums:
+        return {"I1": sums["U2"] / directions}
+    g = sums["g"]
+    out = {"exact": g}
+    if "fourth" in sums:
+        out["v1"] = sums["fourth"] + kappa * g * g
+    if "scores" in sums:
+        out["I1"] = (sums["scores"] * sums["scores"]).mean(0)
     if "I2" in wanted:
-        if W is None:
+        if "W2" not in sums:
             out["I2"] = g
         else:
-            out["v2"] = _weighted_sum(weights, W * W)
-            residuals = torch.einsum("nmk,kn...->mn...", coefficients, W)
-            out["I2"] = g - residuals.mean(0)
+            out["v2"] = sums["W2"]
+            out["I2"] = g - sums["residuals"].mean(0)
     return out
 
 

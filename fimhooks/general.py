@@ -22,8 +22,10 @@ from torch import Tensor
 from fimhooks.diagonal_terms import (
     BatchSums,
     add_positions,
+    add_sums,
     batch_sums,
-    per_input_terms,
+    direction_sums,
+    finish_terms,
     rank_one_batch_sums,
 )
 from fimhooks.layers import per_input_rule, spec_for
@@ -63,12 +65,21 @@ def general_batch_sums(
     calls = list({id(c): c for use in uses.values() for c, _ in use}.values())
     K, N, T = draw.directions.shape[:3]
     largest = max(p.numel() for p in _parameters(uses).values())
-    # Inputs per chunk first: every chunk of inputs repeats the backward of all positions.
-    step = min(N, max(1, ELEMENTS // (K * largest)))
     watched = sum(c.output.numel() for c in calls)
-    per_chunk = min(T, CAPTURE_ELEMENTS // max(1, K * watched), ELEMENTS // (K * step * largest))
-    per_chunk = max(1, per_chunk)
-    chunks = [range(t, min(T, t + per_chunk)) for t in range(0, T, per_chunk)]
+    # directions per backward, then inputs per chunk (every chunk of inputs repeats the
+    # backward of all positions), then positions per backward when all K directions fit
+    per_backward = max(1, min(K, ELEMENTS // largest, CAPTURE_ELEMENTS // max(1, watched)))
+    step = min(N, max(1, ELEMENTS // (per_backward * largest)))
+    if per_backward == K:
+        per_chunk = min(T, CAPTURE_ELEMENTS // (K * watched), ELEMENTS // (K * step * largest))
+        per_chunk = max(1, per_chunk)
+        chunks = [(range(t, min(T, t + per_chunk)), range(K)) for t in range(0, T, per_chunk)]
+    else:  # chunks of one position's directions
+        chunks = [
+            (range(t, t + 1), range(k, min(K, k + per_backward)))
+            for t in range(T)
+            for k in range(0, K, per_backward)
+        ]
     totals: Dict[str, BatchSums] = {}
     for start in range(0, N, step):
         samples = slice(start, min(N, start + step))
@@ -81,31 +92,45 @@ def general_batch_sums(
 
 
 def _input_chunk_sums(output, to_output, draw, uses, calls, chunks, samples, kappa, terms):
+    """Batch sums over the inputs ``samples``, a chunk of positions and directions at a time.
+
+    Direction sums of a position are added over its chunks of directions and turned into
+    terms after the last one; terms are added over positions with the positions' weights.
+    """
+    K = draw.directions.shape[0]
     per_input: Dict[str, dict] = {name: {} for name in uses}
-    rank_one: Dict[str, BatchSums] = {}
-    for positions in chunks:
-        captured = _backward(output, to_output, draw, positions, samples, calls)
+    output_terms: Dict[str, dict] = {}  # rank-one layers: terms of the layer's output
+    partial: Dict[str, dict] = {}
+    for positions, directions in chunks:
+        captured = _backward(output, to_output, draw, positions, directions, samples, calls)
         for name, param_uses in uses.items():
             if _is_rank_one(param_uses, draw):
-                rank_one[name] = _rank_one_sums(param_uses, captured, draw, samples, kappa, terms)
+                U = captured[id(param_uses[0][0])]
+            else:
+                U = sum(_use_grads(c, local, captured[id(c)], samples) for c, local in param_uses)
+            sums = _direction_sums(U, draw, positions, directions, samples, terms)
+            partial[name] = add_sums(partial.get(name), sums)
+            if directions[-1] != K - 1:
                 continue
-            U = sum(
-                _use_grads(call, local, captured[id(call)], samples) for call, local in param_uses
-            )
-            step_terms = _position_terms(U, draw, positions, samples, kappa, terms)
+            flat = finish_terms(partial.pop(name), kappa, terms, K)
+            position_terms = _by_position(flat, len(positions))
             weights = draw.position_weights[samples][:, positions]
-            per_input[name] = add_positions(per_input[name], step_terms, weights)
+            target = output_terms if _is_rank_one(param_uses, draw) else per_input
+            target[name] = add_positions(target.get(name, {}), position_terms, weights)
     sums = {name: batch_sums(value) for name, value in per_input.items() if value}
-    sums.update(rank_one)
+    for name, value in output_terms.items():
+        call, local = uses[name][0]
+        x = call.args[0][samples]
+        sums[name] = batch_sums(value) if local == "bias" else rank_one_batch_sums(value, x)
     return sums
 
 
-def _backward(output, to_output, draw: LabelDraw, positions, samples, calls) -> Dict[int, Tensor]:
-    """Vectors at each watched output, ``{id(call): [len(positions)·K, n, *out]}``.
+def _backward(output, to_output, draw, positions, directions, samples, calls) -> dict:
+    """Vectors at each watched output, ``{id(call): [len(positions)·len(directions), n, *out]}``.
 
     The batch axis of each output is moved next to the directions' axis.
     """
-    V = draw.directions
+    V = draw.directions[directions.start : directions.stop]
     vectors = torch.zeros(len(positions), *V.shape, dtype=V.dtype, device=V.device)
     for j, t in enumerate(positions):
         vectors[j, :, samples, t] = V[:, samples, t]
@@ -128,21 +153,31 @@ def _use_grads(call: Call, local: str, grad_out: Tensor, samples: slice) -> Tens
     return per_input_rule(call.module, [local])(call, [local], grad_out, samples)[local]
 
 
-def _position_terms(U: Tensor, draw: LabelDraw, positions, samples: slice, kappa, terms):
-    """Per-input terms at each position, ``{term: [t, n, *P]}``, from ``U [t·K, n, *P]``.
+def _direction_sums(U: Tensor, draw: LabelDraw, positions, directions, samples, terms):
+    """Direction sums at each position, ``[t·n, ...]``, from ``U [t·k, n, *P]``.
 
-    Positions are folded into the inputs' axis so that ``per_input_terms`` runs once.
+    Positions are folded into the inputs' axis (positions first) so that
+    ``direction_sums`` runs once.
     """
     t, n = len(positions), U.shape[1]
     U = U.unflatten(0, (t, -1)).transpose(0, 1).reshape(-1, t * n, *U.shape[2:])
+    chosen = slice(directions.start, directions.stop)
 
-    def at(x):  # [N, T, ...] -> [t·n, ...], positions first
-        return None if x is None else x[samples][:, positions].transpose(0, 1).flatten(0, 1)
+    def at(x):  # [N, T, ..., K] -> [t·n, ..., k]
+        if x is None:
+            return None
+        return x[samples][:, positions][..., chosen].transpose(0, 1).flatten(0, 1)
 
-    out = per_input_terms(
-        U, None, at(draw.weights), at(draw.fourth_weights), kappa, at(draw.coefficients), terms
-    )
-    return {name: value.unflatten(0, (t, n)) for name, value in out.items()}
+    weights, fourth, coefficients = at(draw.weights), at(draw.fourth_weights), at(draw.coefficients)
+    return direction_sums(U, None, weights, fourth, coefficients, terms)
+
+
+def _by_position(terms: Dict[str, Tensor], positions: int) -> Dict[str, Tensor]:
+    """``[t·n, *P]`` terms as ``[t, n, *P]``; a term that is another's stays its alias."""
+    views: Dict[int, Tensor] = {}
+    for value in terms.values():
+        views.setdefault(id(value), value.unflatten(0, (positions, -1)))
+    return {key: views[id(value)] for key, value in terms.items()}
 
 
 def _is_rank_one(param_uses: List[Use], draw: LabelDraw) -> bool:
@@ -151,17 +186,6 @@ def _is_rank_one(param_uses: List[Use], draw: LabelDraw) -> bool:
         return False
     call, _ = param_uses[0]
     return spec_for(call.module).rank_one and call.inputs[0].dim() == 2
-
-
-def _rank_one_sums(param_uses, captured, draw, samples, kappa, terms) -> BatchSums:
-    """Linear layer: terms of the output times powers of the input (no per-input weights)."""
-    call, local = param_uses[0]
-    G = captured[id(call)]  # [K, n, out]
-    position_terms = _position_terms(G, draw, range(1), samples, kappa, terms)
-    output_terms = add_positions({}, position_terms, draw.position_weights[samples, :1])
-    if local == "bias":
-        return batch_sums(output_terms)
-    return rank_one_batch_sums(output_terms, call.args[0][samples])
 
 
 def _parameters(uses: Dict[str, List[Use]]) -> Dict[str, Tensor]:

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import fimhooks
+from fimhooks import general
 
 SIGMA = 0.7
 #: model, likelihood, the functional loss the user trains with
@@ -243,3 +244,19 @@ def test_forward_passes_without_backward_are_not_kept():
         model(x[:2]).sum().backward()
         model(x[2:]).sum().backward()
     assert monitor.estimates().num_inputs == 2 * len(x)
+
+
+@pytest.mark.parametrize("name, case", [("tiny_lm", 4), ("tied", 1)])
+def test_chunks_of_directions_inputs_and_positions_give_the_same_numbers(name, case, monkeypatch):
+    """One direction, one input and one position per backward: the same estimates."""
+    _, likelihood, loss = CASES[case]
+    model, x = graphs.make(name, 5 if name == "tiny_lm" else 3), graphs.inputs(name)
+    whole = collect(model, likelihood, x, loss, seed=3, estimators=("I1", "exact"))
+    monkeypatch.setattr(general, "CAPTURE_ELEMENTS", 1)
+    monkeypatch.setattr(general, "ELEMENTS", 1)
+    chunked = collect(model, likelihood, x, loss, seed=3, estimators=("I1", "exact"))
+    for estimator in ["I1", "exact"]:
+        assert_close(chunked.fisher(estimator), whole.fisher(estimator), estimator)
+        empirical = chunked.empirical_variance(estimator)
+        assert_close(empirical, whole.empirical_variance(estimator), estimator)
+    assert_close(chunked.variance("I1"), whole.variance("I1"), "v1")
