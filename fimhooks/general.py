@@ -1,15 +1,16 @@
 """Batch sums on any graph autograd can differentiate: the general path.
 
 The label directions ``V [K, N, T, C]`` are backpropagated by autograd itself, in one
-batched backward per chunk of positions (``is_grads_batched``), from the model output to
-the output of every watched call (its gradient edge, recorded in the forward pass).
-Each layer's rule (``layers``) turns those vectors into per-input parameter gradients
-``U [K, n, *P]``, summed over the calls that use a parameter (tied weights), and
-``diagonal_terms`` reduces them per position and input to batch sums.
+batched backward (``is_grads_batched``) per chunk of positions and directions, from the
+model output to the output of every watched call (its gradient edge, recorded in the
+forward pass). Each layer's rule (``layers``) turns those vectors into per-input parameter
+gradients ``U [k, n, *P]``, summed over the calls that use a parameter (tied weights), and
+``diagonal_terms`` reduces them to direction sums, then per position and input to terms,
+then to batch sums.
 
-Memory is bounded: the batched backward holds ``K·(positions in a chunk)`` vectors of each
-watched output, and per-input tensors of a parameter's size exist for a chunk of inputs
-at a time (``ELEMENTS``).
+Memory is bounded: one batched backward holds at most ``CAPTURE_ELEMENTS`` entries at the
+watched outputs, and per-input tensors of a parameter's size exist for a chunk of inputs
+at a time (``ELEMENTS``), whatever the number of classes, positions or inputs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from fimhooks.recording import Call, batch_axis
 #: Entries of per-input tensors of a parameter's size formed at once.
 ELEMENTS = 2**22
 #: Entries of the vectors held at the watched outputs in one batched backward.
-CAPTURE_ELEMENTS = 2**25
+CAPTURE_ELEMENTS = 2**28
 
 #: One use of a parameter: a call and the parameter's name inside the called module.
 Use = Tuple[Call, str]
