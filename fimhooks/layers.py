@@ -20,6 +20,7 @@ A ``LayerSpec`` says, for one ``nn.Module`` type:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
@@ -158,7 +159,9 @@ def generic_grads(call, names: Sequence[str], grad_out: Tensor, samples: slice) 
         _, pull_back = vjp(output, params)
         return torch.vmap(pull_back)(g_n)[0]
 
-    per_input = torch.vmap(one_input, in_dims=(arg_dims, kw_dims, 1))(args, kwargs, grad_out)
+    with warnings.catch_warnings():  # torch's note that an op is batched by a loop
+        warnings.filterwarnings("ignore", message="There is a performance drop because")
+        per_input = torch.vmap(one_input, in_dims=(arg_dims, kw_dims, 1))(args, kwargs, grad_out)
     return {n: value.transpose(0, 1) for n, value in per_input.items()}
 
 

@@ -274,10 +274,8 @@ class FisherMonitor:
         positions = read_positions(h.detach(), self.likelihood, self._class_axis)
         observed = position_mask(self._mask, h, positions, self._class_axis)
         generator = self._generator(h.device)
-        draw = draw_labels(
-            self.likelihood, positions, observed, self.mc_samples, generator,
-            self._exact_pass,
-        )  # fmt: skip
+        M, exact_pass = self.mc_samples, self._exact_pass
+        draw = draw_labels(self.likelihood, positions, observed, M, generator, exact_pass)
         chain = None
         if self._chain_leaves is not None and positions.shape[1] == 1 and self._mask is None:
             chain = chain_of(record, h, self._chain_leaves)

@@ -39,9 +39,12 @@ def test_hugging_face_models_match_brute_force(build):
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     monitor = fimhooks.FisherMonitor(
-        model, "categorical", output=lambda out: out.logits, estimators=("I1", "exact"),
+        model,
+        "categorical",
+        output=lambda out: out.logits,
+        estimators=("I1", "exact"),
         mc_samples=2,
-    )  # fmt: skip
+    )
     out = model(tokens, labels=labels)  # the model's own loss
     with monitor:
         out.loss.backward()
