@@ -256,7 +256,7 @@ class FisherEstimates:
         if self.generic_layers:
             legend += (
                 "\nLayers on the generic per-input rule (exact, slower): "
-                + ", ".join(self.generic_layers)
+                + ", ".join(layer or "<model>" for layer in self.generic_layers)
                 + "."
             )
         return title + "\n" + _format_table(header, rows) + "\n" + legend

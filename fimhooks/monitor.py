@@ -221,7 +221,8 @@ class FisherMonitor:
             self._handles = []
 
     def _start_record(self, module, args) -> None:
-        if torch.is_grad_enabled() and self._recording is None:
+        # not while collecting: the generic rule may replay the model itself
+        if torch.is_grad_enabled() and self._recording is None and not self._busy:
             self._recording = ForwardRecord()
 
     def _record_call(self, module, args, kwargs, output) -> None:

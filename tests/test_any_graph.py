@@ -261,3 +261,16 @@ def test_chunks_of_directions_inputs_and_positions_give_the_same_numbers(name, c
         empirical = chunked.empirical_variance(estimator)
         assert_close(empirical, whole.empirical_variance(estimator), estimator)
     assert_close(chunked.variance("I1"), whole.variance("I1"), "v1")
+
+
+def test_replaying_the_model_records_nothing():
+    """A parameter used in the model's own forward is replayed there, unrecorded."""
+    model, x = graphs.make("tiny_lm", 5), graphs.inputs("tiny_lm")
+    monitor = fimhooks.FisherMonitor(model, "categorical", estimators=("I1",))
+    h = model(x)
+    with monitor:
+        h.sum().backward()
+        assert len(monitor._records) == 1
+    est = monitor.estimates()
+    assert est.generic_layers == ("",)  # wpe, used in the root's forward
+    assert "generic per-input rule (exact, slower): <model>." in est.summary()
