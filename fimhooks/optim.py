@@ -73,6 +73,7 @@ class FisherPreconditioner:
         self.choices: Dict[str, str] = {}
         self._diagonal: Dict[str, torch.Tensor] = {}
         self._kronecker: Dict[str, tuple] = {}
+        self._warned_general = False
         if structure == "kfac":
             monitor.collect_kronecker_factors()
             others = [
@@ -122,6 +123,7 @@ class FisherPreconditioner:
             for layer, (A, G) in est.kronecker_factors(kind).items():
                 self._kronecker[layer] = damped_kronecker_inverses(A, G, self.damping)
                 self.choices[layer] = f"kfac-{kind}"
+            self._warn_missing_factors()
         errors = est.relative_errors() if self.estimator == "auto" else None
         names = {}  # estimator -> parameter names it preconditions
         for name, layer in self.monitor._layer_of.items():
@@ -138,6 +140,23 @@ class FisherPreconditioner:
                 self._diagonal[name] = diagonal_denominator(
                     fisher[name], self.damping, std.get(name), self.uncertainty_damping
                 )
+
+    def _warn_missing_factors(self) -> None:
+        """Kronecker factors come from the chain path only: say so once where they lack."""
+        model = self.monitor.model
+        missing = [
+            path
+            for path, m in model.named_modules()
+            if spec_for(m).kfac and path not in self._kronecker and m.weight.requires_grad
+        ]
+        if missing and not self._warned_general:
+            self._warned_general = True
+            warnings.warn(
+                f"fimhooks: layers {missing} got no Kronecker factors (the model's forward "
+                "pass is not a chain of layers); they use the diagonal estimate.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def state_dict(self) -> dict:
         """Steps, choices and the current preconditioner, to restore it exactly."""

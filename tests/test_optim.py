@@ -223,3 +223,25 @@ def test_exact_factors_are_backpacks_kflr_per_observation():
         # with reduction="mean", BackPACK's factors are per observation, as fimhooks' are
         torch.testing.assert_close(A[:inputs, :inputs], A_backpack, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(G, G_backpack, rtol=1e-10, atol=1e-12)
+
+
+def test_kfac_on_a_model_that_is_not_a_chain_falls_back_with_a_warning():
+    from torch import nn
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(x + torch.relu(self.a(x)))
+
+    model = Residual()
+    monitor = fimhooks.FisherMonitor(model, "categorical", estimators=("I1", "exact"))
+    precond = fimhooks.optim.FisherPreconditioner(monitor, structure="kfac", estimator="exact")
+    loss = nn.functional.cross_entropy(model(torch.randn(8, 3)), torch.zeros(8, dtype=torch.long))
+    with monitor:
+        loss.backward()
+    with pytest.warns(RuntimeWarning, match=r"\['a', 'b'\] got no Kronecker factors"):
+        precond.step()
+    assert precond.choices == {"a": "exact", "b": "exact"}
