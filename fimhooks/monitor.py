@@ -453,32 +453,66 @@ class FisherMonitor:
         self._records, self._recording = [], None
 
     def state_dict(self) -> dict:
-        """Statistics, schedule and sampler state, to restore the monitor exactly."""
+        """Statistics, schedule, sampler state and the parameters they belong to.
+
+        Everything needed to resume exactly, also in a monitor on another device.
+        """
         return {
             "options": self._options(),
+            "parameters": self._parameter_shapes(),
             "entries": self._entries,
             "skipped": self.skipped,
+            "collected_steps": self.collected_steps,
+            "num_outputs": self._num_outputs,
             "accumulators": {n: a.state_dict() for n, a in self._accumulators.items()},
             "generators": {str(d): g.get_state() for d, g in self._generators.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from ``state_dict`` of a monitor with the same options."""
+        """Restore from ``state_dict`` of a monitor with the same options and parameters.
+
+        Raises:
+            ValueError: naming what differs: an option (likelihood, ``sigma``, ...) or the
+                parameters' names and shapes.
+        """
         if state["options"] != self._options():
             raise ValueError(
                 f"state_dict was saved with options {state['options']}, "
                 f"this monitor has {self._options()}."
             )
+        if state["parameters"] != self._parameter_shapes():
+            saved, here = state["parameters"], self._parameter_shapes()
+            differ = sorted(k for k in saved.keys() | here.keys() if saved.get(k) != here.get(k))
+            raise ValueError(
+                "state_dict was saved for a model with other parameters; they differ at "
+                f"{differ[:5]} (name: saved shape vs this model's: "
+                f"{[(k, saved.get(k), here.get(k)) for k in differ[:3]]})."
+            )
         self._entries = state["entries"]
         if not self._removed:
             self._set_hooks(self._armed)
         self.skipped = state["skipped"]
+        self.collected_steps = state["collected_steps"]
+        self._num_outputs = state["num_outputs"]
+        params = dict(self.model.named_parameters())
         self._accumulators = {
-            name: RunningDiagonal.from_state_dict(acc_state)
+            name: RunningDiagonal.from_state_dict(acc_state).to(params[name].device)
             for name, acc_state in state["accumulators"].items()
         }
         for device, gen_state in state["generators"].items():
-            self._generator(torch.device(device)).set_state(gen_state)
+            if _available(torch.device(device)):
+                self._generator(torch.device(device)).set_state(gen_state.cpu())
+            else:
+                warnings.warn(
+                    f"fimhooks: the state_dict holds the label sampler of device {device}, "
+                    "which this machine does not have; label draws on other devices start "
+                    "from the monitor's seed.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+    def _parameter_shapes(self) -> Dict[str, list]:
+        return {n: list(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _options(self) -> dict:
         return {
@@ -489,6 +523,13 @@ class FisherMonitor:
             "ema_decay": self.ema_decay,
             "estimators": list(self.estimators),
         }
+
+
+def _available(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    module = getattr(torch, device.type, None)
+    return bool(module is not None and module.is_available())
 
 
 def _check_estimators(estimators: Iterable[str]) -> tuple:

@@ -224,6 +224,12 @@ class RunningDiagonal:
         acc.load_state_dict(state)
         return acc
 
+    def to(self, device) -> "RunningDiagonal":
+        """This accumulator with its statistics on ``device`` (in place; returns self)."""
+        self._fold()
+        self.stats = {k: v.to(device) for k, v in self.stats.items()}
+        return self
+
     def copy(self) -> "RunningDiagonal":
         """An independent copy (staged steps folded in)."""
         return RunningDiagonal.from_state_dict(self.state_dict())

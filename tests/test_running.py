@@ -133,3 +133,46 @@ def test_state_dict_round_trip_restores_estimates_and_sampler():
     other = fimhooks.FisherMonitor(model, loss_fn, ema_decay=0.5)
     with pytest.raises(ValueError, match="options"):
         other.load_state_dict(state)
+
+
+def test_a_resumed_monitor_continues_exactly_in_a_new_process():
+    """A fresh monitor (as after a restart) restores counts the preconditioner reads."""
+    loss_fn, out, sigma = make_loss("gaussian")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma, ema_decay=0.8)
+    collect(monitor, model, loss_fn, x)
+    state = monitor.state_dict()
+    fresh = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma, ema_decay=0.8)
+    fresh.load_state_dict(state)
+    assert fresh.collected_steps == monitor.collected_steps == 1
+    assert fresh.estimates().summary() == monitor.estimates().summary()
+    collect(monitor, model, loss_fn, x)
+    collect(fresh, model, loss_fn, x)
+    for name, value in fresh.estimates().fisher("I2").items():
+        torch.testing.assert_close(value, monitor.estimates().fisher("I2")[name], rtol=0, atol=0)
+
+
+def test_resuming_into_another_noise_level_or_model_is_refused():
+    loss_fn, out, sigma = make_loss("gaussian")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma)
+    collect(monitor, model, loss_fn, x)
+    state = monitor.state_dict()
+    with pytest.raises(ValueError, match="'sigma': 0.7.*'sigma': 2.0"):
+        fimhooks.FisherMonitor(model, loss_fn, sigma=2.0).load_state_dict(state)
+    wider = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, out))
+    with pytest.raises(ValueError, match=r"other parameters; they differ at \['0.bias', "):
+        fimhooks.FisherMonitor(wider.double(), loss_fn, sigma=sigma).load_state_dict(state)
+
+
+def test_a_sampler_state_of_a_missing_device_is_reported():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    collect(monitor, model, loss_fn, x)
+    state = monitor.state_dict()
+    state["generators"]["cuda:0"] = state["generators"]["cpu"]  # as saved on a GPU machine
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the device")
+    with pytest.warns(RuntimeWarning, match="sampler of device cuda:0"):
+        fimhooks.FisherMonitor(model, loss_fn).load_state_dict(state)
