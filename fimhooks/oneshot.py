@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Iterable, Union
 
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fimhooks.estimates import FisherEstimates
 from fimhooks.monitor import FisherMonitor
 
-Batch = Union[Tensor, tuple, list]
+Batch = Union[Tensor, tuple, dict]
 
 
 def estimate(
@@ -24,42 +25,40 @@ def estimate(
     """Diagonal Fisher estimates over ``data`` in one shot.
 
     Args:
-        model: The network (left unchanged: its gradients and hooks are restored).
+        model: The network (left unchanged: ``p.grad`` is not touched).
         likelihood: A likelihood name or the loss that encodes it (see ``FisherMonitor``).
-        data: One batch (a tensor ``x`` or a pair ``(x, y)``) or an iterable of them.
-            Labels are never used for the Fisher: the monitor samples its own.
+        data: One batch or an iterable of batches (a list counts as an iterable). A batch is
+            a tensor ``x``, a tuple ``(x, ...)`` whose first entry is the input, or a dict of
+            keyword arguments of the model (``model(**batch)``). Labels are never used for
+            the Fisher: the monitor samples its own.
         progress: Show a tqdm progress bar.
         **options: ``FisherMonitor`` options (``mc_samples``, ``estimators``, ...).
 
     Returns:
         The estimates after all batches (cumulative average unless ``ema_decay``).
     """
-    batches = [data] if _is_batch(data) else data
-    saved_grads = {p: p.grad for p in model.parameters()}
+    batches = [data] if isinstance(data, (Tensor, tuple, dict)) else data
     monitor = FisherMonitor(model, likelihood, **options)
     try:
         for batch in tqdm(batches, desc="fimhooks", disable=not progress, leave=False):
-            x = batch if isinstance(batch, Tensor) else batch[0]
-            output = model(x)
+            output = _forward(model, batch)
             if options.get("output") is not None:
                 output = options["output"](output)
-            with monitor:  # any scalar of the output starts the backward the monitor needs
-                output.sum().backward()
-            for p in model.parameters():
-                p.grad = None
+            with monitor:  # a backward to the output is all the monitor needs
+                torch.autograd.backward(output.sum(), inputs=[output])
         return monitor.estimates()
     finally:
         monitor.remove()
-        for p, grad in saved_grads.items():
-            p.grad = grad
 
 
-def _is_batch(data) -> bool:
-    if isinstance(data, Tensor):
-        return True
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(t, Tensor) for t in data)
-        and len(data[0]) == len(data[1])
+def _forward(model: nn.Module, batch):
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return model(batch[0])
+    raise TypeError(
+        f"a batch must be a tensor, a tuple (x, ...) or a dict of the model's keyword "
+        f"arguments; got {type(batch).__name__}."
     )

@@ -190,3 +190,27 @@ def test_forward_inside_the_block_and_no_hooks_on_skipped_steps():
             loss_fn(output, make_target(loss_fn, output)).backward()
         assert hooked == (monitor._entries % 2 == 1)
     assert monitor.estimates().num_inputs == 2 * len(x)
+
+
+def test_estimate_leaves_the_users_gradients_and_reads_batches_as_documented():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp", n=8)
+    before = gradients(model, loss_fn, x)  # the user's own backward, gradients kept
+    one = fimhooks.estimate(model, loss_fn, x, progress=False)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, before[name])
+    halves = fimhooks.estimate(model, loss_fn, [x[:4], x[4:]], progress=False)  # two batches
+    assert halves.num_inputs == one.num_inputs == 8
+
+    class Keywords(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, inputs):
+            return self.inner(inputs)
+
+    as_dict = fimhooks.estimate(Keywords(), loss_fn, [{"inputs": x}], progress=False)
+    assert as_dict.num_inputs == 8
+    with pytest.raises(TypeError, match="a batch must be a tensor, a tuple"):
+        fimhooks.estimate(model, loss_fn, [[1, 2]], progress=False)
