@@ -129,6 +129,7 @@ class FisherMonitor:
         self._listeners: List[Callable] = []
         self._pending: Dict[str, BatchSums] = {}
         self._pending_inputs = 0
+        self._pending_nonfinite = False
         self._records: List[ForwardRecord] = []
         self._recording: Optional[ForwardRecord] = None
         self._mask = self._next_mask = None
@@ -160,7 +161,7 @@ class FisherMonitor:
         self._inside = True
         self._collecting = self._armed
         self._entries += 1
-        self._pending, self._pending_inputs = {}, 0
+        self._pending, self._pending_inputs, self._pending_nonfinite = {}, 0, False
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -174,26 +175,31 @@ class FisherMonitor:
         self._set_hooks(self._armed)
         return False
 
+    @staticmethod
+    def _finite(pending: Dict[str, BatchSums]) -> bool:
+        totals = [t for batch in pending.values() for t in batch.totals()]
+        return not totals or bool(torch.isfinite(torch.stack(totals)).all())
+
     @property
     def _armed(self) -> bool:
         """Whether the next (or current) ``with`` block collects."""
         return self._entries % self.every == 0
 
     def _commit(self) -> None:
+        if self._pending_nonfinite or not self._finite(self._pending):
+            self.skipped += 1
+            self._warn_once(
+                "nonfinite",
+                "a collected batch had a non-finite model output or Fisher statistic and "
+                "was skipped (counted in estimates().skipped); further skips are not "
+                "warned about.",
+            )
+            return
         if not self._pending:
             self._warn_once(
                 "empty",
                 "nothing was collected inside `with monitor:`: call backward on a loss "
                 "computed from the monitored model's output inside the block.",
-            )
-            return
-        totals = [t for batch in self._pending.values() for t in batch.totals()]
-        if not torch.isfinite(torch.stack(totals)).all():
-            self.skipped += 1
-            self._warn_once(
-                "nonfinite",
-                "a collected batch had non-finite Fisher statistics and was skipped "
-                "(counted in estimates().skipped); further skips are not warned about.",
             )
             return
         for name, sums in self._pending.items():
@@ -274,6 +280,9 @@ class FisherMonitor:
         h = record.output
         positions = read_positions(h.detach(), self.likelihood, self._class_axis)
         observed = position_mask(self._mask, h, positions, self._class_axis)
+        if not torch.isfinite(positions[observed]).all():  # no labels can be drawn
+            self._pending_nonfinite = True
+            return
         generator = self._generator(h.device)
         M, exact_pass = self.mc_samples, self._exact_pass
         draw = draw_labels(self.likelihood, positions, observed, M, generator, exact_pass)

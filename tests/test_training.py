@@ -214,3 +214,20 @@ def test_estimate_leaves_the_users_gradients_and_reads_batches_as_documented():
     assert as_dict.num_inputs == 8
     with pytest.raises(TypeError, match="a batch must be a tensor, a tuple"):
         fimhooks.estimate(model, loss_fn, [[1, 2]], progress=False)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+def test_nan_inputs_skip_the_batch_without_losing_what_was_collected(likelihood):
+    loss_fn, out, sigma = make_loss(likelihood)
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma)
+    gradients(model, loss_fn, x, monitor)
+    before = monitor.estimates().fisher("exact")
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite model output"):
+        gradients(model, loss_fn, bad, monitor)
+    est = monitor.estimates()
+    assert est.skipped == 1 and est.num_inputs == len(x)
+    for name, value in est.fisher("exact").items():
+        assert torch.equal(value, before[name])
