@@ -103,6 +103,11 @@ class FisherMonitor:
         self.seed = torch.initial_seed() if seed is None else int(seed)
         _check_not_extended(model)
         _check_batchnorm(model)
+        if _ATTACHED.get(model) is not None:
+            raise ValueError(
+                f"this {type(model).__name__} is already watched by a FisherMonitor; call "
+                "remove() on that monitor first (two monitors would each collect every step)."
+            )
         self._paths = {id(m): path for path, m in model.named_modules()}
         self._param_names = {id(p): name for name, p in model.named_parameters()}
         self._declared = _declarations(model)
@@ -136,6 +141,7 @@ class FisherMonitor:
         self._generic_layers: Dict[str, None] = {}  # an ordered set
         self._warned = set()
         self._set_hooks(True)
+        _ATTACHED[model] = self
 
     # --- the context manager -------------------------------------------------------
 
@@ -459,6 +465,8 @@ class FisherMonitor:
         """Remove all hooks and leave the model exactly as it was."""
         self._set_hooks(False)
         self._removed = True
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
         self._records, self._recording = [], None
 
     def state_dict(self) -> dict:
@@ -532,6 +540,10 @@ class FisherMonitor:
             "ema_decay": self.ema_decay,
             "estimators": list(self.estimators),
         }
+
+
+#: The monitor attached to each model (one at a time).
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, FisherMonitor]" = weakref.WeakKeyDictionary()
 
 
 def _available(device: torch.device) -> bool:

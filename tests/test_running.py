@@ -130,6 +130,7 @@ def test_state_dict_round_trip_restores_estimates_and_sampler():
     collect(monitor, model, loss_fn, x)
     for name, value in monitor.estimates().fisher("I1").items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+    monitor.remove()
     other = fimhooks.FisherMonitor(model, loss_fn, ema_decay=0.5)
     with pytest.raises(ValueError, match="options"):
         other.load_state_dict(state)
@@ -142,14 +143,16 @@ def test_a_resumed_monitor_continues_exactly_in_a_new_process():
     monitor = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma, ema_decay=0.8)
     collect(monitor, model, loss_fn, x)
     state = monitor.state_dict()
+    collect(monitor, model, loss_fn, x)
+    expected = monitor.estimates()
+    monitor.remove()  # the process ends
     fresh = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma, ema_decay=0.8)
     fresh.load_state_dict(state)
-    assert fresh.collected_steps == monitor.collected_steps == 1
-    assert fresh.estimates().summary() == monitor.estimates().summary()
-    collect(monitor, model, loss_fn, x)
+    assert fresh.collected_steps == 1
     collect(fresh, model, loss_fn, x)
+    assert fresh.estimates().summary() == expected.summary()
     for name, value in fresh.estimates().fisher("I2").items():
-        torch.testing.assert_close(value, monitor.estimates().fisher("I2")[name], rtol=0, atol=0)
+        torch.testing.assert_close(value, expected.fisher("I2")[name], rtol=0, atol=0)
 
 
 def test_resuming_into_another_noise_level_or_model_is_refused():
@@ -158,6 +161,7 @@ def test_resuming_into_another_noise_level_or_model_is_refused():
     monitor = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma)
     collect(monitor, model, loss_fn, x)
     state = monitor.state_dict()
+    monitor.remove()
     with pytest.raises(ValueError, match="'sigma': 0.7.*'sigma': 2.0"):
         fimhooks.FisherMonitor(model, loss_fn, sigma=2.0).load_state_dict(state)
     wider = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, out))
@@ -172,7 +176,18 @@ def test_a_sampler_state_of_a_missing_device_is_reported():
     collect(monitor, model, loss_fn, x)
     state = monitor.state_dict()
     state["generators"]["cuda:0"] = state["generators"]["cpu"]  # as saved on a GPU machine
+    monitor.remove()
     if torch.cuda.is_available():
         pytest.skip("this machine has the device")
     with pytest.warns(RuntimeWarning, match="sampler of device cuda:0"):
         fimhooks.FisherMonitor(model, loss_fn).load_state_dict(state)
+
+
+def test_a_second_monitor_on_a_watched_model_is_refused():
+    loss_fn, out, _ = make_loss("categorical")
+    model = make_model("tanh_mlp", out)
+    first = fimhooks.FisherMonitor(model, loss_fn)
+    with pytest.raises(ValueError, match="already watched by a FisherMonitor; call remove"):
+        fimhooks.FisherMonitor(model, "categorical")
+    first.remove()
+    fimhooks.FisherMonitor(model, "categorical").remove()
