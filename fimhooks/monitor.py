@@ -157,8 +157,7 @@ class FisherMonitor:
         return self
 
     def __enter__(self) -> "FisherMonitor":
-        if self._removed:
-            raise RuntimeError("this FisherMonitor was removed; create a new one.")
+        self._check_attached("with monitor")
         if self._inside:
             raise RuntimeError("`with monitor:` blocks cannot be nested.")
         if self._armed:
@@ -172,6 +171,9 @@ class FisherMonitor:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._inside = False
+        if self._removed:  # remove() was called inside the block: nothing is collected
+            self._collecting, self._pending = False, {}
+            return False
         if self._collecting:
             self._collecting = False
             if exc_type is None:
@@ -221,12 +223,12 @@ class FisherMonitor:
     def _set_hooks(self, on: bool) -> None:
         """Hooks exist only around collected steps, so other steps cost nothing extra."""
         if on and not self._handles:
-            self._handles.append(self.model.register_forward_pre_hook(self._start_record))
+            start, finish = _Hook(self, "_start_record"), _Hook(self, "_finish_record")
+            self._handles.append(self.model.register_forward_pre_hook(start))
+            record = _Hook(self, "_record_call")
             for module in self._watched:
-                self._handles.append(
-                    module.register_forward_hook(self._record_call, with_kwargs=True)
-                )
-            self._handles.append(self.model.register_forward_hook(self._finish_record))
+                self._handles.append(module.register_forward_hook(record, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(finish))
         elif not on:
             for handle in self._handles:
                 handle.remove()
@@ -444,9 +446,22 @@ class FisherMonitor:
         Returns:
             The log; ``close()`` it to stop logging. Schema: ``fimhooks.jsonlog``.
         """
+        self._check_attached("log_to")
         log = FisherLog(self, target, writer, target_rse)
         self._listeners.append(log)
         return log
+
+    @property
+    def removed(self) -> bool:
+        """Whether ``remove()`` was called: the monitor collects nothing any more."""
+        return self._removed
+
+    def _check_attached(self, what: str) -> None:
+        if self._removed:
+            raise RuntimeError(
+                f"{what}: this FisherMonitor was removed and collects nothing; create a new "
+                "monitor."
+            )
 
     def collect_kronecker_factors(self) -> None:
         """Also collect the Kronecker factors of Linear layers on chains (for KFAC).
@@ -540,6 +555,34 @@ class FisherMonitor:
             "ema_decay": self.ema_decay,
             "estimators": list(self.estimators),
         }
+
+
+class _Hook:
+    """Calls a method of the monitor, which it does not keep alive.
+
+    Copies of the model (``copy.deepcopy``, ``torch.save``) get an inert hook instead: they
+    are not watched, and carry no hidden copy of the monitor.
+    """
+
+    def __init__(self, monitor: "FisherMonitor", method: str):
+        self._monitor, self._method = weakref.ref(monitor), method
+
+    def __call__(self, *args, **kwargs):
+        monitor = self._monitor()
+        return None if monitor is None else getattr(monitor, self._method)(*args, **kwargs)
+
+    def __deepcopy__(self, memo) -> "_Inert":
+        return _Inert()
+
+    def __reduce__(self):
+        return (_Inert, ())
+
+
+class _Inert:
+    """The hook a copy of a watched model carries: it does nothing."""
+
+    def __call__(self, *args, **kwargs) -> None:
+        return None
 
 
 #: The monitor attached to each model (one at a time).

@@ -66,6 +66,11 @@ class FisherPreconditioner:
             raise ValueError("uncertainty_damping must be ≥ 0, and is for structure='diag'.")
         if not (isinstance(update_every, int) and update_every >= 1):
             raise ValueError(f"update_every must be a positive integer, got {update_every!r}.")
+        if monitor.removed:
+            raise RuntimeError(
+                "FisherPreconditioner: the monitor was removed and collects nothing; create "
+                "a new monitor."
+            )
         self.monitor = monitor
         self.damping, self.estimator, self.structure = damping, estimator, structure
         self.uncertainty_damping, self.update_every = uncertainty_damping, update_every

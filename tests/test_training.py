@@ -1,6 +1,8 @@
 """The user's training is untouched: gradients, optimizer steps, hooks, memory, options."""
 
+import copy
 import gc
+import io
 import warnings
 
 import pytest
@@ -231,3 +233,35 @@ def test_nan_inputs_skip_the_batch_without_losing_what_was_collected(likelihood)
     assert est.skipped == 1 and est.num_inputs == len(x)
     for name, value in est.fisher("exact").items():
         assert torch.equal(value, before[name])
+
+
+def test_copies_and_pickles_of_a_watched_model_carry_no_monitor():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    gradients(model, loss_fn, x, monitor)
+    twin = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    gradients(twin, loss_fn, x)  # the copy trains on its own
+    with pytest.warns(RuntimeWarning, match="nothing was collected"):
+        with monitor:  # a backward of the copy inside the block is not the monitor's
+            loss_fn(twin(x), make_target(loss_fn, twin(x))).backward()
+    assert monitor.estimates().num_inputs == len(x) and monitor.collected_steps == 1
+    for name, value in dict(twin.named_parameters()).items():
+        assert torch.equal(value, dict(model.named_parameters())[name])
+
+
+def test_remove_inside_the_block_stays_removed():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    output = model(x)
+    with monitor:
+        loss_fn(output, make_target(loss_fn, output)).backward()
+        monitor.remove()
+    assert monitor.removed and monitor.collected_steps == 0
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(RuntimeError, match="log_to: this FisherMonitor was removed"):
+        monitor.log_to(io.StringIO())
+    with pytest.raises(RuntimeError, match="monitor was removed"):
+        fimhooks.optim.FisherPreconditioner(monitor)
