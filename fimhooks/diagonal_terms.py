@@ -157,6 +157,11 @@ class BatchSums:
         sums = {key: value + other.sums[key] for key, value in self.sums.items()}
         return BatchSums(sums, self.products + other.products, self.aliases)
 
+    def dtype(self) -> torch.dtype:
+        """The precision the sums arrive in."""
+        first = next(iter(self.sums.values()), None)
+        return first.dtype if first is not None else self.products[0][1].dtype
+
     def totals(self) -> List[Tensor]:
         """Scalars that are finite iff every sum is (sums of finite factors are finite)."""
         totals = [t.sum() for t in self.sums.values()]

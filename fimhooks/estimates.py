@@ -239,7 +239,7 @@ class FisherEstimates:
                 row += [_fmt(stats[e]["trace"]), _fmt(stats[e]["rse"])]
                 row.append(_fmt_count(stats[e]["inputs_needed"]))
             row += [_fmt(stats[e]["label_share"]) for e in sampled]
-            row += [str(stats[e]["draws_suggested"]) for e in sampled]
+            row += [str(stats[e]["draws_suggested"] or "n/a") for e in sampled]
             if "zero_v2" in stats:
                 row.append(f"{stats['zero_v2']}/{stats['params']}")
             row.append(stats["recommended"])

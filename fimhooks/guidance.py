@@ -10,6 +10,7 @@ and ``D = Σ_i Var_x g_i`` the data noise of one input. Its relative standard er
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 #: Most label draws per input that guidance suggests.
 MAX_DRAWS = 64
@@ -32,11 +33,14 @@ def inputs_needed(
     return (label_noise / draws + data_noise) / (target**2 * fisher_sq_norm)
 
 
-def draws_suggested(label_noise: float, data_noise: float) -> int:
+def draws_suggested(label_noise: float, data_noise: float) -> Optional[int]:
     """Fewest draws per input after which label noise is at most the data noise, ``⌈L/D⌉``.
 
-    More draws than that buy less than doubling the inputs would.
+    More draws than that buy less than doubling the inputs would. ``None`` while a noise is
+    not known yet (a sample variance needs two inputs).
     """
+    if not (math.isfinite(label_noise) and math.isfinite(data_noise)):
+        return None
     if label_noise <= 0:
         return 1
     if data_noise <= 0:

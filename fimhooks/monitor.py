@@ -286,6 +286,8 @@ class FisherMonitor:
 
     def _collect(self, record: ForwardRecord) -> None:
         h = record.output
+        if h.shape[0] == 0:  # a batch without inputs adds nothing
+            return
         positions = read_positions(h.detach(), self.likelihood, self._class_axis)
         observed = position_mask(self._mask, h, positions, self._class_axis)
         if not torch.isfinite(positions[observed]).all():  # no labels can be drawn

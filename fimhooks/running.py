@@ -53,9 +53,15 @@ class RunningDiagonal:
         self._staged: Dict[str, Tensor] = {}
         self._staged_products: Dict[Tuple[str, ...], Tensor] = {}
         self._staged_steps = 0
+        self._staged_dtype: Optional[torch.dtype] = None
 
     def update(self, batch: BatchSums, num_inputs: int) -> None:
         """Add one collected batch from its batch sums (``diagonal_terms``)."""
+        dtype = batch.dtype()
+        if self._staged_dtype not in (None, dtype):  # the model changed precision
+            self._fold()
+            self._staged, self._staged_products = {}, {}
+        self._staged_dtype = dtype
         if self.ema_decay is None:
             self.aliases.update(batch.aliases)
             self._stage_sums(batch)

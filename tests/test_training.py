@@ -265,3 +265,21 @@ def test_remove_inside_the_block_stays_removed():
         monitor.log_to(io.StringIO())
     with pytest.raises(RuntimeError, match="monitor was removed"):
         fimhooks.optim.FisherPreconditioner(monitor)
+
+
+def test_batches_of_zero_or_one_input_and_a_change_of_precision():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    log = monitor.log_to(io.StringIO())
+    gradients(model, loss_fn, x[:1], monitor)  # one input: no sample variance yet
+    assert monitor.estimates().layer_statistics()["0"]["I1"]["draws_suggested"] is None
+    with pytest.warns(RuntimeWarning, match="nothing was collected"):
+        with monitor:
+            model(x[:0]).sum().backward()
+    model.float()
+    gradients(model, loss_fn, x.float(), monitor)
+    model.double()
+    gradients(model, loss_fn, x, monitor)
+    log.close()
+    assert monitor.estimates().num_inputs == 1 + 2 * len(x)
