@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import IO, List, Union
 
@@ -78,6 +79,9 @@ class FisherLog:
 def read_log(path: Union[str, Path]) -> List[dict]:
     """Records of a JSON-lines log.
 
+    A last line cut short (a run killed while writing) is left out with a warning; the
+    intact records before it are returned.
+
     Raises:
         ValueError: if the file is missing, empty or not a fimhooks log, naming the line.
     """
@@ -86,20 +90,35 @@ def read_log(path: Union[str, Path]) -> List[dict]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
         raise ValueError(f"cannot read log {path}: {error.strerror or error}") from error
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for index, (number, line) in enumerate(numbered):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
+            if index == len(numbered) - 1 and records:
+                warnings.warn(
+                    f"{path}:{number}: the last record is cut short (the run was stopped "
+                    f"while writing it); reading the {len(records)} records before it.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                break
             raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from error
-        if not isinstance(record, dict) or record.get("version") != VERSION:
-            raise ValueError(f"{path}:{number}: not a fimhooks log record (version {VERSION})")
+        missing = [key for key in _REQUIRED if not isinstance(record, dict) or key not in record]
+        if not isinstance(record, dict) or record.get("version") != VERSION or missing:
+            raise ValueError(
+                f"{path}:{number}: not a fimhooks log record (version {VERSION}"
+                + (f"; missing {missing})" if isinstance(record, dict) and missing else ")")
+            )
         records.append(record)
     if not records:
         raise ValueError(f"{path}: the log has no records")
     return records
+
+
+#: Keys every record has (the report reads them).
+_REQUIRED = ("version", "step", "estimators", "layers")
 
 
 def _finite(value):

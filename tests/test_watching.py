@@ -146,7 +146,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("fimhooks: error: cannot read log") and "\n" not in err
     (tmp_path / LOG_NAME).write_text('{"version": 1}\nnot json\n')
     assert main(["report", str(tmp_path)]) == 1
-    assert f"{LOG_NAME}:2: not JSON" in capsys.readouterr().err
+    assert f"{LOG_NAME}:1: not a fimhooks log record (version 1; missing" in capsys.readouterr().err
+
+
+def test_a_log_cut_short_by_a_killed_run_keeps_its_intact_records(tmp_path, capsys):
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    log = monitor.log_to(tmp_path / LOG_NAME)
+    train(monitor, model, loss_fn, x, 3)
+    log.close()
+    intact = (tmp_path / LOG_NAME).read_text()
+    (tmp_path / LOG_NAME).write_text(intact + intact.splitlines()[-1][:40])  # killed mid-line
+    with pytest.warns(RuntimeWarning, match=r":4: the last record is cut short .* the 3 records"):
+        assert len(read_log(tmp_path / LOG_NAME)) == 3
+    lines = intact.splitlines()
+    (tmp_path / LOG_NAME).write_text("\n".join([lines[0], "not json", lines[1]]))
+    with pytest.raises(ValueError, match=":2: not JSON"):
+        read_log(tmp_path / LOG_NAME)
 
 
 def test_python_dash_m_runs_the_command():
