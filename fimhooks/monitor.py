@@ -114,7 +114,9 @@ class FisherMonitor:
         self._layer_of = {name: self._declared[id(p)][0][0] for name, p in model.named_parameters()}
         self._leaves = {path: m for path, m in model.named_modules() if not list(m.children())}
         self._chain_leaves = _chain_leaves(model, self._leaves, self._declared)
-        self._watched = [m for m in model.modules() if _has_params(m)]
+        self._watched = [
+            m for m in model.modules() if _has_params(m) or spec_for(m).batch_statistics
+        ]
         if self._chain_leaves is not None:  # the chain check needs every layer's call
             self._watched += [m for m in self._leaves.values() if not _has_params(m)]
         self._terms = terms_for(self.estimators)
@@ -240,8 +242,12 @@ class FisherMonitor:
             self._recording = ForwardRecord()
 
     def _record_call(self, module, args, kwargs, output) -> None:
-        if self._recording is not None:
-            self._recording.add(module, self._paths[id(module)], args, kwargs, output)
+        if self._recording is None:
+            return
+        path = self._paths[id(module)]
+        if spec_for(module).batch_statistics and module.training:
+            self._recording.batch_statistics = path
+        self._recording.add(module, path, args, kwargs, output)
 
     def _finish_record(self, module, args, output) -> None:
         record, self._recording = self._recording, None
@@ -285,6 +291,12 @@ class FisherMonitor:
             self._busy = False
 
     def _collect(self, record: ForwardRecord) -> None:
+        if record.batch_statistics is not None:
+            raise ValueError(
+                f"BatchNorm layer '{record.batch_statistics}' was in training mode during the "
+                "forward pass of this step: per-sample quantities are undefined there. Put it "
+                "in eval mode (module.eval()) before the forward pass."
+            )
         h = record.output
         if h.shape[0] == 0:  # a batch without inputs adds nothing
             return

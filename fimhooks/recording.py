@@ -94,11 +94,13 @@ class ForwardRecord:
         calls: The calls.
         output: The model output (set when the forward pass returns).
         consumed: Whether a backward pass through ``output`` was collected.
+        batch_statistics: Path of a layer that normalised with the batch's statistics.
     """
 
     calls: List[Call] = field(default_factory=list)
     output: Optional[Tensor] = None
     consumed: bool = False
+    batch_statistics: Optional[str] = None
 
     def add(self, module: nn.Module, path: str, args: tuple, kwargs: dict, output) -> None:
         """Record a call (a forward hook's arguments)."""

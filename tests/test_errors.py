@@ -39,6 +39,18 @@ def test_batchnorm_in_training_mode():
             pass
 
 
+def test_a_forward_pass_with_batchnorm_in_training_mode_is_refused():
+    """Switching to eval mode after the forward pass does not make its numbers per-input."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    monitor = fimhooks.FisherMonitor(model, "categorical")
+    model.train()
+    output = model(torch.randn(5, 3))
+    model.eval()
+    with pytest.raises(ValueError, match="'1' was in training mode during the forward pass"):
+        with monitor:
+            output.sum().backward()
+
+
 @pytest.mark.parametrize(
     "options, match",
     [
