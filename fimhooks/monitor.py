@@ -108,22 +108,12 @@ class FisherMonitor:
                 f"this {type(model).__name__} is already watched by a FisherMonitor; call "
                 "remove() on that monitor first (two monitors would each collect every step)."
             )
-        self._paths = {id(m): path for path, m in model.named_modules()}
-        self._param_names = {id(p): name for name, p in model.named_parameters()}
-        self._declared = _declarations(model)
-        self._layer_of = {name: self._declared[id(p)][0][0] for name, p in model.named_parameters()}
-        self._leaves = {path: m for path, m in model.named_modules() if not list(m.children())}
-        self._chain_leaves = _chain_leaves(model, self._leaves, self._declared)
-        self._watched = [
-            m for m in model.modules() if _has_params(m) or spec_for(m).batch_statistics
-        ]
-        if self._chain_leaves is not None:  # the chain check needs every layer's call
-            self._watched += [m for m in self._leaves.values() if not _has_params(m)]
+        self._structure, self._handles, self._hooked = None, [], set()
+        self._read_structure()
         self._terms = terms_for(self.estimators)
         self._exact_pass = exact_pass(self._terms)
         self._kronecker = False
         self._generators: Dict[torch.device, torch.Generator] = {}
-        self._handles = []
         self._accumulators: Dict[str, RunningDiagonal] = {}
         self.skipped = 0
         self._entries = 0
@@ -222,29 +212,62 @@ class FisherMonitor:
 
     # --- hooks: they only move data -------------------------------------------------
 
+    def _read_structure(self) -> None:
+        """Paths, parameter names and watched modules, read again when the model changed.
+
+        Layers added after the monitor was built and parameters replaced (``load_state_dict
+        (assign=True)``) are picked up before the next collected step's forward pass.
+        """
+        model = self.model
+        structure = tuple(map(id, model.modules())) + tuple(map(id, model.parameters()))
+        if structure == self._structure:
+            return
+        self._structure = structure
+        self._paths = {id(m): path for path, m in model.named_modules()}
+        self._param_names = {id(p): name for name, p in model.named_parameters()}
+        self._declared = _declarations(model)
+        self._layer_of = {name: self._declared[id(p)][0][0] for name, p in model.named_parameters()}
+        self._leaves = {path: m for path, m in model.named_modules() if not list(m.children())}
+        self._chain_leaves = _chain_leaves(model, self._leaves, self._declared)
+        self._watched = [
+            m for m in model.modules() if _has_params(m) or spec_for(m).batch_statistics
+        ]
+        if self._chain_leaves is not None:  # the chain check needs every layer's call
+            self._watched += [m for m in self._leaves.values() if not _has_params(m)]
+        if self._handles:
+            self._hook_watched()
+
     def _set_hooks(self, on: bool) -> None:
         """Hooks exist only around collected steps, so other steps cost nothing extra."""
         if on and not self._handles:
+            self._read_structure()
             start, finish = _Hook(self, "_start_record"), _Hook(self, "_finish_record")
             self._handles.append(self.model.register_forward_pre_hook(start))
-            record = _Hook(self, "_record_call")
-            for module in self._watched:
-                self._handles.append(module.register_forward_hook(record, with_kwargs=True))
+            self._hook_watched()
             self._handles.append(self.model.register_forward_hook(finish))
         elif not on:
             for handle in self._handles:
                 handle.remove()
-            self._handles = []
+            self._handles, self._hooked = [], set()
+
+    def _hook_watched(self) -> None:
+        """Record hooks on the watched modules that have none yet."""
+        record = _Hook(self, "_record_call")
+        for module in self._watched:
+            if id(module) not in self._hooked:
+                self._hooked.add(id(module))
+                self._handles.append(module.register_forward_hook(record, with_kwargs=True))
 
     def _start_record(self, module, args) -> None:
         # not while collecting: the generic rule may replay the model itself
         if torch.is_grad_enabled() and self._recording is None and not self._busy:
+            self._read_structure()  # layers added since the hooks were set get theirs now
             self._recording = ForwardRecord()
 
     def _record_call(self, module, args, kwargs, output) -> None:
-        if self._recording is None:
+        path = self._paths.get(id(module))  # None: a layer taken out of the model
+        if self._recording is None or path is None:
             return
-        path = self._paths[id(module)]
         if spec_for(module).batch_statistics and module.training:
             self._recording.batch_statistics = path
         self._recording.add(module, path, args, kwargs, output)
@@ -297,6 +320,7 @@ class FisherMonitor:
                 "forward pass of this step: per-sample quantities are undefined there. Put it "
                 "in eval mode (module.eval()) before the forward pass."
             )
+        self._read_structure()
         h = record.output
         if h.shape[0] == 0:  # a batch without inputs adds nothing
             return

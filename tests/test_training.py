@@ -283,3 +283,17 @@ def test_batches_of_zero_or_one_input_and_a_change_of_precision():
     gradients(model, loss_fn, x, monitor)
     log.close()
     assert monitor.estimates().num_inputs == 1 + 2 * len(x)
+
+
+def test_layers_added_and_parameters_replaced_after_the_monitor_was_built():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    gradients(model, loss_fn, x, monitor)
+    model.load_state_dict({k: v + 0.1 for k, v in model.state_dict().items()}, assign=True)
+    model.append(torch.nn.Tanh()).append(torch.nn.Linear(out, out).double())
+    gradients(model, loss_fn, x, monitor)
+    gradients(model, loss_fn, x, monitor)
+    est = monitor.estimates()
+    assert est.has("4.weight") and est.fisher("I1")["4.weight"].shape == (out, out)
+    assert est.num_inputs == 3 * len(x)
