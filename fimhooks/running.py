@@ -48,6 +48,7 @@ class RunningDiagonal:
         self.mc_samples = mc_samples
         self.num_inputs = 0
         self.num_steps = 0
+        self.single_input_steps = 0
         self.stats: Dict[str, Tensor] = {}
         self.aliases: Dict[str, str] = {}
         self._staged: Dict[str, Tensor] = {}
@@ -69,6 +70,7 @@ class RunningDiagonal:
             self._stage_ema(self._ema_step(batch.dense(), num_inputs))
         self.num_inputs += num_inputs
         self.num_steps += 1
+        self.single_input_steps += num_inputs < 2
         self._staged_steps += 1
         if self._staged_steps == FOLD_EVERY:
             self._fold()
@@ -86,6 +88,7 @@ class RunningDiagonal:
         self.aliases.update(other.aliases)
         self.num_inputs += other.num_inputs
         self.num_steps += other.num_steps
+        self.single_input_steps += other.single_input_steps
 
     def _stage_sums(self, batch: BatchSums) -> None:
         for key, value in batch.sums.items():
@@ -117,6 +120,7 @@ class RunningDiagonal:
                 step["mean_" + name] = total / n
                 m2 = (sums[name + "_sq"] - total**2 / n).clamp_min_(0.0)
                 step["var_" + name] = m2 / ((n - 1) * n) if n > 1 else torch.zeros_like(m2)
+                step["varweight"] = total.new_tensor(float(n > 1))
         for term in (name for name, t in TERMS.items() if t.label_variance):
             if term in sums:
                 step["labelvar_" + term] = sums[term] / (n**2 * self.mc_samples)
@@ -188,12 +192,28 @@ class RunningDiagonal:
         """Empirical variance of the running estimate (sample variance across inputs / N)."""
         self._fold()
         if self.ema_decay is not None:
-            return self.stats["var_" + estimator] / self._bias_correction() ** 2
+            return self._ema_sample_variance(estimator)
         n = self.num_inputs
         total, squares = self._stat(estimator), self._stat(estimator + "_sq")
         if n < 2:
             return torch.full_like(total, float("nan"))
         return (squares - total**2 / n).clamp_min(0.0) / ((n - 1) * n)
+
+    def _ema_sample_variance(self, estimator: str) -> Tensor:
+        """``Σ_t w_t² Var_t``; a step of one input has no ``Var_t``.
+
+        Such steps are left out and the sum is scaled back to all the weights (the other
+        steps' variances stand in for theirs); with none left it is NaN.
+        """
+        variance = self.stats["var_" + estimator] / self._bias_correction() ** 2
+        if not self.single_input_steps:
+            return variance
+        beta, steps = self.ema_decay, self.num_steps
+        every = (1 - beta) ** 2 * (1 - beta ** (2 * steps)) / (1 - beta**2)
+        defined = self.stats["varweight"].item() if "varweight" in self.stats else 0.0
+        if defined <= 0:
+            return torch.full_like(variance, float("nan"))
+        return variance * (every / defined)
 
     def effective_inputs(self) -> float:
         """Inputs whose plain average has the running estimate's variance (SPEC §4-§5).
@@ -219,6 +239,7 @@ class RunningDiagonal:
             "mc_samples": self.mc_samples,
             "num_inputs": self.num_inputs,
             "num_steps": self.num_steps,
+            "single_input_steps": self.single_input_steps,
             "stats": {k: v.clone() for k, v in self.stats.items()},
             "aliases": dict(self.aliases),
         }
@@ -246,6 +267,7 @@ class RunningDiagonal:
         self.mc_samples = state["mc_samples"]
         self.num_inputs = state["num_inputs"]
         self.num_steps = state["num_steps"]
+        self.single_input_steps = state.get("single_input_steps", 0)
         self.stats = {k: v.clone() for k, v in state["stats"].items()}
         self.aliases = dict(state["aliases"])
         self._staged = {}

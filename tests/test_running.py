@@ -191,3 +191,22 @@ def test_a_second_monitor_on_a_watched_model_is_refused():
         fimhooks.FisherMonitor(model, "categorical")
     first.remove()
     fimhooks.FisherMonitor(model, "categorical").remove()
+
+
+def test_ema_steps_of_one_input_have_no_sample_variance():
+    """Never a data variance of exactly zero from a step that cannot have one."""
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    beta = 0.8
+    ema = fimhooks.FisherMonitor(model, loss_fn, ema_decay=beta)
+    collect(ema, model, loss_fn, x[:1])
+    assert all(v.isnan().all() for v in ema.estimates().data_variance().values())
+    collect(ema, model, loss_fn, x)
+    ema.remove()
+    plain = fimhooks.FisherMonitor(model, loss_fn)
+    collect(plain, model, loss_fn, x)
+    weights = [(1 - beta) * beta ** (2 - t) / (1 - beta**2) for t in (1, 2)]
+    scale = sum(w * w for w in weights)  # Σ_t w_t², the second step standing in for the first
+    for name, value in ema.estimates().data_variance().items():
+        expected = scale * plain.estimates().data_variance()[name]
+        torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
