@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Dict
 
@@ -51,8 +52,10 @@ class FisherPreconditioner:
         uncertainty_damping: float = 0.0,
         update_every: int = 1,
     ):
-        if not damping > 0:
-            raise ValueError(f"damping must be positive, got {damping!r}.")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+            raise TypeError(f"damping must be a number, got {type(damping).__name__}.")
+        if not 0 < damping < math.inf:
+            raise ValueError(f"damping must be positive and finite, got {damping!r}.")
         if estimator not in ESTIMATOR_CHOICES:
             raise ValueError(f"estimator must be one of {ESTIMATOR_CHOICES}, got {estimator!r}.")
         if estimator != "auto" and estimator not in monitor.estimators:
@@ -79,6 +82,7 @@ class FisherPreconditioner:
         self._diagonal: Dict[str, torch.Tensor] = {}
         self._kronecker: Dict[str, tuple] = {}
         self._warned_general = False
+        self._not_finite: set = set()
         if structure == "kfac":
             monitor.collect_kronecker_factors()
             others = [
@@ -112,13 +116,28 @@ class FisherPreconditioner:
                 bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
                 grads.append(bias_grad.unsqueeze(1))
             solved = kronecker_solve(torch.cat(grads, 1).double(), A_inverse, G_inverse)
-            weight.grad.copy_(solved[:, : weight.shape[1]])
+            self._write(_join(layer, "weight"), weight.grad, solved[:, : weight.shape[1]])
             if bias is not None and bias.grad is not None and bias.requires_grad:
-                bias.grad.copy_(solved[:, -1])
+                self._write(_join(layer, "bias"), bias.grad, solved[:, -1])
         for name, denominator in self._diagonal.items():
             p = params[name]
             if p.grad is not None and p.requires_grad:
-                p.grad.copy_(p.grad / denominator)
+                self._write(name, p.grad, p.grad / denominator)
+
+    def _write(self, name: str, grad: torch.Tensor, preconditioned: torch.Tensor) -> None:
+        """Replace ``grad``, unless the preconditioned one is not finite (then say so)."""
+        if torch.isfinite(preconditioned).all():
+            grad.copy_(preconditioned)
+            return
+        if name not in self._not_finite:
+            self._not_finite.add(name)
+            warnings.warn(
+                f"fimhooks: the preconditioned gradient of '{name}' is not finite (a Fisher "
+                f"entry near zero against damping {self.damping}); its gradient was left "
+                "as it was. Increase the damping.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _refresh(self) -> None:
         est = self.monitor.live_estimates()

@@ -21,7 +21,10 @@ def diagonal_denominator(
     std: Optional[Tensor] = None,
     uncertainty_damping: float = 0.0,
 ) -> Tensor:
-    """``fisher + λ + κ · std``: the preconditioned gradient is ``grad`` divided by it.
+    """``max(fisher, 0) + λ + κ · std``: the preconditioned gradient is ``grad`` over it.
+
+    The Fisher is positive semi-definite, but a sampled Î₂ entry can be negative: it is
+    clipped at zero, so that no entry flips the gradient's sign or divides by zero.
 
     Args:
         fisher: Diagonal Fisher estimate, ``[*P]``.
@@ -29,7 +32,7 @@ def diagonal_denominator(
         std: Standard error of each entry of ``fisher`` (needed when ``κ > 0``).
         uncertainty_damping: ``κ``: an entry is damped more where its estimate is noisier.
     """
-    denominator = fisher + damping
+    denominator = fisher.clamp_min(0.0) + damping
     if uncertainty_damping:
         denominator = denominator + uncertainty_damping * std
     return denominator

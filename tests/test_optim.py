@@ -245,3 +245,32 @@ def test_kfac_on_a_model_that_is_not_a_chain_falls_back_with_a_warning():
     with pytest.warns(RuntimeWarning, match=r"\['a', 'b'\] got no Kronecker factors"):
         precond.step()
     assert precond.choices == {"a": "exact", "b": "exact"}
+
+
+def test_bad_damping_and_non_finite_steps_are_reported():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    monitor = fimhooks.FisherMonitor(model, "categorical", estimators=("I1", "exact"))
+    with pytest.raises(TypeError, match="damping must be a number, got str"):
+        FisherPreconditioner(monitor, damping="1e-3")
+    with pytest.raises(ValueError, match="positive and finite"):
+        FisherPreconditioner(monitor, damping=float("inf"))
+    precond = FisherPreconditioner(monitor, damping=1e-300, estimator="exact")
+    x = torch.zeros(4, 3, dtype=torch.float64)  # zero inputs: the weight's Fisher is zero
+    model.zero_grad()
+    output = model(x)
+    with monitor:
+        (output.sum() + 1e10 * model[0].weight.sum()).backward()  # a gradient there anyway
+    grad = model[0].weight.grad.clone()
+    with pytest.warns(RuntimeWarning, match="'0.weight' is not finite.*Increase the damping"):
+        precond.step()
+    assert torch.equal(model[0].weight.grad, grad)
+
+
+def test_negative_i2_entries_are_clipped_before_the_damping():
+    from fimhooks.preconditioning import diagonal_denominator
+
+    fisher = torch.tensor([-0.5, 0.0, 2.0], dtype=torch.float64)
+    denominator = diagonal_denominator(fisher, 0.1)
+    assert torch.equal(denominator, torch.tensor([0.1, 0.1, 2.1], dtype=torch.float64))
