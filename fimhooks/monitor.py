@@ -260,7 +260,7 @@ class FisherMonitor:
 
     def _start_record(self, module, args) -> None:
         # not while collecting: the generic rule may replay the model itself
-        if torch.is_grad_enabled() and self._recording is None and not self._busy:
+        if torch.is_grad_enabled() and not self._busy:  # a failed forward's record is dropped
             self._read_structure()  # layers added since the hooks were set get theirs now
             self._recording = ForwardRecord()
 
