@@ -147,7 +147,8 @@ class FisherEstimates:
 
     def _layer_stats(self, names: List[str], target: float) -> dict:
         accs = [self._acc[n] for n in names]
-        n_eff = accs[0].effective_inputs()
+        # per parameter: one frozen during the run has seen fewer inputs than its layer
+        n_eff = [a.effective_inputs() for a in accs]
         draws = accs[0].mc_samples
         stats = {
             "module": self._layer_types.get(self._layer_of[names[0]], ""),
@@ -159,12 +160,18 @@ class FisherEstimates:
             variances = [self._variances(e, a) for a in accs]
             total = _cat(t for _, t in variances)
             total_sum = total.sum().item()
+            sums = [
+                (t.sum().item(), 0.0 if label is None else label.sum().item())
+                for label, t in variances
+            ]
+            label_sum = sum(label for _, label in sums)
+            # the noise of one input: each parameter's variance times its own input count
+            per_input = [(t * n, label * n) for (t, label), n in zip(sums, n_eff)]
             if self.exact_pass:
-                label_sum = sum(label.sum().item() for label, _ in variances)
-                label_noise = label_sum * n_eff * draws
-                data_noise = (total_sum - label_sum) * n_eff
+                label_noise = sum(label for _, label in per_input) * draws
+                data_noise = sum(t - label for t, label in per_input)
             else:  # the empirical variance holds both noises at the current draws
-                label_noise, data_noise = 0.0, total_sum * n_eff
+                label_noise, data_noise = 0.0, sum(t for t, _ in per_input)
             sq_norm = (fisher * fisher).sum().item()
             needed = inputs_needed(label_noise, data_noise, sq_norm, target, draws)
             costs[e] = needed * cost_per_input(e, draws, self.num_outputs)

@@ -1,5 +1,7 @@
 """Running estimates (SPEC §5): EMA weights, cumulative merges, state round trips."""
 
+import math
+
 import pytest
 import torch
 from cases import make_input, make_loss, make_model, make_target
@@ -210,3 +212,23 @@ def test_ema_steps_of_one_input_have_no_sample_variance():
     for name, value in ema.estimates().data_variance().items():
         expected = scale * plain.estimates().data_variance()[name]
         torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
+
+
+def test_a_parameter_frozen_mid_run_keeps_its_own_count_in_the_guidance():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    collect(monitor, model, loss_fn, x)
+    model[0].bias.requires_grad_(False)
+    collect(monitor, model, loss_fn, x)
+    collect(monitor, model, loss_fn, x)
+    est = monitor.estimates()
+    weight, bias = est._acc["0.weight"], est._acc["0.bias"]
+    assert (weight.num_inputs, bias.num_inputs) == (3 * len(x), len(x))
+    stats = est.layer_statistics()["0"]["exact"]
+    per_input = sum(
+        (acc.label_variance("exact") + acc.sample_variance("exact")).sum().item() * acc.num_inputs
+        for acc in (weight, bias)
+    )
+    sq_norm = sum((acc.fisher("exact") ** 2).sum().item() for acc in (weight, bias))
+    assert math.isclose(stats["inputs_needed"], per_input / (0.05**2 * sq_norm), rel_tol=1e-9)
