@@ -297,3 +297,15 @@ def test_layers_added_and_parameters_replaced_after_the_monitor_was_built():
     est = monitor.estimates()
     assert est.has("4.weight") and est.fisher("I1")["4.weight"].shape == (out, out)
     assert est.num_inputs == 3 * len(x)
+
+
+def test_monitors_of_two_models_nest():
+    loss_fn, out, _ = make_loss("categorical")
+    a, b, x = make_model("tanh_mlp", out), make_model("relu_mlp", out), make_input("tanh_mlp")
+    watch_a, watch_b = fimhooks.FisherMonitor(a, loss_fn), fimhooks.FisherMonitor(b, loss_fn)
+    for xb in watch_a.progress([x[:1], x], disable=True):  # a first batch of one input
+        out_a, out_b = a(xb), b(xb)
+        with watch_a, watch_b:
+            loss = loss_fn(out_a, make_target(loss_fn, out_a))
+            (loss + loss_fn(out_b, make_target(loss_fn, out_b))).backward()
+    assert watch_a.estimates().num_inputs == watch_b.estimates().num_inputs == len(x) + 1
