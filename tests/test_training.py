@@ -239,6 +239,9 @@ def test_copies_and_pickles_of_a_watched_model_carry_no_monitor():
     loss_fn, out, _ = make_loss("categorical")
     model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
     monitor = fimhooks.FisherMonitor(model, loss_fn)
+    early = copy.deepcopy(model)  # before the first step
+    gradients(early, loss_fn, x)
+    assert monitor.collected_steps == 0 and not monitor._records
     gradients(model, loss_fn, x, monitor)
     twin = copy.deepcopy(model)
     torch.save(model, io.BytesIO())
@@ -279,10 +282,12 @@ def test_batches_of_zero_or_one_input_and_a_change_of_precision():
             model(x[:0]).sum().backward()
     model.float()
     gradients(model, loss_fn, x.float(), monitor)
+    model.to(torch.bfloat16)
+    gradients(model, loss_fn, x.to(torch.bfloat16), monitor)
     model.double()
     gradients(model, loss_fn, x, monitor)
     log.close()
-    assert monitor.estimates().num_inputs == 1 + 2 * len(x)
+    assert monitor.estimates().num_inputs == 1 + 3 * len(x)
 
 
 def test_layers_added_and_parameters_replaced_after_the_monitor_was_built():
