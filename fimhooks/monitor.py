@@ -130,6 +130,7 @@ class FisherMonitor:
         self._records: List[ForwardRecord] = []
         self._recording: Optional[ForwardRecord] = None
         self._mask = self._next_mask = None
+        self._started = False
         self._generic_layers: Dict[str, None] = {}  # an ordered set
         self._warned = set()
         self._set_hooks(True)
@@ -172,7 +173,7 @@ class FisherMonitor:
                 self._commit()
             self._pending, self._pending_inputs = {}, 0
         self._records, self._mask = [], None
-        self._set_hooks(self._armed)
+        self._set_hooks(self._armed or self._started)
         return False
 
     @staticmethod
@@ -294,7 +295,16 @@ class FisherMonitor:
 
     def _on_output_grad(self, record: Optional[ForwardRecord]) -> None:
         """The backward pass reached the model output: collect before it goes further."""
-        if self._busy or not self._collecting:
+        if self._busy:
+            return
+        if self._started and not self._inside:  # start(): this backward is one block
+            with self:
+                self._take(record)
+            return
+        self._take(record)
+
+    def _take(self, record: Optional[ForwardRecord]) -> None:
+        if not self._collecting:
             return
         if record is None:
             self._warn_once(
@@ -488,6 +498,29 @@ class FisherMonitor:
         log = FisherLog(self, target, writer, target_rse)
         self._listeners.append(log)
         return log
+
+    def start(self) -> "FisherMonitor":
+        """Collect without ``with`` blocks, for training loops you do not own.
+
+        Until ``stop()``, every backward pass through the model's output counts as one
+        ``with monitor:`` block (``every`` applies), collected when it reaches the output.
+        Forward hooks stay on for every step while started, so that each backward is
+        counted.
+
+        Returns:
+            The monitor.
+        """
+        self._check_attached("start")
+        if self._inside:
+            raise RuntimeError("start() inside a `with monitor:` block: use one or the other.")
+        self._started = True
+        self._set_hooks(True)
+        return self
+
+    def stop(self) -> None:
+        """End ``start()``: collect inside ``with monitor:`` blocks only."""
+        self._started = False
+        self._set_hooks(self._armed)
 
     @property
     def removed(self) -> bool:

@@ -314,3 +314,22 @@ def test_monitors_of_two_models_nest():
             loss = loss_fn(out_a, make_target(loss_fn, out_a))
             (loss + loss_fn(out_b, make_target(loss_fn, out_b))).backward()
     assert watch_a.estimates().num_inputs == watch_b.estimates().num_inputs == len(x) + 1
+
+
+def test_start_and_stop_count_every_backward_as_a_block():
+    loss_fn, out, _ = make_loss("gaussian")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    with_blocks = fimhooks.FisherMonitor(model, loss_fn, every=2, seed=4)
+    for _ in range(4):
+        gradients(model, loss_fn, x, with_blocks)
+    expected = with_blocks.estimates()
+    with_blocks.remove()
+    started = fimhooks.FisherMonitor(model, loss_fn, every=2, seed=4).start()
+    for _ in range(4):
+        gradients(model, loss_fn, x)  # a loop that knows nothing of the monitor
+    started.stop()
+    gradients(model, loss_fn, x)
+    gradients(model, loss_fn, x)
+    assert started.backward_passes == 4 and started.collected_steps == 2
+    for name, value in started.estimates().fisher("I1").items():
+        assert torch.equal(value, expected.fisher("I1")[name])
