@@ -90,14 +90,7 @@ class FisherMonitor:
         self.likelihood = likelihood_from(likelihood, sigma)
         self._class_axis = 1 if isinstance(likelihood, nn.CrossEntropyLoss) else -1
         self.estimators = _check_estimators(estimators)
-        if not (isinstance(mc_samples, int) and mc_samples >= 1):
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-        if not (isinstance(every, int) and every >= 1):
-            raise ValueError(f"every must be a positive integer, got {every!r}.")
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be None or in (0, 1), got {ema_decay!r}.")
-        if output is not None and not callable(output):
-            raise TypeError(f"output must be a callable, got {type(output).__name__}.")
+        _check_options(mc_samples, every, ema_decay, output)
         self.model, self._output_of = model, output
         self.mc_samples, self.every, self.ema_decay = mc_samples, every, ema_decay
         self.seed = torch.initial_seed() if seed is None else int(seed)
@@ -665,6 +658,17 @@ def _available(device: torch.device) -> bool:
         return True
     module = getattr(torch, device.type, None)
     return bool(module is not None and module.is_available())
+
+
+def _check_options(mc_samples, every, ema_decay, output) -> None:
+    if not (isinstance(mc_samples, int) and mc_samples >= 1):
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+    if not (isinstance(every, int) and every >= 1):
+        raise ValueError(f"every must be a positive integer, got {every!r}.")
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be None or in (0, 1), got {ema_decay!r}.")
+    if output is not None and not callable(output):
+        raise TypeError(f"output must be a callable, got {type(output).__name__}.")
 
 
 def _check_estimators(estimators: Iterable[str]) -> tuple:
