@@ -58,3 +58,50 @@ def test_hugging_face_trainer_collects_every_step(tmp_path):
         "fisher/transformer.ln_f/I1/label_share",
     } <= set(steps[-1])
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_lightning_fit_collects_every_step_and_logs(tmp_path):
+    lightning = pytest.importorskip("lightning")
+    from fimhooks.integrations.lightning import FisherCallback
+
+    class Classifier(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+            )
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(24, 3, generator=generator), torch.randint(0, 3, (24,), generator=generator)
+    )
+    logged = []
+
+    class Recorder(lightning.pytorch.loggers.logger.DummyLogger):
+        def log_metrics(self, metrics, step=None):
+            logged.append(dict(metrics))
+
+    callback = FisherCallback("categorical", model="net", every=2)
+    trainer = lightning.Trainer(
+        max_epochs=2,
+        callbacks=[callback],
+        logger=Recorder(),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+    )
+    trainer.fit(Classifier(), torch.utils.data.DataLoader(data, batch_size=6))
+    assert callback.monitor.removed and callback.monitor.backward_passes == 8
+    assert callback.monitor.collected_steps == 4
+    assert callback.monitor.estimates().num_inputs == 4 * 6
+    assert any("fisher/0/I1/trace" in metrics for metrics in logged)

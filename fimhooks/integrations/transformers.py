@@ -17,6 +17,7 @@ from typing import Dict, Optional, Union
 
 from torch import nn
 
+from fimhooks.integrations import layer_scalars
 from fimhooks.monitor import FisherMonitor
 
 try:
@@ -46,7 +47,6 @@ class FisherCallback(TrainerCallback):
         self.likelihood = likelihood
         self.monitor_options = {"output": _logits, **monitor_options}
         self.monitor: Optional[FisherMonitor] = None
-        self._logged_steps = 0
 
     def attach(self, trainer) -> "FisherCallback":
         """Add this callback to ``trainer`` before its other callbacks.
@@ -74,14 +74,7 @@ class FisherCallback(TrainerCallback):
         """Per-layer scalars of the running estimates (empty before the first collection)."""
         if self.monitor is None or not self.monitor.collected_steps:
             return {}
-        out = {}
-        for layer, stats in self.monitor.live_estimates().layer_statistics().items():
-            for estimator in self.monitor.estimators:
-                for key in ("trace", "rse", "label_share"):
-                    value = stats[estimator][key]
-                    if value is not None:
-                        out[f"fisher/{layer or 'model'}/{estimator}/{key}"] = value
-        return out
+        return layer_scalars(self.monitor)
 
 
 def _logits(output):
