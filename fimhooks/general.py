@@ -146,7 +146,8 @@ def _backward(output, to_output, draw, positions, directions, samples, calls) ->
         if grad is None:
             grad = vectors.new_zeros(vectors.shape[0], *call.output.shape)
         axis = batch_axis(call.module)
-        captured[id(call)] = grad.detach().movedim(1 + axis, 1)[:, samples]
+        grad = grad.detach().movedim(1 + axis, 1)[:, samples]
+        captured[id(call)] = grad.float() if grad.element_size() < 4 else grad
     return captured
 
 

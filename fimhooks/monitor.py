@@ -327,7 +327,9 @@ class FisherMonitor:
         h = record.output
         if h.shape[0] == 0:  # a batch without inputs adds nothing
             return
-        positions = read_positions(h.detach(), self.likelihood, self._class_axis)
+        values = h.detach()  # labels are drawn in float32 at least (mixed precision)
+        values = values.float() if values.element_size() < 4 else values
+        positions = read_positions(values, self.likelihood, self._class_axis)
         observed = position_mask(self._mask, h, positions, self._class_axis)
         if not torch.isfinite(positions[observed]).all():  # no labels can be drawn
             self._pending_nonfinite = True

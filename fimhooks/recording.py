@@ -48,7 +48,7 @@ class Call:
 
     @property
     def args(self) -> tuple:
-        """The positional arguments, detached."""
+        """The positional arguments, detached, in float32 at least (mixed precision)."""
         return tuple(_detached(a) for a in self.inputs)
 
     @property
@@ -117,7 +117,8 @@ def chain_of(record: ForwardRecord, output: Tensor, leaves: dict) -> Optional[Li
 
     A chain: every leaf that ran (``leaves``: ``{id: module}``) ran once, each on (a contiguous view of) the previous
     leaf's output, the first on a tensor without gradient, and the model output is (a
-    view of) the last leaf's output; nothing was changed in place.
+    view of) the last leaf's output; nothing was changed in place, and no layer changed
+    the precision (autocast).
     """
     calls = [c for c in record.calls if id(c.module) in leaves]
     if not calls or len({id(c.module) for c in calls}) != len(calls):
@@ -130,6 +131,8 @@ def chain_of(record: ForwardRecord, output: Tensor, leaves: dict) -> Optional[Li
         if not _same_data(previous.output, call.inputs[0]):
             return None
     if any(c.modified_in_place() for c in calls):
+        return None
+    if any(c.output.dtype != c.inputs[0].dtype for c in calls):  # autocast: general path
         return None
     return calls
 
@@ -147,7 +150,10 @@ def _same_data(a, b) -> bool:
 
 
 def _detached(value):
-    return value.detach() if isinstance(value, Tensor) else value
+    if not isinstance(value, Tensor):
+        return value
+    value = value.detach()
+    return value.float() if value.is_floating_point() and value.element_size() < 4 else value
 
 
 def first_tensor(output) -> Optional[Tensor]:

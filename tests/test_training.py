@@ -333,3 +333,31 @@ def test_start_and_stop_count_every_backward_as_a_block():
     assert started.backward_passes == 4 and started.collected_steps == 2
     for name, value in started.estimates().fisher("I1").items():
         assert torch.equal(value, expected.fisher("I1")[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_and_grad_scaler_agree_with_float32(dtype):
+    """Statistics in float32 or better; the scaler's factor never reaches the estimates."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5)
+    )  # float32, as mixed precision trains it
+    x, y = torch.randn(64, 10), torch.randint(0, 5, (64,))
+
+    def run(autocast, scaler=None):
+        monitor = fimhooks.FisherMonitor(model, "categorical", estimators=("I1", "exact"), seed=0)
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        with monitor:
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        monitor.remove()
+        model.zero_grad()
+        return monitor.estimates()
+
+    reference = run(False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for est in (run(True), run(True, scaler)):
+        for name, value in est.fisher("exact").items():
+            assert value.dtype == torch.float64
+            trace, expected = value.sum(), reference.fisher("exact")[name].sum()
+            assert abs(trace - expected) <= 0.05 * expected, name
