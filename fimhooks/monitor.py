@@ -351,6 +351,7 @@ class FisherMonitor:
         """The fast path for chains of supported layers (BackPACK's module derivatives)."""
         layers = [(c.module, c.inputs[0], c.output) for c in chain]
         rules = [spec_for(c.module).chain for c in chain]
+        draw = draw.to(h.dtype)  # the chain computes in the model's precision
         kappa, kronecker = self.likelihood.kappa, self._kronecker
         sums = chain_batch_sums(layers, rules, h, draw, kappa, self._terms, kronecker)
         return {self._param_names[key]: value for key, value in sums.items()}

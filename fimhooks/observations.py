@@ -97,6 +97,17 @@ class LabelDraw:
         """``K``, directions per position."""
         return self.directions.shape[0]
 
+    def to(self, dtype: torch.dtype) -> "LabelDraw":
+        """The same draw in another precision."""
+
+        def cast(x):
+            return None if x is None else x.to(dtype)
+
+        tensors = (self.directions, self.weights, self.fourth_weights, self.coefficients)
+        return LabelDraw(
+            *map(cast, tensors), cast(self.position_weights), num_inputs=self.num_inputs
+        )
+
 
 def draw_labels(
     likelihood: Likelihood,
