@@ -361,3 +361,21 @@ def test_autocast_and_grad_scaler_agree_with_float32(dtype):
             assert value.dtype == torch.float64
             trace, expected = value.sum(), reference.fisher("exact")[name].sum()
             assert abs(trace - expected) <= 0.05 * expected, name
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_model_gives_the_eager_numbers(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+    ).double()
+    x, y = torch.randn(8, 10, dtype=torch.float64), torch.randint(0, 3, (8,))
+    eager = fimhooks.estimate(model, "categorical", x, progress=False, seed=0)
+    compiled = torch.compile(model, backend=backend)
+    monitor = fimhooks.FisherMonitor(compiled, "categorical", seed=0)
+    with monitor:
+        torch.nn.functional.cross_entropy(compiled(x), y).backward()
+    monitor.remove()
+    for name, value in monitor.estimates().fisher("exact").items():
+        expected = eager.fisher("exact")[name.removeprefix("_orig_mod.")]
+        torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
