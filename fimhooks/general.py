@@ -191,11 +191,4 @@ def _is_rank_one(param_uses: List[Use], draw: LabelDraw) -> bool:
 
 
 def _parameters(uses: Dict[str, List[Use]]) -> Dict[str, Tensor]:
-    return {name: getattr_path(u[0][0].module, u[0][1]) for name, u in uses.items()}
-
-
-def getattr_path(module, path: str) -> Tensor:
-    """``module.a.b`` for ``path = "a.b"``."""
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
+    return {name: u[0][0].module.get_parameter(u[0][1]) for name, u in uses.items()}

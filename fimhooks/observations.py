@@ -92,11 +92,6 @@ class LabelDraw:
     position_weights: Tensor
     num_inputs: int
 
-    @property
-    def num_directions(self) -> int:
-        """``K``, directions per position."""
-        return self.directions.shape[0]
-
     def to(self, dtype: torch.dtype) -> "LabelDraw":
         """The same draw in another precision."""
 
