@@ -12,12 +12,11 @@ Needs ``pip install lightning``.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Union
 
 from torch import nn
 
-from fimhooks.integrations import layer_scalars
-from fimhooks.monitor import FisherMonitor
+from fimhooks.integrations import StartedMonitor
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -27,7 +26,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
     ) from error
 
 
-class FisherCallback(Callback):
+class FisherCallback(Callback, StartedMonitor):
     """Attaches a started ``FisherMonitor`` to the LightningModule for ``trainer.fit``.
 
     Every backward pass counts as one block (``every`` applies). After each collected
@@ -44,14 +43,12 @@ class FisherCallback(Callback):
     """
 
     def __init__(self, likelihood: Union[str, nn.Module], *, model: str = "", **monitor_options):
-        self.likelihood, self.model_path = likelihood, model
-        self.monitor_options = monitor_options
-        self.monitor: Optional[FisherMonitor] = None
+        StartedMonitor.__init__(self, likelihood, monitor_options)
+        self.model_path = model
         self._logged = 0
 
     def on_fit_start(self, trainer, pl_module):  # noqa: D102
-        network = pl_module.get_submodule(self.model_path) if self.model_path else pl_module
-        self.monitor = FisherMonitor(network, self.likelihood, **self.monitor_options).start()
+        self.start_on(pl_module.get_submodule(self.model_path))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
         if self.monitor is not None and self.monitor.collected_steps > self._logged:
@@ -59,12 +56,4 @@ class FisherCallback(Callback):
             pl_module.log_dict(self.scalars(), on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer, pl_module):  # noqa: D102
-        if self.monitor is not None and not self.monitor.removed:
-            self.monitor.stop()
-            self.monitor.remove()
-
-    def scalars(self) -> Dict[str, float]:
-        """Per-layer scalars of the running estimates (empty before the first collection)."""
-        if self.monitor is None or not self.monitor.collected_steps:
-            return {}
-        return layer_scalars(self.monitor)
+        self.finish()

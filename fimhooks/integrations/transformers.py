@@ -13,12 +13,11 @@ Needs ``pip install transformers accelerate``.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Union
 
 from torch import nn
 
-from fimhooks.integrations import layer_scalars
-from fimhooks.monitor import FisherMonitor
+from fimhooks.integrations import StartedMonitor
 
 try:
     from transformers import TrainerCallback
@@ -28,7 +27,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
     ) from error
 
 
-class FisherCallback(TrainerCallback):
+class FisherCallback(TrainerCallback, StartedMonitor):
     """Attaches a started ``FisherMonitor`` for the length of ``trainer.train()``.
 
     Every backward pass of the trainer counts as one block (``every`` applies; with
@@ -44,9 +43,7 @@ class FisherCallback(TrainerCallback):
     """
 
     def __init__(self, likelihood: Union[str, nn.Module], **monitor_options):
-        self.likelihood = likelihood
-        self.monitor_options = {"output": _logits, **monitor_options}
-        self.monitor: Optional[FisherMonitor] = None
+        StartedMonitor.__init__(self, likelihood, {"output": _logits, **monitor_options})
 
     def attach(self, trainer) -> "FisherCallback":
         """Add this callback to ``trainer`` before its other callbacks.
@@ -59,22 +56,14 @@ class FisherCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: D102
-        self.monitor = FisherMonitor(model, self.likelihood, **self.monitor_options).start()
+        self.start_on(model)
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
         if logs is not None and self.monitor is not None:
             logs.update(self.scalars())
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: D102
-        if self.monitor is not None and not self.monitor.removed:
-            self.monitor.stop()
-            self.monitor.remove()
-
-    def scalars(self) -> Dict[str, float]:
-        """Per-layer scalars of the running estimates (empty before the first collection)."""
-        if self.monitor is None or not self.monitor.collected_steps:
-            return {}
-        return layer_scalars(self.monitor)
+        self.finish()
 
 
 def _logits(output):
