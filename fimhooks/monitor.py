@@ -323,7 +323,6 @@ class FisherMonitor:
                 "forward pass of this step: per-sample quantities are undefined there. Put it "
                 "in eval mode (module.eval()) before the forward pass."
             )
-        self._read_structure()
         h = record.output
         if h.shape[0] == 0:  # a batch without inputs adds nothing
             return
@@ -354,7 +353,8 @@ class FisherMonitor:
         draw = draw.to(h.dtype)  # the chain computes in the model's precision
         kappa, kronecker = self.likelihood.kappa, self._kronecker
         sums = chain_batch_sums(layers, rules, h, draw, kappa, self._terms, kronecker)
-        return {self._param_names[key]: value for key, value in sums.items()}
+        names = self._param_names  # read at the forward pass; later parameters had no use
+        return {names[key]: value for key, value in sums.items() if key in names}
 
     def _general_sums(self, record: ForwardRecord, draw: LabelDraw) -> Dict[str, BatchSums]:
         """Any graph: directions backpropagated by autograd (``general``)."""
@@ -391,7 +391,8 @@ class FisherMonitor:
             if not param.requires_grad:
                 continue
             found, called = [], False
-            for path, local in self._declared[id(param)]:
+            # a parameter set after this forward pass has no use in its graph
+            for path, local in self._declared.get(id(param), ()):
                 called = called or any(c.path == path for c in record.calls)
                 while path not in calls_at and path:  # used inside an ancestor's forward
                     parent, _, child = path.rpartition(".")
