@@ -99,30 +99,41 @@ def _input_chunk_sums(output, to_output, draw, uses, calls, chunks, samples, kap
     terms after the last one; terms are added over positions with the positions' weights.
     """
     K = draw.directions.shape[0]
-    per_input: Dict[str, dict] = {name: {} for name in uses}
-    output_terms: Dict[str, dict] = {}  # rank-one layers: terms of the layer's output
-    partial: Dict[str, dict] = {}
+    # rank-one layers (weight and bias of a Linear): terms of the layer's output, per call
+    rank_one = {name: id(u[0][0]) for name, u in uses.items() if _is_rank_one(u, draw)}
+    per_input: Dict[object, dict] = {}  # by parameter name, or by call for rank-one layers
+    partial: Dict[object, dict] = {}
     for positions, directions in chunks:
         captured = _backward(output, to_output, draw, positions, directions, samples, calls)
+        done = set()  # a rank-one layer's output terms serve its weight and its bias
         for name, param_uses in uses.items():
-            if _is_rank_one(param_uses, draw):
-                U = captured[id(param_uses[0][0])]
+            key = rank_one.get(name, name)
+            if key in done:
+                continue
+            done.add(key)
+            if key != name:
+                U = captured[key]
             else:
                 U = sum(_use_grads(c, local, captured[id(c)], samples) for c, local in param_uses)
             sums = _direction_sums(U, draw, positions, directions, samples, terms)
-            partial[name] = add_sums(partial.get(name), sums)
-            if directions[-1] != K - 1:
-                continue
-            flat = finish_terms(partial.pop(name), kappa, terms, K)
-            position_terms = _by_position(flat, len(positions))
-            weights = draw.position_weights[samples][:, positions]
-            target = output_terms if _is_rank_one(param_uses, draw) else per_input
-            target[name] = add_positions(target.get(name, {}), position_terms, weights)
-    sums = {name: batch_sums(value) for name, value in per_input.items() if value}
-    for name, value in output_terms.items():
-        call, local = uses[name][0]
-        x = call.args[0][samples]
-        sums[name] = batch_sums(value) if local == "bias" else rank_one_batch_sums(value, x)
+            partial[key] = add_sums(partial.get(key), sums)
+        if directions[-1] != K - 1:
+            continue
+        weights = draw.position_weights[samples][:, positions]
+        for key, value in partial.items():
+            position_terms = _by_position(finish_terms(value, kappa, terms, K), len(positions))
+            per_input[key] = add_positions(per_input.get(key, {}), position_terms, weights)
+        partial = {}
+    sums = {}
+    for name, param_uses in uses.items():
+        terms_of = per_input.get(rank_one.get(name, name))
+        if not terms_of:
+            continue
+        call, local = param_uses[0]
+        if name in rank_one and local == "weight":
+            sums[name] = rank_one_batch_sums(terms_of, call.args[0][samples])
+        else:
+            sums[name] = batch_sums(terms_of)
     return sums
 
 
