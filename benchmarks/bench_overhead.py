@@ -219,6 +219,8 @@ def make_step(row: str, model, loss_fn, x, y, model_name: str = ""):
             "fimhooks I1": ("I1",),
             "fimhooks I1+exact": ("I1", "exact"),
         }.get(row, ("I1", "I2", "exact"))
+        if model_name in BRANCHING:  # Î₂ there needs curvature fimhooks does not follow
+            estimators = tuple(e for e in estimators if e != "I2")
         every = 10**9 if row == "fimhooks not collected" else 1
         likelihood = "categorical" if isinstance(loss_fn, nn.CrossEntropyLoss) else "gaussian"
         monitor = fimhooks.FisherMonitor(model, likelihood, estimators=estimators, every=every)
