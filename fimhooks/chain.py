@@ -10,16 +10,24 @@ Jacobian (BackPACK's ``core.derivatives``), carrying a ``Backpropagated`` quanti
   ``z ↦ σ(z)`` met so far with ``σ'' ≠ 0``; then ``∂²(V_kᵀh)/∂θ_i²`` is the sum over
   sources of ``Σ_s c_ks (∂z_s/∂θ_i)²``.
 
+A source is carried in its structured form (``curvature``) as long as it has one. Where it
+would need its Jacobian per input (below a second Linear layer, or any other layer), it
+is *spilled*: its Jacobian is pulled down the rest of the chain a chunk of its entries at
+a time, and each chunk's second derivatives are added at every parameterized layer below
+(``ChainPass.curvature``). So no tensor of ``width²`` entries per input is held.
+
 Each parameter's quantities are reduced to batch sums (``diagonal_terms``) at its layer,
-so per-input tensors exist for one layer at a time only. BackPACK's derivatives read a
-layer's ``input0`` and ``output``: they are set on the layer for the duration of the pass
-and removed in ``finally``.
+so per-input tensors exist for one layer at a time only, and the whole pass runs on a
+chunk of inputs at a time: the memory budget (``memory.Budget``) holds at any batch size,
+number of classes, width or depth. BackPACK's derivatives read a layer's ``input0`` and
+``output``: they are set on the layer for the duration of the pass and removed in
+``finally``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -27,12 +35,12 @@ from torch import Tensor, nn
 from fimhooks import jacobians
 from fimhooks.curvature import CurvatureSource
 from fimhooks.diagonal_terms import BatchSums, batch_sums, per_input_terms, rank_one_batch_sums
+from fimhooks.memory import Budget
 from fimhooks.observations import LabelDraw
 
-#: Second-order Jacobians handled per chunk at a parameter (bounds peak memory).
-CHUNK = 64
-#: Entries of a per-input tensor of a parameter's size formed at once.
-ELEMENTS = 2**22
+#: Live copies of a pulled-back tensor assumed by the memory estimates (the tensor, its
+#: image under a layer and the temporaries of a term).
+COPIES = 4
 
 
 @dataclass
@@ -45,7 +53,7 @@ class Backpropagated:
     def shaped_like(self, output: Tensor) -> "Backpropagated":
         """The same quantity for a view of ``output`` (``squeeze``, ``view`` between layers)."""
         first = self.first.reshape(self.first.shape[0], *output.shape)
-        return Backpropagated(first, tuple(s.shaped_like(output) for s in self.sources))
+        return Backpropagated(first, self.sources)
 
 
 @dataclass
@@ -59,6 +67,11 @@ class ChainPass:
         kappa: The likelihood's ``κ``.
         terms: Which of ``exact, v1, v2, I1, I2`` to reduce.
         kronecker: Also reduce the Kronecker factors of Linear layers.
+        layers: ``(module, rule, whether its input is backpropagated to)``, forward order.
+        rows: Entries of a spilled source pulled down the chain at once.
+        elements: Entries of a per-input tensor of a parameter's size formed at once.
+        curvature: Second derivatives of spilled sources, ``[K, n, out]`` at a rank-one
+            layer's output by ``id(module)``, ``[K, n, *P]`` by ``(id(module), name)``.
         results: ``{id(parameter): BatchSums}``.
     """
 
@@ -67,8 +80,12 @@ class ChainPass:
     coefficients: Optional[Tensor]
     kappa: float
     terms: FrozenSet[str]
-    kronecker: bool = False
+    kronecker: bool
+    layers: List[Tuple[nn.Module, "PassThrough", bool]]
+    rows: int
+    elements: int
     saved: Dict[int, Backpropagated] = field(default_factory=dict)
+    curvature: Dict[object, Tensor] = field(default_factory=dict)
     results: Dict[int, BatchSums] = field(default_factory=dict)
     _output_terms: Optional[tuple] = None
 
@@ -93,9 +110,32 @@ class ChainPass:
     def layer_output_terms(self, module: nn.Module, bp: Backpropagated) -> dict:
         """Per-input terms of a Linear layer's output, computed once for weight and bias."""
         if self._output_terms is None or self._output_terms[0] is not module:
-            terms = self.output_terms(bp.first, _output_second_derivatives(bp))
-            self._output_terms = (module, terms)
+            W = _add(_output_second_derivatives(bp), self.curvature.pop(id(module), None))
+            self._output_terms = (module, self.output_terms(bp.first, W))
         return self._output_terms[1]
+
+    def spill(self, source: CurvatureSource, module: nn.Module) -> None:
+        """Pull ``source`` through ``module`` and down the rest of the chain.
+
+        ``rows`` of its entries at a time; each chunk adds its second derivatives at every
+        parameterized layer below (``add_curvature``).
+        """
+        below = [i for i, (m, _, _) in enumerate(self.layers) if m is module][0]
+        for start in range(0, source.coefficients.shape[2], self.rows):
+            rows = slice(start, start + self.rows)
+            coefficients = source.coefficients[:, :, rows]
+            jac = source.dense(module.output.shape, rows)
+            jac = self.layers[below][1].jac_t(module, jac)
+            for layer, rule, backpropagated in reversed(self.layers[:below]):
+                jac = jac.reshape(jac.shape[0], *layer.output.shape)
+                rule.add_curvature(self, layer, jac, coefficients)
+                if not backpropagated:
+                    break
+                jac = rule.jac_t(layer, jac)
+
+    def add_curvature(self, key, value: Tensor) -> None:
+        """Add second derivatives of spilled sources under ``key``."""
+        self.curvature[key] = _add(self.curvature.get(key), value)
 
     def kronecker_sums(self, U: Tensor, module: nn.Module) -> Dict[str, Tensor]:
         """Batch sums of the Kronecker factors of a Linear layer (see ``preconditioning``).
@@ -123,7 +163,8 @@ def chain_batch_sums(
     draw: LabelDraw,
     kappa: float,
     terms: FrozenSet[str],
-    kronecker: bool = False,
+    kronecker: bool,
+    budget: Budget,
 ) -> Dict[int, BatchSums]:
     """Batch sums of every parameter of a chain, for one collected step.
 
@@ -135,31 +176,69 @@ def chain_batch_sums(
         kappa: The likelihood's ``κ``.
         terms: The terms to reduce.
         kronecker: Also reduce Kronecker factors of Linear layers.
+        budget: Memory for the pass's tensors; inputs are taken a chunk at a time.
 
     Returns:
         ``{id(parameter): BatchSums}``.
     """
+    K, N = draw.directions.shape[:2]
+    itemsize = output.element_size()
+    width = max(t[0].numel() for _, x, y in layers for t in (x, y))
+    generic = [m for m, x, _ in layers if not _outer_products(m, x)]
+    param_width = max((p.numel() for m in generic for p in m.parameters()), default=1)
+    curved = (
+        sum(y[0].numel() for (m, _, y), rule in zip(layers, rules) if rule.curved(m))
+        if "I2" in terms
+        else 0
+    )
+    # per input: the pulled-back directions, structured sources and spilled curvature
+    per_input = COPIES * K * width + K * curved + K * sum(y[0].numel() for _, _, y in layers)
+    step = budget.count(per_input, itemsize, share=0.5)
+    results: Dict[int, BatchSums] = {}
+    for start in range(0, N, step):
+        samples = slice(start, start + step)
+        n = len(range(N)[samples])
+        rows = budget.count(COPIES * n * max(width, param_width), itemsize, share=0.25)
+        elements = int(budget.entries(itemsize, share=0.25) / COPIES / max(1, K))
+        chain = _chain_pass(layers, rules, draw, samples, kappa, terms, kronecker, rows)
+        chain.elements = max(1, elements)
+        part = _run(chain, layers, output, draw, samples)
+        for key, value in part.items():
+            results[key] = results[key].add(value) if key in results else value
+    return results
 
-    def first_position(x):
-        return None if x is None else x[:, 0]
 
-    chain = ChainPass(
-        first_position(draw.weights),
-        first_position(draw.fourth_weights),
-        first_position(draw.coefficients),
+def _chain_pass(layers, rules, draw, samples, kappa, terms, kronecker, rows) -> ChainPass:
+    def rows_of(x):
+        return None if x is None else x[samples, 0]
+
+    order = [(m, rule, x.requires_grad) for (m, x, _), rule in zip(layers, rules)]
+    weights, fourth, coefficients = draw.weights, draw.fourth_weights, draw.coefficients
+    return ChainPass(
+        rows_of(weights),
+        rows_of(fourth),
+        rows_of(coefficients),
         kappa,
         terms,
         kronecker,
+        order,
+        rows,
+        elements=1,
     )
-    directions = draw.directions[:, :, 0]
+
+
+def _run(chain: ChainPass, layers, output: Tensor, draw: LabelDraw, samples: slice) -> dict:
+    """One pass down the chain for the inputs ``samples``."""
+    directions = draw.directions[:, samples, 0]
+    output = output[samples]
     chain.saved[output.data_ptr()] = Backpropagated(
         directions.reshape(directions.shape[0], *output.shape)
     )
     try:
         for module, x, y in layers:
-            module.input0, module.output = x, y
-        for (module, _, _), rule in reversed(list(zip(layers, rules))):
-            rule(chain, module)
+            module.input0, module.output = x[samples], y[samples]
+        for module, rule, backpropagated in reversed(chain.layers):
+            rule(chain, module, backpropagated)
     finally:
         for module, _, _ in layers:
             for attr in ("input0", "output"):
@@ -175,7 +254,7 @@ class PassThrough:
     def __init__(self, derivatives):
         self.derivatives = derivatives
 
-    def __call__(self, chain: ChainPass, module: nn.Module) -> None:
+    def __call__(self, chain: ChainPass, module: nn.Module, backpropagated: bool) -> None:
         """Reduce the layer's parameters and pass the quantity to its input."""
         # the next layer may have received a view of this output: restore its shape
         bp = chain.saved.pop(module.output.data_ptr()).shaped_like(module.output)
@@ -183,8 +262,12 @@ class PassThrough:
             param = getattr(module, name, None)
             if param is not None and param.requires_grad:
                 chain.results[id(param)] = self.reduce(chain, module, name, bp)
-        if module.input0.requires_grad:
+        if backpropagated:
             chain.saved[module.input0.data_ptr()] = self.backpropagate(chain, module, bp)
+
+    def curved(self, module: nn.Module) -> bool:
+        """Whether the layer adds a curvature source (``σ'' ≠ 0``)."""
+        return False
 
     def reduce(self, chain, module, name, bp) -> BatchSums:
         """Batch sums of one parameter."""
@@ -196,12 +279,24 @@ class PassThrough:
 
     def backpropagate(self, chain, module, bp: Backpropagated) -> Backpropagated:
         """The quantity at the layer's input."""
-        sources = tuple(self.pull_back(s, module) for s in bp.sources)
-        return Backpropagated(self.jac_t(module, bp.first), sources)
+        pulled = (self.pull_back(chain, s, module) for s in bp.sources)
+        return Backpropagated(self.jac_t(module, bp.first), tuple(s for s in pulled if s))
 
-    def pull_back(self, source: CurvatureSource, module) -> CurvatureSource:
-        """A curvature source seen from the layer's input."""
-        return source.through_module(lambda m: self.jac_t(module, m), module.output.shape)
+    def pull_back(self, chain, source: CurvatureSource, module) -> Optional[CurvatureSource]:
+        """A curvature source seen from the layer's input (``None``: spilled)."""
+        chain.spill(source, module)
+        return None
+
+    def add_curvature(self, chain, module, jac: Tensor, coefficients: Tensor) -> None:
+        """Second derivatives of a spilled source's entries at this layer's parameters.
+
+        Args:
+            chain: The pass, which keeps them (``ChainPass.add_curvature``).
+            module: The layer.
+            jac: ``[r, n, *out]`` Jacobian of ``r`` entries of the source with respect to
+                the layer's output.
+            coefficients: ``[K, n, r]`` their residual coefficients.
+        """
 
 
 class LinearOpDerivatives:
@@ -222,15 +317,17 @@ class Elementwise(PassThrough):
 
     def backpropagate(self, chain, module, bp: Backpropagated) -> Backpropagated:  # noqa: D102
         out = super().backpropagate(chain, module, bp)
-        if not chain.second_order or self.derivatives.hessian_is_zero(module):
+        if not chain.second_order or not self.curved(module):
             return out
         d2f = self.derivatives.d2f(module, None, None)
         coefficients = (d2f.unsqueeze(0) * bp.first).flatten(2)
         return Backpropagated(out.first, out.sources + (CurvatureSource(coefficients),))
 
-    def pull_back(self, source, module):  # noqa: D102
-        derivative = self.derivatives.df(module, None, None)
-        return source.through_elementwise(derivative, lambda m: self.jac_t(module, m))
+    def curved(self, module: nn.Module) -> bool:  # noqa: D102
+        return not self.derivatives.hessian_is_zero(module)
+
+    def pull_back(self, chain, source, module):  # noqa: D102
+        return source.through_elementwise(self.derivatives.df(module, None, None))
 
 
 class Parameterized(PassThrough):
@@ -249,32 +346,44 @@ class Parameterized(PassThrough):
             return sums
         return self.generic_sums(chain, module, bp, name)
 
-    def pull_back(self, source, module):  # noqa: D102
+    def pull_back(self, chain, source, module):  # noqa: D102
+        if is_rank_one(module) and source.through_linear_keeps_structure():
+            return source.through_linear(module.weight)
+        return super().pull_back(chain, source, module)
+
+    def add_curvature(self, chain, module, jac, coefficients) -> None:  # noqa: D102
         if is_rank_one(module):
-            jac_t = lambda m: self.jac_t(module, m)  # noqa: E731
-            return source.through_linear(module.weight, jac_t, module.output.shape)
-        return super().pull_back(source, module)
+            chain.add_curvature(id(module), _squared_contraction(coefficients, jac.flatten(2)))
+            return
+        n = jac.shape[1]
+        for name in self.params:
+            param = getattr(module, name, None)
+            if param is not None and param.requires_grad:
+                J = self.per_input_products(name, module, jac, slice(0, n), True)
+                chain.add_curvature((id(module), name), _squared_contraction(coefficients, J))
 
     def generic_sums(self, chain, module, bp, name) -> BatchSums:
         """Batch sums from per-input Jacobian products, a chunk of inputs at a time.
 
-        Per-input tensors of the parameter's size exist for ``ELEMENTS`` entries at most,
-        so memory does not grow with the batch.
+        Per-input tensors of the parameter's size exist for ``chain.elements`` entries at
+        most, so memory does not grow with the batch.
         """
         directions, n = bp.first.shape[0], bp.first.shape[1]
-        step = max(1, ELEMENTS // (directions * getattr(module, name).numel()))
+        rows = chain.rows
+        step = max(1, chain.elements // (directions * getattr(module, name).numel()))
+        spilled = chain.curvature.pop((id(module), name), None)
         total = None
         for start in range(0, n, step):
             samples = slice(start, min(n, start + step))
             U = self.per_input_products(name, module, bp.first[:, samples], samples, step >= n)
-            W = torch.zeros_like(U) if bp.sources else None
+            W = None if spilled is None else spilled[:, samples]
             for source in bp.sources:
-                jac = source.dense(module.output.shape, samples)
                 coefficients = source.coefficients[:, samples]
-                for first in range(0, jac.shape[0], CHUNK):
-                    rows = slice(first, first + CHUNK)
-                    J = self.per_input_products(name, module, jac[rows], samples, step >= n)
-                    W += torch.einsum("kns,sn...->kn...", coefficients[:, :, rows], J * J)
+                for first in range(0, coefficients.shape[2], rows):
+                    entries = slice(first, first + rows)
+                    jac = source.dense(module.output.shape, entries, samples)
+                    J = self.per_input_products(name, module, jac, samples, step >= n)
+                    W = _add(W, _squared_contraction(coefficients[:, :, entries], J))
             sums = batch_sums(chain.output_terms(U, W, samples))
             total = sums if total is None else total.add(sums)
         return total
@@ -291,7 +400,11 @@ class Parameterized(PassThrough):
 
 def is_rank_one(module: nn.Module) -> bool:
     """Linear layer on ``[N, in]`` inputs: per-input weight Jacobians are outer products."""
-    return isinstance(module, nn.Linear) and module.input0.dim() == 2
+    return _outer_products(module, module.input0)
+
+
+def _outer_products(module: nn.Module, inputs: Tensor) -> bool:
+    return isinstance(module, nn.Linear) and inputs.dim() == 2
 
 
 def _output_second_derivatives(bp: Backpropagated) -> Optional[Tensor]:
@@ -299,3 +412,13 @@ def _output_second_derivatives(bp: Backpropagated) -> Optional[Tensor]:
     if not bp.sources:
         return None
     return sum(source.squared_contraction() for source in bp.sources)
+
+
+def _squared_contraction(coefficients: Tensor, jac: Tensor) -> Tensor:
+    """``Σ_s c_ks J_sn…²``: ``[K, n, r]`` and ``[r, n, *P]`` to ``[K, n, *P]``."""
+    return torch.einsum("kns,sn...->kn...", coefficients, jac * jac)
+
+
+def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """``a + b`` where ``None`` is zero."""
+    return b if a is None else a if b is None else a + b

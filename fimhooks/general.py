@@ -8,9 +8,10 @@ gradients ``U [k, n, *P]``, summed over the calls that use a parameter (tied wei
 ``diagonal_terms`` reduces them to direction sums, then per position and input to terms,
 then to batch sums.
 
-Memory is bounded: one batched backward holds at most ``CAPTURE_ELEMENTS`` entries at the
-watched outputs, and per-input tensors of a parameter's size exist for a chunk of inputs
-at a time (``ELEMENTS``), whatever the number of classes, positions or inputs.
+Memory is bounded by the budget (``memory.Budget``): half of it for the vectors one
+batched backward holds at the watched outputs, a quarter for the per-input tensors of a
+parameter's size, formed a chunk of inputs at a time, whatever the number of classes,
+positions or inputs.
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ from fimhooks.diagonal_terms import (
     rank_one_batch_sums,
 )
 from fimhooks.layers import per_input_rule, spec_for
+from fimhooks.memory import Budget
 from fimhooks.observations import LabelDraw
 from fimhooks.recording import Call, batch_axis
 
-#: Entries of per-input tensors of a parameter's size formed at once.
-ELEMENTS = 2**22
-#: Entries of the vectors held at the watched outputs in one batched backward.
-CAPTURE_ELEMENTS = 2**28
+#: Live copies of a per-input tensor assumed by the memory estimates.
+COPIES = 4
 
 #: One use of a parameter: a call and the parameter's name inside the called module.
 Use = Tuple[Call, str]
@@ -49,6 +49,7 @@ def general_batch_sums(
     uses: Dict[str, List[Use]],
     kappa: float,
     terms: frozenset,
+    budget: Budget,
 ) -> Dict[str, BatchSums]:
     """Batch sums of every parameter in ``uses`` for one collected step.
 
@@ -59,6 +60,7 @@ def general_batch_sums(
         uses: ``{parameter name: [(call, local name), ...]}``.
         kappa: The likelihood's ``κ`` (``v₁ = Σ w4 U⁴ + κ g²``).
         terms: The terms to reduce (``diagonal_terms``).
+        budget: Memory for the step's extra tensors.
 
     Returns:
         ``{parameter name: BatchSums}``.
@@ -67,12 +69,15 @@ def general_batch_sums(
     K, N, T = draw.directions.shape[:3]
     largest = max(p.numel() for p in _parameters(uses).values())
     watched = sum(c.output.numel() for c in calls)
+    itemsize = max(4, output.element_size())  # vectors are captured in float32 at least
+    elements = int(budget.entries(itemsize, share=0.25) / COPIES)
+    capture = int(budget.entries(itemsize, share=0.5))
     # directions per backward, then inputs per chunk (every chunk of inputs repeats the
     # backward of all positions), then positions per backward when all K directions fit
-    per_backward = max(1, min(K, ELEMENTS // largest, CAPTURE_ELEMENTS // max(1, watched)))
-    step = min(N, max(1, ELEMENTS // (per_backward * largest)))
+    per_backward = max(1, min(K, elements // largest, capture // max(1, watched)))
+    step = min(N, max(1, elements // (per_backward * largest)))
     if per_backward == K:
-        per_chunk = min(T, CAPTURE_ELEMENTS // (K * watched), ELEMENTS // (K * step * largest))
+        per_chunk = min(T, capture // (K * watched), elements // (K * step * largest))
         per_chunk = max(1, per_chunk)
         chunks = [(range(t, min(T, t + per_chunk)), range(K)) for t in range(0, T, per_chunk)]
     else:  # chunks of one position's directions

@@ -19,6 +19,7 @@ from fimhooks.graph import broadcast_sums, curved_layer
 from fimhooks.jsonlog import FisherLog
 from fimhooks.layers import affine_in, generic_grads, per_input_rule, random_inside, spec_for
 from fimhooks.likelihoods import likelihood_from
+from fimhooks.memory import DEFAULT_MAX_MEMORY, Budget, check_max_memory
 from fimhooks.observations import (
     LabelDraw,
     draw_labels,
@@ -66,6 +67,9 @@ class FisherMonitor:
             closed-form variance of Î₁ and the data variance need ``"exact"`` or ``"I2"``.
         seed: Seed of the monitor's own label sampler (default: ``torch.initial_seed()``),
             so collecting never changes the user's random number stream.
+        max_memory: Bytes the extra tensors of a collected step may take (default 1 GiB;
+            ``None``: no bound). Inputs, label directions and curvature entries are taken
+            a chunk at a time to stay within it; a smaller budget costs time, not accuracy.
 
     Raises:
         ValueError: for an unsupported likelihood, BatchNorm in training mode, or invalid
@@ -84,6 +88,7 @@ class FisherMonitor:
         ema_decay: Optional[float] = None,
         estimators: Sequence[str] = ESTIMATORS,
         seed: Optional[int] = None,
+        max_memory: Optional[float] = DEFAULT_MAX_MEMORY,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -91,6 +96,8 @@ class FisherMonitor:
         self._class_axis = 1 if isinstance(likelihood, nn.CrossEntropyLoss) else -1
         self.estimators = _check_estimators(estimators)
         _check_options(mc_samples, every, ema_decay, output)
+        check_max_memory(max_memory)
+        self.max_memory, self._budget = max_memory, Budget(max_memory)
         self.model, self._output_of = model, output
         self.mc_samples, self.every, self.ema_decay = mc_samples, every, ema_decay
         self.seed = torch.initial_seed() if seed is None else int(seed)
@@ -352,7 +359,8 @@ class FisherMonitor:
         rules = [spec_for(c.module).chain for c in chain]
         draw = draw.to(h.dtype)  # the chain computes in the model's precision
         kappa, kronecker = self.likelihood.kappa, self._kronecker
-        sums = chain_batch_sums(layers, rules, h, draw, kappa, self._terms, kronecker)
+        terms, budget = self._terms, self._budget
+        sums = chain_batch_sums(layers, rules, h, draw, kappa, terms, kronecker, budget)
         names = self._param_names  # read at the forward pass; later parameters had no use
         return {names[key]: value for key, value in sums.items() if key in names}
 
@@ -379,6 +387,7 @@ class FisherMonitor:
             uses,
             self.likelihood.kappa,
             self._terms,
+            self._budget,
         )
 
     def _uses(self, record: ForwardRecord) -> dict:

@@ -110,12 +110,27 @@ def test_generic_path_variants_agree(model_name, change, monkeypatch):
     loss_fn, out, sigma = make_loss("categorical")
     model, x = make_model(model_name, out), make_input(model_name)
     whole = collect(model, loss_fn, x, sigma, 2, seed=4)
+    options = {}
     if change == "one input at a time":
-        monkeypatch.setattr(chain, "ELEMENTS", 1)
+        options["max_memory"] = 1
     else:
         monkeypatch.setattr(jacobians, "unfoldable", lambda module: False)
-    chunked = collect(model, loss_fn, x, sigma, 2, seed=4)
+    chunked = collect(model, loss_fn, x, sigma, 2, seed=4, **options)
     assert_same_estimates(chunked, whole)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_smallest_memory_budget_matches_brute_force(model_name, likelihood):
+    """One input, one curvature entry, one parameter entry at a time: the same numbers."""
+    loss_fn, out, sigma = make_loss(likelihood)
+    model, x = make_model(model_name, out), make_input(model_name)
+    est = collect(model, loss_fn, x, sigma, 2, max_memory=1)
+    ref = estimator_reference(model, loss_fn, x, 2, sigma or 1.0)
+    assert_close(est.fisher("exact"), ref["exact"], "exact")
+    assert_close(est.variance("I1"), ref["v1"], "v1")
+    assert_close(est.variance("I2"), ref["v2"], "v2")
+    assert_close(est.data_variance(), ref["data"], "data variance")
 
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
