@@ -26,6 +26,8 @@ _PIECEWISE_LINEAR = {
     "NativeDropout", "ToCopy", "Alias", "AsStrided", "Unfold", "Im2Col", "Col2Im",
     "BackwardHookFunction", "MaskedFill", "Where",
 }  # fmt: skip
+#: BatchNorm with the batch's statistics held constant (``batchnorm``): affine in its input.
+_FROZEN_STATISTICS = "_FrozenStatistics"
 #: Operations linear in each input separately: piecewise linear while at most one input
 #: depends on a layer output.
 _PRODUCTS = {
@@ -62,6 +64,9 @@ def curved_layer(output_node, layer_nodes: Dict[object, str]) -> Optional[Tuple[
         if curved_by is not None and node in layer_nodes:
             return layer_nodes[node], curved_by
         name = _op_name(node)
+        if name == _FROZEN_STATISTICS:  # the monitor's backward takes its input branch only
+            stack.append((node.next_functions[0][0], curved_by))
+            continue
         if curved_by is None and not _piecewise_linear(node, name, depends):
             curved_by = name
         stack.extend((child, curved_by) for child, _ in node.next_functions)

@@ -113,14 +113,14 @@ def _conv_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
 def _norm_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
     """Normalisation layers: ``y = x̂ ⊙ weight + bias`` with ``x̂`` from the input.
 
-    BatchNorm in eval mode normalises with its running statistics.
+    BatchNorm normalises with its running statistics, or with the batch's held constant.
     """
     module, x = call.module, call.args[0][samples]
     if isinstance(module, nn.GroupNorm):
         normalized = nn.functional.group_norm(x, module.num_groups, eps=module.eps)
         start, dims = 0, 1  # channels
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        mean, var = module.running_mean, module.running_var
+        mean, var = call.statistics or (module.running_mean, module.running_var)
         normalized = nn.functional.batch_norm(x, mean, var, training=False, eps=module.eps)
         start, dims = 0, 1
     else:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
+from fimhooks import batchnorm as bn
 from fimhooks.chain import chain_batch_sums
 from fimhooks.diagonal_terms import BatchSums
 from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
@@ -67,6 +68,11 @@ class FisherMonitor:
             closed-form variance of Î₁ and the data variance need ``"exact"`` or ``"I2"``.
         seed: Seed of the monitor's own label sampler (default: ``torch.initial_seed()``),
             so collecting never changes the user's random number stream.
+        batchnorm: ``"error"`` (default): BatchNorm normalising with the batch's statistics
+            (training mode) is refused, since per-input quantities are undefined there.
+            ``"frozen-batch-stats"``: each batch's mean and biased variance are treated as
+            constants of every input's map, exactly as eval mode with the running
+            statistics set to the batch's. Training itself is unchanged.
         max_memory: Bytes the extra tensors of a collected step may take (default 1 GiB;
             ``None``: no bound). Inputs, label directions and curvature entries are taken
             a chunk at a time to stay within it; a smaller budget costs time, not accuracy.
@@ -88,6 +94,7 @@ class FisherMonitor:
         ema_decay: Optional[float] = None,
         estimators: Sequence[str] = ESTIMATORS,
         seed: Optional[int] = None,
+        batchnorm: str = bn.REFUSE,
         max_memory: Optional[float] = DEFAULT_MAX_MEMORY,
     ):
         if not isinstance(model, nn.Module):
@@ -97,12 +104,15 @@ class FisherMonitor:
         self.estimators = _check_estimators(estimators)
         _check_options(mc_samples, every, ema_decay, output)
         check_max_memory(max_memory)
+        if batchnorm not in bn.OPTIONS:
+            raise ValueError(f"batchnorm must be one of {bn.OPTIONS}, got {batchnorm!r}.")
+        self.batchnorm = batchnorm
         self.max_memory, self._budget = max_memory, Budget(max_memory)
         self.model, self._output_of = model, output
         self.mc_samples, self.every, self.ema_decay = mc_samples, every, ema_decay
         self.seed = torch.initial_seed() if seed is None else int(seed)
         _check_not_extended(model)
-        _check_batchnorm(model)
+        self._check_batchnorm()
         if _ATTACHED.get(model) is not None:
             raise ValueError(
                 f"this {type(model).__name__} is already watched by a FisherMonitor; call "
@@ -154,7 +164,7 @@ class FisherMonitor:
         if self._inside:
             raise RuntimeError("`with monitor:` blocks cannot be nested.")
         if self._armed:
-            _check_batchnorm(self.model)
+            self._check_batchnorm()
         self._mask, self._next_mask = self._next_mask, None
         self._inside = True
         self._collecting = self._armed
@@ -210,6 +220,20 @@ class FisherMonitor:
         self.collected_steps += 1
         for listener in list(self._listeners):
             listener(self)
+
+    def _check_batchnorm(self) -> None:
+        if self.batchnorm == bn.FROZEN_BATCH_STATS:
+            return
+        for path, module in self.model.named_modules():
+            if spec_for(module).batch_statistics and bn.normalises_with_batch(module):
+                mode = "is in training mode" if module.training else "tracks no running statistics"
+                raise ValueError(
+                    f"BatchNorm layer '{path}' {mode}, so it normalises with the batch's "
+                    "statistics: per-input quantities are undefined there because each "
+                    "output depends on the whole batch. Put it in eval mode (module.eval()) "
+                    "while monitoring, or pass batchnorm='frozen-batch-stats' to treat each "
+                    "batch's statistics as constants of every input's map."
+                )
 
     # --- hooks: they only move data -------------------------------------------------
 
@@ -269,9 +293,18 @@ class FisherMonitor:
         path = self._paths.get(id(module))  # None: a layer taken out of the model
         if self._recording is None or path is None:
             return
-        if spec_for(module).batch_statistics and module.training:
-            self._recording.batch_statistics = path
-        self._recording.add(module, path, args, kwargs, output)
+        if not (spec_for(module).batch_statistics and bn.normalises_with_batch(module)):
+            self._recording.add(module, path, args, kwargs, output)
+            return None
+        self._recording.batch_statistics = path
+        if self.batchnorm != bn.FROZEN_BATCH_STATS:
+            self._recording.add(module, path, args, kwargs, output)
+            return None
+        statistics = bn.batch_statistics(args[0])
+        monitor = weakref.ref(self)
+        output = bn.frozen(module, args[0], output, statistics, lambda: _busy(monitor))
+        self._recording.add(module, path, args, kwargs, output, statistics)
+        return output
 
     def _finish_record(self, module, args, output) -> None:
         record, self._recording = self._recording, None
@@ -324,11 +357,13 @@ class FisherMonitor:
             self._busy = False
 
     def _collect(self, record: ForwardRecord) -> None:
-        if record.batch_statistics is not None:
+        if record.batch_statistics is not None and self.batchnorm == bn.REFUSE:
             raise ValueError(
-                f"BatchNorm layer '{record.batch_statistics}' was in training mode during the "
-                "forward pass of this step: per-sample quantities are undefined there. Put it "
-                "in eval mode (module.eval()) before the forward pass."
+                f"BatchNorm layer '{record.batch_statistics}' normalised with the batch's "
+                "statistics (training mode) in the forward pass of this step: per-input "
+                "quantities are undefined there. Put it in eval mode (module.eval()) before "
+                "the forward pass, or pass batchnorm='frozen-batch-stats' to FisherMonitor "
+                "to treat each batch's statistics as constants."
             )
         h = record.output
         if h.shape[0] == 0:  # a batch without inputs adds nothing
@@ -344,7 +379,8 @@ class FisherMonitor:
         M, exact_pass = self.mc_samples, self._exact_pass
         draw = draw_labels(self.likelihood, positions, observed, M, generator, exact_pass)
         chain = None
-        if self._chain_leaves is not None and positions.shape[1] == 1 and self._mask is None:
+        chained = positions.shape[1] == 1 and self._mask is None and not record.batch_statistics
+        if self._chain_leaves is not None and chained:
             chain = chain_of(record, h, self._chain_leaves)
         sums = self._chain_sums(chain, h, draw) if chain else self._general_sums(record, draw)
         for name, value in sums.items():
@@ -584,10 +620,10 @@ class FisherMonitor:
             ValueError: naming what differs: an option (likelihood, ``sigma``, ...) or the
                 parameters' names and shapes.
         """
-        if state["options"] != self._options():
+        saved = {"batchnorm": bn.REFUSE, **state["options"]}  # states from before the option
+        if saved != self._options():
             raise ValueError(
-                f"state_dict was saved with options {state['options']}, "
-                f"this monitor has {self._options()}."
+                f"state_dict was saved with options {saved}, this monitor has {self._options()}."
             )
         if state["parameters"] != self._parameter_shapes():
             saved, here = state["parameters"], self._parameter_shapes()
@@ -631,6 +667,7 @@ class FisherMonitor:
             "every": self.every,
             "ema_decay": self.ema_decay,
             "estimators": list(self.estimators),
+            "batchnorm": self.batchnorm,
         }
 
 
@@ -754,22 +791,9 @@ def _check_not_extended(model: nn.Module) -> None:
             )
 
 
-def _check_batchnorm(model: nn.Module) -> None:
-    for path, module in model.named_modules():
-        if not spec_for(module).batch_statistics:
-            continue
-        if module.training:
-            raise ValueError(
-                f"BatchNorm layer '{path}' is in training mode: per-sample quantities are "
-                "undefined there because each output depends on the whole batch. Put it "
-                "in eval mode (module.eval()) while monitoring."
-            )
-        if module.running_mean is None:
-            raise ValueError(
-                f"BatchNorm layer '{path}' has track_running_stats=False, so it normalises "
-                "with the batch's statistics even in eval mode: per-sample quantities are "
-                "undefined there."
-            )
+def _busy(monitor: "weakref.ref[FisherMonitor]") -> bool:
+    """Whether the monitor runs its own backward pass now."""
+    return monitor() is not None and monitor()._busy
 
 
 def _forget_io(module: nn.Module) -> None:

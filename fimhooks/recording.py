@@ -36,6 +36,8 @@ class Call:
             that an in-place operation applied to the output later does not move it.
         versions: Version counters of the tensor inputs and of the output at the time of
             the call.
+        statistics: ``(mean, var)`` a BatchNorm layer normalised with, held constant
+            (``batchnorm="frozen-batch-stats"``); ``None``: its running statistics.
     """
 
     module: nn.Module
@@ -45,6 +47,7 @@ class Call:
     output: Tensor
     edge: Optional[GradientEdge]
     versions: Tuple[int, ...]
+    statistics: Optional[Tuple[Tensor, Tensor]] = None
 
     @property
     def args(self) -> tuple:
@@ -102,14 +105,15 @@ class ForwardRecord:
     consumed: bool = False
     batch_statistics: Optional[str] = None
 
-    def add(self, module: nn.Module, path: str, args: tuple, kwargs: dict, output) -> None:
-        """Record a call (a forward hook's arguments)."""
+    def add(self, module, path: str, args: tuple, kwargs: dict, output, statistics=None) -> None:
+        """Record a call (a forward hook's arguments; ``statistics``: see ``Call``)."""
         first = output if isinstance(output, Tensor) else first_tensor(output)
         if first is None:
             return
         edge = get_gradient_edge(first) if first.requires_grad else None
         versions = tuple(a._version for a in args if isinstance(a, Tensor)) + (first._version,)
-        self.calls.append(Call(module, path, args, dict(kwargs), first, edge, versions))
+        call = Call(module, path, args, dict(kwargs), first, edge, versions, statistics)
+        self.calls.append(call)
 
 
 def chain_of(record: ForwardRecord, output: Tensor, leaves: dict) -> Optional[List[Call]]:

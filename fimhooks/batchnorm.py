@@ -1,0 +1,66 @@
+"""BatchNorm in training mode, with the batch's statistics held constant.
+
+In training mode BatchNorm normalises each input with the mean and variance of the whole
+batch, so an output depends on every input and per-input quantities are undefined. With
+``batchnorm="frozen-batch-stats"`` the monitor treats the batch's mean and (biased)
+variance as constants of every input's map: exactly eval mode with the running statistics
+set to the batch's. The user's own backward pass is untouched (it differentiates through
+the statistics, as training does); only the monitor's backward passes see the frozen map.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+from torch import Tensor, nn
+
+#: The ``batchnorm=`` options of ``FisherMonitor``.
+REFUSE, FROZEN_BATCH_STATS = "error", "frozen-batch-stats"
+OPTIONS = (REFUSE, FROZEN_BATCH_STATS)
+
+
+def normalises_with_batch(module: nn.Module) -> bool:
+    """Whether a BatchNorm layer normalises with the batch's statistics right now."""
+    return module.training or module.running_mean is None
+
+
+def batch_statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x [N, C, *]`` over all but the channels."""
+    values = x.detach().transpose(0, 1).flatten(1)
+    values = values.float() if values.element_size() < 4 else values  # mixed precision
+    return values.mean(1), values.var(1, unbiased=False)
+
+
+def frozen(module: nn.Module, x: Tensor, y: Tensor, statistics, active: Callable) -> Tensor:
+    """``y`` (the layer's output on ``x``), whose backward is the frozen map while ``active()``.
+
+    Args:
+        module: The BatchNorm layer.
+        x: Its input ``[N, C, *]``.
+        y: Its output on ``x``.
+        statistics: ``(mean, var)`` of the batch (``batch_statistics``).
+        active: Whether a backward pass is the monitor's.
+    """
+    scale = torch.rsqrt(statistics[1] + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight.detach()
+    scale = scale.reshape(1, -1, *[1] * (x.dim() - 2)).to(y.dtype)
+    return _FrozenStatistics.apply(x, y, scale, active)
+
+
+class _FrozenStatistics(torch.autograd.Function):
+    """Identity on ``y``, except in the monitor's backward: ``x ↦ scale · x`` instead."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale, active):  # noqa: D102
+        ctx.save_for_backward(scale)
+        ctx.active = active
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        if ctx.active():
+            (scale,) = ctx.saved_tensors
+            return grad * scale, None, None, None
+        return None, grad, None, None
