@@ -7,6 +7,7 @@ step's tensors at full size), the default budget (1 GiB) and a small one (256 Mi
 
     python benchmarks/bench_memory.py                       # CPU
     python benchmarks/bench_memory.py --device cuda --batch-i2 2048
+    PYTHONPATH=../old python benchmarks/bench_memory.py --budgets none   # an older version
 
 Cases:
 
@@ -19,6 +20,7 @@ Cases:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -57,7 +59,9 @@ def run_worker(case: str, budget: str, batch: int, device: str, repeats: int) ->
     """Median step time, ratio to plain and peak memory above the start (MB) of one row."""
     model, x, y, estimators = make_case(case, batch, device)
     options = {"estimators": estimators} if estimators else {}
-    monitor = fimhooks.FisherMonitor(model, "categorical", max_memory=BUDGETS[budget], **options)
+    if "max_memory" in inspect.signature(fimhooks.FisherMonitor).parameters:
+        options["max_memory"] = BUDGETS[budget]  # (earlier versions had no bound)
+    monitor = fimhooks.FisherMonitor(model, "categorical", **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 

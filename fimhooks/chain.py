@@ -192,23 +192,24 @@ def chain_batch_sums(
         else 0
     )
     # per input: the pulled-back directions, structured sources and spilled curvature
-    per_input = COPIES * K * width + K * curved + K * sum(y[0].numel() for _, _, y in layers)
+    spilled = K * sum(y[0].numel() for _, _, y in layers) if curved else 0
+    per_input = COPIES * K * width + K * curved + spilled
     step = budget.count(per_input, itemsize, share=0.5)
+    elements = budget.count(COPIES, itemsize, share=0.25)
     results: Dict[int, BatchSums] = {}
     for start in range(0, N, step):
         samples = slice(start, start + step)
         n = len(range(N)[samples])
         rows = budget.count(COPIES * n * max(width, param_width), itemsize, share=0.25)
-        elements = int(budget.entries(itemsize, share=0.25) / COPIES / max(1, K))
-        chain = _chain_pass(layers, rules, draw, samples, kappa, terms, kronecker, rows)
-        chain.elements = max(1, elements)
+        sizes = (rows, elements)
+        chain = _chain_pass(layers, rules, draw, samples, kappa, terms, kronecker, sizes)
         part = _run(chain, layers, output, draw, samples)
         for key, value in part.items():
             results[key] = results[key].add(value) if key in results else value
     return results
 
 
-def _chain_pass(layers, rules, draw, samples, kappa, terms, kronecker, rows) -> ChainPass:
+def _chain_pass(layers, rules, draw, samples, kappa, terms, kronecker, sizes) -> ChainPass:
     def rows_of(x):
         return None if x is None else x[samples, 0]
 
@@ -222,8 +223,7 @@ def _chain_pass(layers, rules, draw, samples, kappa, terms, kronecker, rows) -> 
         terms,
         kronecker,
         order,
-        rows,
-        elements=1,
+        *sizes,
     )
 
 
