@@ -18,6 +18,7 @@ is rare, so a step costs one collective.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -49,6 +50,21 @@ class Layout:
     aliases: Dict[str, Dict[str, str]] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
 
+    def offsets(self, start: int) -> Dict[str, Tuple[int, Dict[str, int]]]:
+        """``{name: (offset of its flag, {key: offset})}`` after a header of ``start``."""
+        out, offset = {}, start
+        for name, keys in self.keys.items():
+            flag, offset = offset, offset + 1
+            positions = {}
+            for key, shape in keys.items():
+                positions[key], offset = offset, offset + math.prod(shape)
+            out[name] = (flag, positions)
+        return out
+
+    def size(self, start: int) -> int:
+        """Numbers in a buffer with a header of ``start``."""
+        return start + sum(1 + sum(map(math.prod, k.values())) for k in self.keys.values())
+
 
 @dataclass
 class StepSums:
@@ -67,34 +83,28 @@ class StepSums:
     num_outputs: Optional[int]
 
 
-def dense_sums(pending: Dict[str, BatchSums]) -> Dict[str, Tuple[Dict[str, Tensor], dict]]:
-    """``{name: ({key: dense sum}, {aliased key: twin})}``, products multiplied out."""
+def describe(pending: Dict[str, BatchSums]) -> Description:
+    """Keys, shapes and aliases of a rank's batch sums: what it tells the others.
+
+    Products count as the dense ``[out, in]`` sums they stand for.
+    """
     out = {}
     for name, batch in pending.items():
-        dense = batch.dense()
-        out[name] = ({k: v for k, v in dense.items() if k not in batch.aliases}, batch.aliases)
+        shapes = {k: tuple(v.shape) for k, v in batch.sums.items()}
+        for keys, left, right in batch.products:
+            shapes.update((k, (left.shape[1] // len(keys), right.shape[1])) for k in keys)
+        out[name] = (shapes, dict(batch.aliases))
     return out
 
 
-def describe(local: Dict[str, Tuple[Dict[str, Tensor], dict]]) -> Description:
-    """Keys, shapes and aliases of ``dense_sums``: what a rank tells the others."""
-    return {
-        name: ({k: tuple(v.shape) for k, v in sums.items()}, dict(aliases))
-        for name, (sums, aliases) in local.items()
-    }
-
-
-def fits(local: Dict[str, Tuple[Dict[str, Tensor], dict]], layout: Layout) -> bool:
+def fits(description: Description, dtype: torch.dtype, layout: Layout) -> bool:
     """Whether ``layout`` has a place of the right shape and precision for every sum."""
-    for name, (sums, aliases) in local.items():
+    if torch.promote_types(dtype, layout.dtype) != layout.dtype:
+        return False
+    for name, (shapes, aliases) in description.items():
         keys, twins = layout.keys.get(name), layout.aliases.get(name, {})
-        if keys is None:
+        if keys is None or any(keys.get(k) != shape for k, shape in shapes.items()):
             return False
-        for key, value in sums.items():
-            if keys.get(key) != tuple(value.shape):
-                return False
-            if torch.promote_types(value.dtype, layout.dtype) != layout.dtype:
-                return False
         if any(key not in keys and twins.get(key) != twin for key, twin in aliases.items()):
             return False
     return True
@@ -116,58 +126,68 @@ def agree(descriptions: Sequence[Description], dtypes: Sequence[str], order: Seq
         keys: Dict[str, Tuple[int, ...]] = {}
         for shapes, _ in held:
             keys.update(shapes)
-        aliases = {k: t for _, a in held for k, t in a.items() if k not in keys}
-        layout.keys[name] = dict(sorted(keys.items()))
-        layout.aliases[name] = dict(sorted(aliases.items()))
+        layout.keys[name] = keys  # the first holder's order: a product's keys stay together
+        layout.aliases[name] = {k: t for _, a in held for k, t in a.items() if k not in keys}
     for dtype in dtypes:
         layout.dtype = torch.promote_types(layout.dtype, getattr(torch, dtype.split(".")[-1]))
     return layout
 
 
-def pack(header: List[float], local, layout: Layout, device) -> Tensor:
-    """The flat buffer of one rank: header, then per parameter its flag and its sums."""
-    sizes = [len(header)] + [
-        1 + sum(_numel(shape) for shape in keys.values()) for keys in layout.keys.values()
-    ]
-    buffer = torch.zeros(sum(sizes), dtype=layout.dtype, device=device)
-    buffer[: len(header)] = torch.tensor(header, dtype=layout.dtype)
-    offset = len(header)
-    for name, keys in layout.keys.items():
-        sums, aliases = local.get(name, (None, {}))
-        if sums is not None:
-            buffer[offset] = 1.0
-        offset += 1
-        for key, shape in keys.items():
-            n = _numel(shape)
-            if sums is not None:
-                value = sums.get(key, sums.get(aliases.get(key)))
-                if value is not None:
-                    buffer[offset : offset + n] = value.reshape(-1)
-            offset += n
-    return buffer
+def pack(buffer: Tensor, header: List[float], pending: Dict[str, BatchSums], layout: Layout):
+    """Write one rank's header and sums into ``buffer`` (``layout.size``); absent ones are 0.
+
+    A product whose keys lie side by side is multiplied out straight into the buffer.
+    """
+    buffer[: len(header)] = torch.tensor(header, dtype=buffer.dtype)
+    for name, (flag, positions) in layout.offsets(len(header)).items():
+        batch, keys = pending.get(name), layout.keys[name]
+        buffer[flag] = float(batch is not None)
+        written = set()
+        for key, value in batch.sums.items() if batch is not None else ():
+            _place(buffer, positions[key], keys[key]).copy_(value)
+            written.add(key)
+        for product_keys, left, right in batch.products if batch is not None else ():
+            _write_product(buffer, positions, keys, product_keys, left, right, written)
+        for key, twin in batch.aliases.items() if batch is not None else ():
+            if key in keys:
+                _place(buffer, positions[key], keys[key]).copy_(
+                    _place(buffer, positions[twin], keys[twin])
+                )
+                written.add(key)
+        for key in keys.keys() - written:
+            _place(buffer, positions[key], keys[key]).zero_()
+
+
+def _place(buffer: Tensor, offset: int, shape: Tuple[int, ...]) -> Tensor:
+    return buffer[offset : offset + math.prod(shape)].view(shape)
+
+
+def _write_product(buffer, positions, keys, product_keys, left, right, written) -> None:
+    """``left.T @ right`` split into one block per key, accumulated into the buffer."""
+    first, rows = positions[product_keys[0]], left.shape[1]
+    side_by_side = all(
+        positions[k] == first + i * math.prod(keys[k]) for i, k in enumerate(product_keys)
+    )
+    blocks = [_place(buffer, positions[k], keys[k]) for k in product_keys]
+    if side_by_side and left.dtype == buffer.dtype:
+        target = _place(buffer, first, (rows, right.shape[1]))
+        fresh = product_keys[0] not in written
+        torch.mm(left.T, right, out=target) if fresh else target.addmm_(left.T, right)
+    else:
+        for block, part in zip(blocks, (left.T @ right).split(rows // len(product_keys))):
+            block.copy_(part) if product_keys[0] not in written else block.add_(part)
+    written.update(product_keys)
 
 
 def unpack(buffer: Tensor, layout: Layout, header_size: int) -> Dict[str, BatchSums]:
     """``{name: BatchSums}`` of the parameters some rank saw (views into ``buffer``)."""
-    pending, offset = {}, header_size
-    for name, keys in layout.keys.items():
-        seen = bool(buffer[offset] > 0)
-        offset += 1
-        sums = {}
-        for key, shape in keys.items():
-            n = _numel(shape)
-            sums[key] = buffer[offset : offset + n].view(shape)
-            offset += n
-        if seen:
+    pending = {}
+    for name, (flag, positions) in layout.offsets(header_size).items():
+        if buffer[flag] > 0:
+            keys = layout.keys[name]
+            sums = {key: _place(buffer, positions[key], shape) for key, shape in keys.items()}
             pending[name] = BatchSums(sums, aliases=dict(layout.aliases[name]))
     return pending
-
-
-def _numel(shape: Tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
 
 
 class StepReducer:
@@ -186,6 +206,7 @@ class StepReducer:
         self.order = list(order)
         self.device = device
         self.layout = Layout()
+        self._buffer: Optional[Tensor] = None
 
     def reduce(self, step: StepSums, failed: bool = False) -> Optional[StepSums]:
         """The step's sums over all ranks; every rank must call it on every collected step.
@@ -195,21 +216,24 @@ class StepReducer:
             failed: This rank raised inside the block: the others are told so.
 
         Returns:
-            The step of all ranks' inputs (``None`` on a rank that failed).
+            The step of all ranks' inputs (``None`` on a rank that failed), its sums views
+            into a buffer that the next step overwrites.
 
         Raises:
             RuntimeError: naming the ranks that raised inside their block.
         """
-        local = {} if failed else dense_sums(step.pending)
+        pending = {} if failed else step.pending
+        description = describe(pending)
+        dtype = next(iter(pending.values())).dtype() if pending else self.layout.dtype
         header = [0.0] * self.world_size + [0.0] * 5
         header[self.rank] = float(failed)
         extra = self.world_size
         header[extra + _INPUTS] = 0 if failed else step.num_inputs
         header[extra + _NONFINITE] = float(step.nonfinite)
-        header[extra + _MISFIT] = float(not failed and not fits(local, self.layout))
+        header[extra + _MISFIT] = float(not fits(description, dtype, self.layout))
         header[extra + _WITH_OUTPUTS] = float(step.num_outputs is not None)
         header[extra + _OUTPUTS] = step.num_outputs or 0
-        buffer = self._all_reduce(pack(header, local, self.layout, self.device))
+        buffer = self._all_reduce(header, pending)
         head = buffer[: len(header)].tolist()
         failed_ranks = [r for r in range(self.world_size) if head[r] > 0]
         if failed:
@@ -221,8 +245,9 @@ class StepReducer:
                 "rank. See the failing rank's own error."
             )
         if head[extra + _MISFIT] > 0:
-            self._agree(local)
-            buffer = self._all_reduce(pack(header, local, self.layout, self.device))
+            self._agree(description, dtype)
+            header[extra + _MISFIT] = 0.0
+            buffer = self._all_reduce(header, pending)
             head = buffer[: len(header)].tolist()
         with_outputs = head[extra + _WITH_OUTPUTS]
         return StepSums(
@@ -232,21 +257,24 @@ class StepReducer:
             int(round(head[extra + _OUTPUTS] / with_outputs)) if with_outputs else None,
         )
 
-    def _all_reduce(self, buffer: Tensor) -> Tensor:
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
-        return buffer
+    def _all_reduce(self, header: List[float], pending: Dict[str, BatchSums]) -> Tensor:
+        size = self.layout.size(len(header))
+        if self._buffer is None or self._buffer.numel() != size:
+            self._buffer = torch.empty(size, dtype=self.layout.dtype, device=self.device)
+        if header[self.rank] == 0 and header[self.world_size + _MISFIT] == 0:
+            pack(self._buffer, header, pending, self.layout)
+        else:  # a failed or misfit rank sends its header alone
+            self._buffer.zero_()
+            self._buffer[: len(header)] = torch.tensor(header, dtype=self._buffer.dtype)
+        dist.all_reduce(self._buffer, op=dist.ReduceOp.SUM, group=self.group)
+        return self._buffer
 
-    def _agree(self, local) -> None:
+    def _agree(self, description: Description, dtype: torch.dtype) -> None:
         """All ranks exchange what they hold and take the union as the new layout."""
-        dtypes = {v.dtype for sums, _ in local.values() for v in sums.values()}
-        dtype = self.layout.dtype
-        for d in dtypes:
-            dtype = torch.promote_types(dtype, d)
-        mine = (describe(local), str(dtype))
+        mine = (self._with_layout(description), str(torch.promote_types(dtype, self.layout.dtype)))
         everyone: List[Optional[tuple]] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.group)
-        descriptions = [self._with_layout(d) for d, _ in everyone]
-        self.layout = agree(descriptions, [t for _, t in everyone], self.order)
+        self.layout = agree([d for d, _ in everyone], [t for _, t in everyone], self.order)
 
     def _with_layout(self, description: Description) -> Description:
         """A rank's description joined with the current layout, so that it only grows."""

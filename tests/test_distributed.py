@@ -94,7 +94,9 @@ def _statistics(rank: int, world_size: int) -> dict:
                 _backward(reference, reference.model, batch)
             est = monitor.estimates()
             key = f"{name}/ema={ema}"
-            results[key] = _max_difference(_deterministic(est), _deterministic(reference.estimates()))
+            results[key] = _max_difference(
+                _deterministic(est), _deterministic(reference.estimates())
+            )
             sampled = torch.cat([v.flatten() for v in est.fisher("I1").values()])
             gathered = [None] * world_size
             dist.all_gather_object(gathered, sampled)
@@ -183,7 +185,9 @@ def _state_dict(rank: int, world_size: int, directory: str) -> dict:
         _backward(m, net, x[_slices(world_size, 1)[rank]])
     log.close()
     a, b = monitor.estimates(), restored.estimates()
-    same = all(torch.equal(a.fisher(e)[n], b.fisher(e)[n]) for e in ("I1", "I2") for n in a.fisher(e))
+    same = all(
+        torch.equal(a.fisher(e)[n], b.fisher(e)[n]) for e in ("I1", "I2") for n in a.fisher(e)
+    )
     dist.barrier()
     written = sorted(f for f in os.listdir(directory) if f.startswith("log"))
     monitor.remove()
