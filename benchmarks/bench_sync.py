@@ -6,9 +6,10 @@ on every step; each holds half of the batch. Reported, as medians over the timed
 
     gradient all-reduce   one all_reduce of all gradients, flat (what DDP's buckets send)
     fimhooks sync         the monitor's per-step sync: packing, all_reduce, unpacking
-    floats sent           numbers in each buffer
+    sync floats           numbers in the sync's buffer
 
-Both are timed after a barrier, so that neither waits for the other rank. Also reported:
+Both are timed after a barrier, so that neither waits for the other rank, and interleaved:
+each step's sync is followed by a gradient all-reduce. Also reported:
 the median DDP step (zero_grad, forward, backward, SGD step) without the monitor, with it
 and ``sync=False``, and with it synced.
 
@@ -19,6 +20,7 @@ and ``sync=False``, and with it synced.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -37,30 +39,45 @@ import fimhooks
 
 
 def mlp() -> nn.Module:
+    """The benchmark MLP of ``bench_overhead.py``: 784-512-512-10, ReLU."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
     )
 
 
-def timed_steps(model, optimizer, x, y, monitor, steps: int) -> list:
+def timed_steps(model, optimizer, x, y, monitor, steps: int, after=None) -> list:
+    """Median-ready times of ``steps`` DDP steps (each after a barrier); ``after()`` follows."""
     times = []
     for _ in range(steps):
         dist.barrier()
         start = time.perf_counter()
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
-        if monitor is None:
+        with monitor if monitor is not None else contextlib.nullcontext():
             loss.backward()
-        else:
-            with monitor:
-                loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
+        if after is not None:
+            after()
     return times
 
 
+def timed(function, times: list):
+    """``function`` timed after a barrier, so that no rank waits for another's work."""
+
+    def call(*args, **kwargs):
+        dist.barrier()
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+        return result
+
+    return call
+
+
 def worker(rank: int, world_size: int, init_file: str, args, queue) -> None:
+    """One rank: step times, then the sync and a gradient all-reduce interleaved."""
     torch.set_num_threads(args.threads)
     dist.init_process_group(
         "gloo",
@@ -89,35 +106,20 @@ def worker(rank: int, world_size: int, init_file: str, args, queue) -> None:
     model = DistributedDataParallel(mlp())
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     monitor = fimhooks.FisherMonitor(model, "categorical", estimators=estimators)
-    reducer, sync_times, sizes = monitor._reducer, [], []
-    reduce = reducer.reduce
-
-    def timed_reduce(step, failed=False):
-        dist.barrier()
-        start = time.perf_counter()
-        result = reduce(step, failed)
-        sync_times.append(time.perf_counter() - start)
-        sizes.append(sum(v.numel() for b in result.pending.values() for v in b.sums.values()))
-        return result
-
-    reducer.reduce = timed_reduce
-    timed_steps(model, optimizer, x, y, monitor, args.warmup + args.steps)
-    sync_times = sync_times[args.warmup :]
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    grad_times = []
-    for _ in range(args.warmup + args.steps):
-        dist.barrier()
-        start = time.perf_counter()
-        dist.all_reduce(flat)
-        grad_times.append(time.perf_counter() - start)
-    grad_times = grad_times[args.warmup :]
+    sync_times, grad_times = [], []
+    reducer = monitor._reducer
+    reducer.reduce = timed(reducer.reduce, sync_times)
+    gradients = torch.cat([p.detach().flatten() for p in model.parameters()])
+    all_reduce = timed(dist.all_reduce, grad_times)
+    steps = args.warmup + args.steps
+    timed_steps(model, optimizer, x, y, monitor, steps, after=lambda: all_reduce(gradients))
     if rank == 0:
         queue.put(
             {
-                "parameters": flat.numel(),
-                "sync floats": sizes[-1],
-                "gradient all-reduce ms": 1e3 * statistics.median(grad_times),
-                "fimhooks sync ms": 1e3 * statistics.median(sync_times),
+                "parameters (gradient floats)": gradients.numel(),
+                "sync floats": reducer._buffer.numel(),
+                "gradient all-reduce ms": 1e3 * statistics.median(grad_times[args.warmup :]),
+                "fimhooks sync ms": 1e3 * statistics.median(sync_times[args.warmup :]),
                 **{f"step {k} ms": 1e3 * v for k, v in rows.items()},
             }
         )
@@ -125,6 +127,7 @@ def worker(rank: int, world_size: int, init_file: str, args, queue) -> None:
 
 
 def main() -> None:
+    """Spawn the ranks and print rank 0's medians."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=128, help="inputs per step, all ranks")
     parser.add_argument("--processes", type=int, default=2)

@@ -31,23 +31,44 @@ from fimhooks.diagonal_terms import BatchSums
 #: Header entries after the per-rank failure flags.
 _INPUTS, _NONFINITE, _MISFIT, _WITH_OUTPUTS, _OUTPUTS = range(5)
 
-#: ``{parameter name: ({key: shape}, {aliased key: twin})}``: what one rank holds.
-Description = Dict[str, Tuple[Dict[str, Tuple[int, ...]], Dict[str, str]]]
+Shape = Tuple[int, ...]
+#: A product's keys and the columns of its two factors (``BatchSums.products``).
+Factors = Tuple[Tuple[str, ...], int, int]
+
+
+@dataclass
+class Held:
+    """What one rank holds of one parameter's sums, as it tells the others.
+
+    Attributes:
+        shapes: ``{key: shape}`` of every sum, products counted as their dense blocks.
+        aliases: ``{key: twin}``.
+        products: ``{(keys, left columns, right columns): rows}`` of its products.
+    """
+
+    shapes: Dict[str, Shape] = field(default_factory=dict)
+    aliases: Dict[str, str] = field(default_factory=dict)
+    products: Dict[Factors, int] = field(default_factory=dict)
 
 
 @dataclass
 class Layout:
-    """What every rank packs, in this order: per parameter name its dense keys and shapes.
+    """What every rank packs, in this order, agreed by all ranks.
 
     Attributes:
-        keys: ``{name: {key: shape}}`` in the model's parameter order.
+        keys: ``{name: {key: shape}}`` of the dense sums, in the model's parameter order.
         aliases: ``{name: {key: twin}}``: keys whose sums are those of ``twin`` on every
             rank that holds them (``I2`` where the network is piecewise linear).
+        factors: ``{name: [(keys, left columns, right columns)]}``: products sent as their
+            factors, ``rows`` rows per rank (zero-padded), where that is smaller.
+        rows: Rows of each rank's factors.
         dtype: Precision of the buffer (at least float32, so that counts stay exact).
     """
 
-    keys: Dict[str, Dict[str, Tuple[int, ...]]] = field(default_factory=dict)
+    keys: Dict[str, Dict[str, Shape]] = field(default_factory=dict)
     aliases: Dict[str, Dict[str, str]] = field(default_factory=dict)
+    factors: Dict[str, List[Factors]] = field(default_factory=dict)
+    rows: int = 0
     dtype: torch.dtype = torch.float32
 
     def offsets(self, start: int) -> Dict[str, Tuple[int, Dict[str, int]]]:
@@ -61,9 +82,23 @@ class Layout:
             out[name] = (flag, positions)
         return out
 
-    def size(self, start: int) -> int:
-        """Numbers in a buffer with a header of ``start``."""
+    def dense_size(self, start: int) -> int:
+        """End of the dense part of a buffer with a header of ``start``."""
         return start + sum(1 + sum(map(math.prod, k.values())) for k in self.keys.values())
+
+    def factor_offsets(self, start: int, world_size: int) -> Dict[Tuple[str, Factors], int]:
+        """Where each product's factors begin: ``[world, rows, left]``, then the right's."""
+        out, offset = {}, start
+        for name, products in self.factors.items():
+            for product in products:
+                out[name, product] = offset
+                offset += world_size * self.rows * (product[1] + product[2])
+        return out
+
+    def size(self, start: int, world_size: int) -> int:
+        """Numbers in a buffer with a header of ``start``."""
+        columns = sum(left + right for f in self.factors.values() for _, left, right in f)
+        return self.dense_size(start) + world_size * self.rows * columns
 
 
 @dataclass
@@ -83,83 +118,136 @@ class StepSums:
     num_outputs: Optional[int]
 
 
-def describe(pending: Dict[str, BatchSums]) -> Description:
-    """Keys, shapes and aliases of a rank's batch sums: what it tells the others.
+def merged_products(batch: BatchSums) -> Dict[Factors, Tuple[Tensor, Tensor]]:
+    """A parameter's products with the same keys joined by rows (several passes a block)."""
+    out: Dict[Factors, list] = {}
+    for keys, left, right in batch.products:
+        out.setdefault((keys, left.shape[1], right.shape[1]), []).append((left, right))
+    return {
+        spec: (torch.cat([f[0] for f in parts]), torch.cat([f[1] for f in parts]))
+        if len(parts) > 1
+        else parts[0]
+        for spec, parts in out.items()
+    }
 
-    Products count as the dense ``[out, in]`` sums they stand for.
-    """
+
+def describe(pending: Dict[str, BatchSums]) -> Dict[str, Held]:
+    """What a rank holds, by parameter name."""
     out = {}
     for name, batch in pending.items():
-        shapes = {k: tuple(v.shape) for k, v in batch.sums.items()}
-        for keys, left, right in batch.products:
-            shapes.update((k, (left.shape[1] // len(keys), right.shape[1])) for k in keys)
-        out[name] = (shapes, dict(batch.aliases))
+        held = Held({k: tuple(v.shape) for k, v in batch.sums.items()}, dict(batch.aliases))
+        for (keys, left, right), (factor, _) in merged_products(batch).items():
+            held.shapes.update((k, (left // len(keys), right)) for k in keys)
+            held.products[keys, left, right] = factor.shape[0]
+        out[name] = held
     return out
 
 
-def fits(description: Description, dtype: torch.dtype, layout: Layout) -> bool:
+def fits(description: Dict[str, Held], dtype: torch.dtype, layout: Layout) -> bool:
     """Whether ``layout`` has a place of the right shape and precision for every sum."""
     if torch.promote_types(dtype, layout.dtype) != layout.dtype:
         return False
-    for name, (shapes, aliases) in description.items():
+    for name, held in description.items():
         keys, twins = layout.keys.get(name), layout.aliases.get(name, {})
-        if keys is None or any(keys.get(k) != shape for k, shape in shapes.items()):
+        if keys is None:
             return False
-        if any(key not in keys and twins.get(key) != twin for key, twin in aliases.items()):
+        in_products = {k for product in held.products for k in product[0]}
+        if any(keys.get(k) != v for k, v in held.shapes.items() if k not in in_products):
+            return False
+        for product, rows in held.products.items():
+            if product in layout.factors[name]:
+                if rows > layout.rows:
+                    return False
+            elif any(keys.get(k) != held.shapes[k] for k in product[0]):
+                return False
+        if any(key not in keys and twins.get(key) != twin for key, twin in held.aliases.items()):
             return False
     return True
 
 
-def agree(descriptions: Sequence[Description], dtypes: Sequence[str], order: Sequence[str]):
+def agree(descriptions, dtypes: Sequence[str], order: Sequence[str], world_size: int):
     """The layout of the union of what the ranks hold; the same on every rank.
+
+    A product is sent as its factors when every rank holding its keys holds that same
+    product and its zero-padded factors of all ranks are smaller than the dense sums.
 
     Args:
         descriptions: Every rank's ``describe``, in rank order.
         dtypes: Every rank's precision (``str(dtype)``).
         order: Parameter names in the model's order; others follow, sorted.
+        world_size: Ranks in the group.
     """
     names = {name for d in descriptions for name in d}
     ordered = [n for n in order if n in names] + sorted(names - set(order))
     layout = Layout()
+    layout.rows = max(
+        (r for d in descriptions for h in d.values() for r in h.products.values()), default=0
+    )
     for name in ordered:
         held = [d[name] for d in descriptions if name in d]
-        keys: Dict[str, Tuple[int, ...]] = {}
-        for shapes, _ in held:
-            keys.update(shapes)
+        keys: Dict[str, Shape] = {}
+        for h in held:
+            keys.update(h.shapes)
+        factors = []
+        for product in dict.fromkeys(p for h in held for p in h.products):
+            same = all(product in h.products or not set(product[0]) & h.shapes.keys() for h in held)
+            _, left, right = product
+            if same and world_size * layout.rows * (left + right) < left * right:
+                factors.append(product)
+                for key in product[0]:
+                    del keys[key]
         layout.keys[name] = keys  # the first holder's order: a product's keys stay together
-        layout.aliases[name] = {k: t for _, a in held for k, t in a.items() if k not in keys}
+        layout.factors[name] = factors
+        layout.aliases[name] = {k: t for h in held for k, t in h.aliases.items() if k not in keys}
     for dtype in dtypes:
         layout.dtype = torch.promote_types(layout.dtype, getattr(torch, dtype.split(".")[-1]))
     return layout
 
 
-def pack(buffer: Tensor, header: List[float], pending: Dict[str, BatchSums], layout: Layout):
+def pack(buffer: Tensor, header: List[float], pending, layout: Layout, rank: int, world: int):
     """Write one rank's header and sums into ``buffer`` (``layout.size``); absent ones are 0.
 
-    A product whose keys lie side by side is multiplied out straight into the buffer.
+    A product sent dense and whose keys lie side by side is multiplied out straight into
+    the buffer; one sent as factors fills this rank's rows of them.
     """
+    dense_end = layout.dense_size(len(header))
     buffer[: len(header)] = torch.tensor(header, dtype=buffer.dtype)
+    buffer[dense_end:].zero_()
+    starts = layout.factor_offsets(dense_end, world)
     for name, (flag, positions) in layout.offsets(len(header)).items():
         batch, keys = pending.get(name), layout.keys[name]
         buffer[flag] = float(batch is not None)
         written = set()
-        for key, value in batch.sums.items() if batch is not None else ():
-            _place(buffer, positions[key], keys[key]).copy_(value)
-            written.add(key)
-        for product_keys, left, right in batch.products if batch is not None else ():
-            _write_product(buffer, positions, keys, product_keys, left, right, written)
-        for key, twin in batch.aliases.items() if batch is not None else ():
-            if key in keys:
-                _place(buffer, positions[key], keys[key]).copy_(
-                    _place(buffer, positions[twin], keys[twin])
-                )
+        if batch is not None:
+            for key, value in batch.sums.items():
+                _place(buffer, positions[key], keys[key]).copy_(value)
                 written.add(key)
+            for product, (left, right) in merged_products(batch).items():
+                if product in layout.factors[name]:
+                    _write_factors(
+                        buffer, starts[name, product], layout.rows, rank, world, left, right
+                    )
+                else:
+                    _write_product(buffer, positions, keys, product[0], left, right, written)
+            for key, twin in batch.aliases.items():
+                if key in keys:
+                    _place(buffer, positions[key], keys[key]).copy_(
+                        _place(buffer, positions[twin], keys[twin])
+                    )
+                    written.add(key)
         for key in keys.keys() - written:
             _place(buffer, positions[key], keys[key]).zero_()
 
 
-def _place(buffer: Tensor, offset: int, shape: Tuple[int, ...]) -> Tensor:
+def _place(buffer: Tensor, offset: int, shape: Shape) -> Tensor:
     return buffer[offset : offset + math.prod(shape)].view(shape)
+
+
+def _write_factors(buffer, start, rows, rank, world, left, right) -> None:
+    lefts = _place(buffer, start, (world, rows, left.shape[1]))
+    rights = _place(buffer, start + lefts.numel(), (world, rows, right.shape[1]))
+    lefts[rank, : len(left)] = left
+    rights[rank, : len(right)] = right
 
 
 def _write_product(buffer, positions, keys, product_keys, left, right, written) -> None:
@@ -179,14 +267,25 @@ def _write_product(buffer, positions, keys, product_keys, left, right, written) 
     written.update(product_keys)
 
 
-def unpack(buffer: Tensor, layout: Layout, header_size: int) -> Dict[str, BatchSums]:
-    """``{name: BatchSums}`` of the parameters some rank saw (views into ``buffer``)."""
+def unpack(buffer: Tensor, layout: Layout, header_size: int, world: int) -> Dict[str, BatchSums]:
+    """``{name: BatchSums}`` of the parameters some rank saw (views into ``buffer``).
+
+    Products sent as factors stay products of all ranks' rows (zero rows add nothing).
+    """
     pending = {}
+    starts = layout.factor_offsets(layout.dense_size(header_size), world)
     for name, (flag, positions) in layout.offsets(header_size).items():
         if buffer[flag] > 0:
             keys = layout.keys[name]
             sums = {key: _place(buffer, positions[key], shape) for key, shape in keys.items()}
-            pending[name] = BatchSums(sums, aliases=dict(layout.aliases[name]))
+            products = []
+            for product in layout.factors[name]:
+                keys_, left, right = product
+                rows = world * layout.rows
+                lefts = _place(buffer, starts[name, product], (rows, left))
+                rights = _place(buffer, starts[name, product] + lefts.numel(), (rows, right))
+                products.append((keys_, lefts, rights))
+            pending[name] = BatchSums(sums, products, dict(layout.aliases[name]))
     return pending
 
 
@@ -251,41 +350,48 @@ class StepReducer:
             head = buffer[: len(header)].tolist()
         with_outputs = head[extra + _WITH_OUTPUTS]
         return StepSums(
-            unpack(buffer, self.layout, len(header)),
+            unpack(buffer, self.layout, len(header), self.world_size),
             int(round(head[extra + _INPUTS])),
             head[extra + _NONFINITE] > 0,
             int(round(head[extra + _OUTPUTS] / with_outputs)) if with_outputs else None,
         )
 
     def _all_reduce(self, header: List[float], pending: Dict[str, BatchSums]) -> Tensor:
-        size = self.layout.size(len(header))
+        size = self.layout.size(len(header), self.world_size)
         if self._buffer is None or self._buffer.numel() != size:
             self._buffer = torch.empty(size, dtype=self.layout.dtype, device=self.device)
         if header[self.rank] == 0 and header[self.world_size + _MISFIT] == 0:
-            pack(self._buffer, header, pending, self.layout)
+            pack(self._buffer, header, pending, self.layout, self.rank, self.world_size)
         else:  # a failed or misfit rank sends its header alone
             self._buffer.zero_()
             self._buffer[: len(header)] = torch.tensor(header, dtype=self._buffer.dtype)
         dist.all_reduce(self._buffer, op=dist.ReduceOp.SUM, group=self.group)
         return self._buffer
 
-    def _agree(self, description: Description, dtype: torch.dtype) -> None:
+    def _agree(self, description: Dict[str, Held], dtype: torch.dtype) -> None:
         """All ranks exchange what they hold and take the union as the new layout."""
         mine = (self._with_layout(description), str(torch.promote_types(dtype, self.layout.dtype)))
         everyone: List[Optional[tuple]] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.group)
-        self.layout = agree([d for d, _ in everyone], [t for _, t in everyone], self.order)
+        descriptions, dtypes = [d for d, _ in everyone], [t for _, t in everyone]
+        self.layout = agree(descriptions, dtypes, self.order, self.world_size)
 
-    def _with_layout(self, description: Description) -> Description:
+    def _with_layout(self, description: Dict[str, Held]) -> Dict[str, Held]:
         """A rank's description joined with the current layout, so that it only grows."""
-        joined = {
-            name: (dict(keys), dict(self.layout.aliases.get(name, {})))
-            for name, keys in self.layout.keys.items()
-        }
-        for name, (shapes, aliases) in description.items():
-            keys, twins = joined.setdefault(name, ({}, {}))
-            keys.update(shapes)
-            twins.update(aliases)
+        layout, joined = self.layout, {}
+        for name, keys in layout.keys.items():
+            held = Held(dict(keys), dict(layout.aliases[name]))
+            for product in layout.factors[name]:
+                keys_, left, right = product
+                held.shapes.update((k, (left // len(keys_), right)) for k in keys_)
+                held.products[product] = layout.rows
+            joined[name] = held
+        for name, held in description.items():
+            mine = joined.setdefault(name, Held())
+            mine.shapes.update(held.shapes)
+            mine.aliases.update(held.aliases)
+            for product, rows in held.products.items():
+                mine.products[product] = max(rows, mine.products.get(product, 0))
         return joined
 
 

@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from cases import make_input, make_loss, make_model, make_target
 from graphs import inputs as graph_inputs
 from graphs import make as make_graph
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fimhooks
@@ -33,8 +34,18 @@ STEPS = 3
 #: Rows of each step's batch held by each rank (world size -> steps x ranks); 0: none.
 SPLITS = {2: [(7, 5), (3, 9), (0, 6)], 3: [(5, 4, 3), (0, 6, 6), (4, 0, 1)]}
 
+
 #: (name, model builder, input builder, wrap in DDP)
+def _wide_tanh_mlp():
+    """Wide enough that products are sent as their factors (fewer numbers than dense)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3)
+    ).double()
+
+
 MODELS = [
+    ("wide_tanh_mlp", _wide_tanh_mlp, lambda n: make_input("tanh_mlp", n), 0),
     ("tanh_mlp_ddp", lambda: make_model("tanh_mlp", 3), lambda n: make_input("tanh_mlp", n), 1),
     ("relu_mlp", lambda: make_model("relu_mlp", 3), lambda n: make_input("relu_mlp", n), 0),
     ("relu_residual", lambda: make_graph("relu_residual", 3), lambda n: graph_inputs("x", n), 1),
@@ -102,6 +113,7 @@ def _statistics(rank: int, world_size: int) -> dict:
             dist.all_gather_object(gathered, sampled)
             results[key + "/I1 same on all ranks"] = all(torch.equal(g, sampled) for g in gathered)
             results[key + "/I1 finite"] = bool(torch.isfinite(sampled).all())
+            results[key + "/factors"] = sum(map(len, monitor._reducer.layout.factors.values()))
             monitor.remove()
     return results
 
@@ -296,6 +308,13 @@ def test_every_deterministic_statistic_is_that_of_one_process_on_all_inputs(rank
         for name, _, _, _ in MODELS:
             for ema in (None, 0.7):
                 assert results[f"{name}/ema={ema}"] < 1e-10, (name, ema)
+
+
+def test_wide_layers_send_factors_and_small_ones_dense_sums(ranks):
+    for results in ranks:
+        for ema in (None, 0.7):
+            assert results[f"wide_tanh_mlp/ema={ema}/factors"] == 2
+            assert results[f"tanh_mlp_ddp/ema={ema}/factors"] == 0
 
 
 def test_sampled_estimates_are_identical_on_every_rank(ranks):
