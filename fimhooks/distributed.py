@@ -34,6 +34,10 @@ _INPUTS, _NONFINITE, _MISFIT, _WITH_OUTPUTS, _OUTPUTS = range(5)
 Shape = Tuple[int, ...]
 #: A product's keys and the columns of its two factors (``BatchSums.products``).
 Factors = Tuple[Tuple[str, ...], int, int]
+#: How a product follows from another of the same parameter: ``(source, keys)``, where its
+#: right factor is the source's squared, and so are its columns of ``keys`` (``{k}_sq``)
+#: those of the source's ``k``.
+Derivation = Tuple[Factors, Tuple[str, ...]]
 
 
 @dataclass
@@ -44,11 +48,13 @@ class Held:
         shapes: ``{key: shape}`` of every sum, products counted as their dense blocks.
         aliases: ``{key: twin}``.
         products: ``{(keys, left columns, right columns): rows}`` of its products.
+        derived: ``{product: Derivation}`` of those that follow from another.
     """
 
     shapes: Dict[str, Shape] = field(default_factory=dict)
     aliases: Dict[str, str] = field(default_factory=dict)
     products: Dict[Factors, int] = field(default_factory=dict)
+    derived: Dict[Factors, Derivation] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,15 +65,16 @@ class Layout:
         keys: ``{name: {key: shape}}`` of the dense sums, in the model's parameter order.
         aliases: ``{name: {key: twin}}``: keys whose sums are those of ``twin`` on every
             rank that holds them (``I2`` where the network is piecewise linear).
-        factors: ``{name: [(keys, left columns, right columns)]}``: products sent as their
-            factors, ``rows`` rows per rank (zero-padded), where that is smaller.
+        factors: ``{name: {(keys, left columns, right columns): Derivation or None}}``:
+            products sent as their factors, ``rows`` rows per rank (zero-padded), where
+            that is smaller; of a derived one only the columns that do not follow.
         rows: Rows of each rank's factors.
         dtype: Precision of the buffer (at least float32, so that counts stay exact).
     """
 
     keys: Dict[str, Dict[str, Shape]] = field(default_factory=dict)
     aliases: Dict[str, Dict[str, str]] = field(default_factory=dict)
-    factors: Dict[str, List[Factors]] = field(default_factory=dict)
+    factors: Dict[str, Dict[Factors, Optional[Derivation]]] = field(default_factory=dict)
     rows: int = 0
     dtype: torch.dtype = torch.float32
 
@@ -90,15 +97,57 @@ class Layout:
         """Where each product's factors begin: ``[world, rows, left]``, then the right's."""
         out, offset = {}, start
         for name, products in self.factors.items():
-            for product in products:
+            for product, derivation in products.items():
                 out[name, product] = offset
-                offset += world_size * self.rows * (product[1] + product[2])
+                offset += world_size * self.rows * sum(sent_columns(product, derivation))
         return out
 
     def size(self, start: int, world_size: int) -> int:
         """Numbers in a buffer with a header of ``start``."""
-        columns = sum(left + right for f in self.factors.values() for _, left, right in f)
+        columns = sum(sum(sent_columns(*f)) for p in self.factors.values() for f in p.items())
         return self.dense_size(start) + world_size * self.rows * columns
+
+
+def sent_columns(product: Factors, derivation: Optional[Derivation]) -> Tuple[int, int]:
+    """Columns of the left and right factors that are sent (not derived)."""
+    keys, left, right = product
+    if derivation is None:
+        return left, right
+    return left // len(keys) * (len(keys) - len(derivation[1])), 0
+
+
+def squared_from(products: Dict[Factors, Tuple[Tensor, Tensor]]) -> Dict[Factors, Derivation]:
+    """The products that follow from another by squaring (checked exactly).
+
+    A rank-one layer's sums of squared summands are the product of the squared output
+    terms and the squared inputs (``rank_one_batch_sums``): they need not be sent.
+    """
+    out = {}
+    for target, (left, right) in products.items():
+        if not any(k.endswith("_sq") for k in target[0]):
+            continue
+        for source, (left2, right2) in products.items():
+            if any(k.endswith("_sq") for k in source[0]) or right2.shape != right.shape:
+                continue
+            if left2.shape[1] // len(source[0]) != left.shape[1] // len(target[0]):
+                continue
+            if not torch.equal(right2 * right2, right):
+                continue
+            derived = tuple(
+                k
+                for k, block in zip(target[0], _blocks(left, len(target[0])))
+                if k[:-3] in source[0]
+                and torch.equal(_blocks(left2, len(source[0]))[source[0].index(k[:-3])] ** 2, block)
+            )
+            if derived:
+                out[target] = (source, derived)
+                break
+    return out
+
+
+def _blocks(left: Tensor, keys: int) -> Tuple[Tensor, ...]:
+    """A left factor's column blocks, one per key."""
+    return left.split(left.shape[1] // keys, dim=1)
 
 
 @dataclass
@@ -136,9 +185,11 @@ def describe(pending: Dict[str, BatchSums]) -> Dict[str, Held]:
     out = {}
     for name, batch in pending.items():
         held = Held({k: tuple(v.shape) for k, v in batch.sums.items()}, dict(batch.aliases))
-        for (keys, left, right), (factor, _) in merged_products(batch).items():
+        products = merged_products(batch)
+        for (keys, left, right), (factor, _) in products.items():
             held.shapes.update((k, (left // len(keys), right)) for k in keys)
             held.products[keys, left, right] = factor.shape[0]
+        held.derived = squared_from(products)
         out[name] = held
     return out
 
@@ -156,7 +207,8 @@ def fits(description: Dict[str, Held], dtype: torch.dtype, layout: Layout) -> bo
             return False
         for product, rows in held.products.items():
             if product in layout.factors[name]:
-                if rows > layout.rows:
+                derivation = layout.factors[name][product]
+                if rows > layout.rows or derivation not in (None, held.derived.get(product)):
                     return False
             elif any(keys.get(k) != held.shapes[k] for k in product[0]):
                 return False
@@ -188,12 +240,18 @@ def agree(descriptions, dtypes: Sequence[str], order: Sequence[str], world_size:
         keys: Dict[str, Shape] = {}
         for h in held:
             keys.update(h.shapes)
-        factors = []
-        for product in dict.fromkeys(p for h in held for p in h.products):
+        factors: Dict[Factors, Optional[Derivation]] = {}
+        products = dict.fromkeys(p for h in held for p in h.products)
+        by_derivation = sorted(products, key=lambda p: _common_derivation(p, held) is not None)
+        for product in by_derivation:
             same = all(product in h.products or not set(product[0]) & h.shapes.keys() for h in held)
+            derivation = _common_derivation(product, held)
+            if derivation is not None and derivation[0] not in factors:
+                derivation = None
             _, left, right = product
-            if same and world_size * layout.rows * (left + right) < left * right:
-                factors.append(product)
+            sent = sum(sent_columns(product, derivation))
+            if same and world_size * layout.rows * sent < left * right:
+                factors[product] = derivation
                 for key in product[0]:
                     del keys[key]
         layout.keys[name] = keys  # the first holder's order: a product's keys stay together
@@ -202,6 +260,12 @@ def agree(descriptions, dtypes: Sequence[str], order: Sequence[str], world_size:
     for dtype in dtypes:
         layout.dtype = torch.promote_types(layout.dtype, getattr(torch, dtype.split(".")[-1]))
     return layout
+
+
+def _common_derivation(product: Factors, held: Sequence[Held]) -> Optional[Derivation]:
+    """The derivation of ``product`` if every rank holding it has the same one."""
+    derivations = {h.derived.get(product) for h in held if product in h.products}
+    return derivations.pop() if len(derivations) == 1 else None
 
 
 def pack(buffer: Tensor, header: List[float], pending, layout: Layout, rank: int, world: int):
@@ -224,6 +288,9 @@ def pack(buffer: Tensor, header: List[float], pending, layout: Layout, rank: int
                 written.add(key)
             for product, (left, right) in merged_products(batch).items():
                 if product in layout.factors[name]:
+                    derivation = layout.factors[name][product]
+                    if derivation is not None:
+                        left, right = _sent_left(product, derivation, left), right[:, :0]
                     _write_factors(
                         buffer, starts[name, product], layout.rows, rank, world, left, right
                     )
@@ -248,6 +315,26 @@ def _write_factors(buffer, start, rows, rank, world, left, right) -> None:
     rights = _place(buffer, start + lefts.numel(), (world, rows, right.shape[1]))
     lefts[rank, : len(left)] = left
     rights[rank, : len(right)] = right
+
+
+def _sent_left(product: Factors, derivation: Derivation, left: Tensor) -> Tensor:
+    """The columns of a derived product's left factor that do not follow from its source."""
+    blocks = _blocks(left, len(product[0]))
+    return torch.cat([b for k, b in zip(product[0], blocks) if k not in derivation[1]], dim=1)
+
+
+def _derived_left(product: Factors, derivation: Derivation, sent: Tensor, source: Tensor):
+    """A derived product's left factor from its sent columns and its source's left factor."""
+    (source_keys, _, _), derived = derivation
+    sent_blocks = iter(_blocks(sent, len(product[0]) - len(derived)) if sent.shape[1] else ())
+    source_blocks = _blocks(source, len(source_keys))
+    return torch.cat(
+        [
+            source_blocks[source_keys.index(k[:-3])] ** 2 if k in derived else next(sent_blocks)
+            for k in product[0]
+        ],
+        dim=1,
+    )
 
 
 def _write_product(buffer, positions, keys, product_keys, left, right, written) -> None:
@@ -278,13 +365,18 @@ def unpack(buffer: Tensor, layout: Layout, header_size: int, world: int) -> Dict
         if buffer[flag] > 0:
             keys = layout.keys[name]
             sums = {key: _place(buffer, positions[key], shape) for key, shape in keys.items()}
-            products = []
-            for product in layout.factors[name]:
-                keys_, left, right = product
+            factors = {}
+            for product, derivation in layout.factors[name].items():
+                left, right = sent_columns(product, derivation)
                 rows = world * layout.rows
                 lefts = _place(buffer, starts[name, product], (rows, left))
                 rights = _place(buffer, starts[name, product] + lefts.numel(), (rows, right))
-                products.append((keys_, lefts, rights))
+                if derivation is not None:  # sources come first (``agree``)
+                    source_left, source_right = factors[derivation[0]]
+                    lefts = _derived_left(product, derivation, lefts, source_left)
+                    rights = source_right * source_right
+                factors[product] = (lefts, rights)
+            products = [(p[0], left, right) for p, (left, right) in factors.items()]
             pending[name] = BatchSums(sums, products, dict(layout.aliases[name]))
     return pending
 
@@ -381,16 +473,22 @@ class StepReducer:
         layout, joined = self.layout, {}
         for name, keys in layout.keys.items():
             held = Held(dict(keys), dict(layout.aliases[name]))
-            for product in layout.factors[name]:
+            for product, derivation in layout.factors[name].items():
                 keys_, left, right = product
                 held.shapes.update((k, (left // len(keys_), right)) for k in keys_)
                 held.products[product] = layout.rows
+                if derivation is not None:
+                    held.derived[product] = derivation
             joined[name] = held
         for name, held in description.items():
             mine = joined.setdefault(name, Held())
             mine.shapes.update(held.shapes)
             mine.aliases.update(held.aliases)
             for product, rows in held.products.items():
+                if product not in mine.products and product in held.derived:
+                    mine.derived[product] = held.derived[product]
+                elif mine.derived.get(product) != held.derived.get(product):
+                    mine.derived.pop(product, None)  # derived only where both say so
                 mine.products[product] = max(rows, mine.products.get(product, 0))
         return joined
 

@@ -51,7 +51,6 @@ class FisherLog:
     ):
         self._monitor = monitor
         self._owns_file = isinstance(target, (str, Path))
-        self.active = target is not None
         self._file = open(target, "w", encoding="utf-8") if self._owns_file else target
         self._writer = writer
         self._target = target_rse

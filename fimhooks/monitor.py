@@ -479,17 +479,17 @@ class FisherMonitor:
             self._generators[device].manual_seed(seed)
         return self._generators[device]
 
-    @property
-    def is_main_process(self) -> bool:
-        """Whether this is rank 0 (or no process group): the one that logs and shows."""
-        return self._rank == 0
-
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"fimhooks: {message}", RuntimeWarning, stacklevel=4)
 
     # --- public API ----------------------------------------------------------------
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this is rank 0 (or no process group): the one that logs and shows."""
+        return self._rank == 0
 
     @property
     def backward_passes(self) -> int:
