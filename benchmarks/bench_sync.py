@@ -8,10 +8,10 @@ on every step; each holds half of the batch. Reported, as medians over the timed
     fimhooks sync         the monitor's per-step sync: packing, all_reduce, unpacking
     sync floats           numbers in the sync's buffer
 
-Both are timed after a barrier, so that neither waits for the other rank, and interleaved:
-each step's sync is followed by a gradient all-reduce. Also reported:
-the median DDP step (zero_grad, forward, backward, SGD step) without the monitor, with it
-and ``sync=False``, and with it synced.
+Both are timed after a barrier, so that neither waits for the other rank, at the same point
+of each step (where the monitor syncs, after the backward pass), taking turns to go first. Also reported:
+the median step (zero_grad, forward, backward, SGD step) of the model without DDP (each
+rank alone), and under DDP without the monitor, with it and ``sync=False``, and synced.
 
     python benchmarks/bench_sync.py                 # batch 128 in all, 2 processes
     python benchmarks/bench_sync.py --batch 256 --estimators I1,exact
@@ -92,8 +92,13 @@ def worker(rank: int, world_size: int, init_file: str, args, queue) -> None:
     y = torch.randint(0, 10, (per_rank,), generator=generator)
     estimators = tuple(args.estimators.split(","))
     rows = {}
-    for name, sync in (("no monitor", None), ("sync=False", False), ("synced", True)):
-        model = DistributedDataParallel(mlp())
+    for name, sync in (
+        ("without DDP", None),
+        ("no monitor", None),
+        ("sync=False", False),
+        ("synced", True),
+    ):
+        model = mlp() if name == "without DDP" else DistributedDataParallel(mlp())
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
         monitor = None
         if sync is not None:
@@ -108,11 +113,24 @@ def worker(rank: int, world_size: int, init_file: str, args, queue) -> None:
     monitor = fimhooks.FisherMonitor(model, "categorical", estimators=estimators)
     sync_times, grad_times = [], []
     reducer = monitor._reducer
-    reducer.reduce = timed(reducer.reduce, sync_times)
+    reduce, sync = reducer.reduce, timed(reducer.reduce, sync_times)
     gradients = torch.cat([p.detach().flatten() for p in model.parameters()])
     all_reduce = timed(dist.all_reduce, grad_times)
-    steps = args.warmup + args.steps
-    timed_steps(model, optimizer, x, y, monitor, steps, after=lambda: all_reduce(gradients))
+
+    def both(step, failed=False):
+        """At the same point of the step, in turns first: the sync and a gradient all-reduce.
+
+        The gradients are written into the all-reduced buffer first, as the backward pass
+        writes DDP's buckets: the collective then reads freshly written memory, as the sync.
+        """
+        torch.cat([p.grad.flatten() for p in model.parameters()], out=gradients)
+        if len(sync_times) % 2:
+            return sync(step, failed), all_reduce(gradients)
+        return all_reduce(gradients), sync(step, failed)
+
+    reducer.reduce = lambda step, failed=False: [r for r in both(step, failed) if r][0]
+    timed_steps(model, optimizer, x, y, monitor, args.warmup + args.steps)
+    reducer.reduce = reduce
     if rank == 0:
         queue.put(
             {
