@@ -9,11 +9,18 @@ of every rank those of that one process, identical on every rank.
 One step is one ``all_reduce(SUM)`` of one flat buffer: a header (which ranks failed inside
 the block, the input count, whether a batch was not finite, ...) and then, per parameter in
 the model's order, a flag that the rank saw it and its dense sums, each ``[*P]`` or the
-shape of a Kronecker factor. Ranks must pack the same keys and shapes: the buffer follows a
-``Layout`` agreed by all ranks. A rank whose sums do not fit it (the first step, a parameter
-or term seen for the first time) says so in the header; the ranks then exchange what they
-hold (``all_gather_object``), agree on the union and reduce again. After the first step this
-is rare, so a step costs one collective.
+shape of a Kronecker factor; then the rank-one products of wide Linear layers as their
+factors: each rank writes its rows of a ``[ranks, rows, columns]`` block and zeros elsewhere,
+so the sum gathers all ranks' rows, and the product of the gathered factors is the sum over
+ranks (zero rows add nothing). That is smaller than the dense sums where a rank holds fewer
+inputs than about ``in / (ranks · terms)``. A product's sums of squares follow from another
+product's factors by squaring and are not sent.
+
+Ranks must pack the same keys and shapes: the buffer follows a ``Layout`` agreed by all
+ranks. A rank whose sums do not fit it (the first step; a parameter, a term or more inputs
+seen for the first time) says so in the header; the ranks then exchange what they hold
+(``all_gather_object``), agree on the union and reduce again. The layout only grows, so
+after the first step this is rare and a step costs one collective.
 """
 
 from __future__ import annotations
@@ -415,7 +422,9 @@ class StepReducer:
         """
         pending = {} if failed else step.pending
         description = describe(pending)
-        dtype = next(iter(pending.values())).dtype() if pending else self.layout.dtype
+        dtype = self.layout.dtype
+        for batch in pending.values():
+            dtype = torch.promote_types(dtype, batch.dtype())
         header = [0.0] * self.world_size + [0.0] * 5
         header[self.rank] = float(failed)
         extra = self.world_size
@@ -449,9 +458,9 @@ class StepReducer:
         )
 
     def _all_reduce(self, header: List[float], pending: Dict[str, BatchSums]) -> Tensor:
-        size = self.layout.size(len(header), self.world_size)
-        if self._buffer is None or self._buffer.numel() != size:
-            self._buffer = torch.empty(size, dtype=self.layout.dtype, device=self.device)
+        size, dtype = self.layout.size(len(header), self.world_size), self.layout.dtype
+        if self._buffer is None or (self._buffer.numel(), self._buffer.dtype) != (size, dtype):
+            self._buffer = torch.empty(size, dtype=dtype, device=self.device)
         if header[self.rank] == 0 and header[self.world_size + _MISFIT] == 0:
             pack(self._buffer, header, pending, self.layout, self.rank, self.world_size)
         else:  # a failed or misfit rank sends its header alone
