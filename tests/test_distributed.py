@@ -139,24 +139,26 @@ def _draws(rank: int, world_size: int) -> dict:
 
 def _gradients(rank: int, world_size: int) -> dict:
     """p.grad as plain DDP's; preconditioned gradients identical on every rank."""
-    results = {}
+    results = {"grad as plain DDP": True}
     x = make_input("tanh_mlp", 12)[_slices(world_size, 0)[rank]]
-    plain = DistributedDataParallel(make_model("tanh_mlp", 3))
-    _backward(None, plain, x)
-    for structure in ("diag", "kfac"):
-        model = DistributedDataParallel(make_model("tanh_mlp", 3))
+    builds = {"chain": MODELS[1][1], "general": MODELS[-1][1]}  # tanh MLP, ReLU residual
+    for path, structure in (("chain", "diag"), ("chain", "kfac"), ("general", "diag")):
+        plain = DistributedDataParallel(builds[path]())
+        _backward(None, plain, x)
+        model = DistributedDataParallel(builds[path]())
         monitor = fimhooks.FisherMonitor(model, "categorical")
         precondition = FisherPreconditioner(monitor, structure=structure, damping=0.1)
         _backward(monitor, model, x)
-        results["grad as plain DDP"] = all(
+        results["grad as plain DDP"] &= all(
             torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), plain.parameters())
         )
         precondition.step()
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         gathered = [None] * world_size
         dist.all_gather_object(gathered, grads)
-        results[f"{structure} identical"] = all(torch.equal(g, grads) for g in gathered)
-        results[f"{structure} changed"] = not torch.equal(
+        key = f"{path} {structure}"
+        results[f"{key} identical"] = all(torch.equal(g, grads) for g in gathered)
+        results[f"{key} changed"] = not torch.equal(
             grads, torch.cat([p.grad.flatten() for p in plain.parameters()])
         )
         monitor.remove()
@@ -335,8 +337,8 @@ def test_label_draws_are_reproducible_and_independent_across_ranks(ranks):
 def test_gradients_are_plain_ddp_and_preconditioned_identically_on_every_rank(ranks):
     for results in ranks:
         assert results["grad as plain DDP"]
-        for structure in ("diag", "kfac"):
-            assert results[f"{structure} identical"] and results[f"{structure} changed"]
+        for key in ("chain diag", "chain kfac", "general diag"):
+            assert results[f"{key} identical"] and results[f"{key} changed"], key
 
 
 def test_kronecker_factors_are_those_of_one_process(ranks):
