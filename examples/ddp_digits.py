@@ -28,13 +28,13 @@ def main(epochs: int = 3, batch_size: int = 64, seed: int = 0):
         nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
     )
     loss_fn = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     monitor = fimhooks.FisherMonitor(model, loss_fn, ema_decay=0.9, seed=seed)
     precondition = FisherPreconditioner(monitor, damping=0.1, estimator="exact")
     log = monitor.log_to(os.environ.get("FIMHOOKS_LOG", "ddp_digits.jsonl"))  # rank 0 writes
 
     for epoch in range(epochs):
-        order = torch.randperm(len(x))
+        order, total, seen = torch.randperm(len(x)), 0.0, 0
         for start in range(0, len(x), batch_size):
             batch = order[start : start + batch_size].tensor_split(world_size)[rank]
             optimizer.zero_grad()
@@ -43,8 +43,9 @@ def main(epochs: int = 3, batch_size: int = 64, seed: int = 0):
                 loss.backward()  # DDP all-reduces the gradients; the monitor its sums
             precondition.step()
             optimizer.step()
+            total, seen = total + loss.item() * len(batch), seen + len(batch)
         if monitor.is_main_process:
-            print(f"epoch {epoch + 1}: loss on rank 0's last half-batch {loss.item():.3f}")
+            print(f"epoch {epoch + 1}: training loss on rank 0's inputs {total / seen:.3f}")
 
     log.close()
     if monitor.is_main_process:

@@ -304,10 +304,13 @@ def pack(buffer: Tensor, header: List[float], pending, layout: Layout, rank: int
                 else:
                     _write_product(buffer, positions, keys, product[0], left, right, written)
             for key, twin in batch.aliases.items():
-                if key in keys:
-                    _place(buffer, positions[key], keys[key]).copy_(
+                if key in keys:  # dense here: another rank holds it apart from its twin
+                    value = (
                         _place(buffer, positions[twin], keys[twin])
+                        if twin in positions
+                        else batch.dense()[key]
                     )
+                    _place(buffer, positions[key], keys[key]).copy_(value)
                     written.add(key)
         for key in keys.keys() - written:
             _place(buffer, positions[key], keys[key]).zero_()
