@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,6 +35,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fimhooks.diagonal_terms import BatchSums
+
+#: How long a rank that raised inside its block waits for the others to hear of it.
+FAILURE_NOTICE_SECONDS = 10.0
 
 #: Header entries after the per-rank failure flags.
 _INPUTS, _NONFINITE, _MISFIT, _WITH_OUTPUTS, _OUTPUTS = range(5)
@@ -394,6 +398,10 @@ def unpack(buffer: Tensor, layout: Layout, header_size: int, world: int) -> Dict
 class StepReducer:
     """Sums each collected step over the ranks of ``group``; see the module docstring.
 
+    The sums go over a group of their own with the same ranks, so that they never pair
+    with another collective of ``group`` (DDP's gradient buckets) when ranks part ways.
+    Every rank of ``group`` must create it, in the same order as its other groups.
+
     Args:
         group: The process group (``None``: the default group).
         order: Parameter names in the model's order.
@@ -401,9 +409,11 @@ class StepReducer:
     """
 
     def __init__(self, group, order: Sequence[str], device: torch.device):
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
+        ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+        backend = dist.get_backend(group)
+        self.group = dist.new_group(ranks, backend=backend, use_local_synchronization=True)
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
         self.order = list(order)
         self.device = device
         self.layout = Layout()
@@ -436,11 +446,12 @@ class StepReducer:
         header[extra + _MISFIT] = float(not fits(description, dtype, self.layout))
         header[extra + _WITH_OUTPUTS] = float(step.num_outputs is not None)
         header[extra + _OUTPUTS] = step.num_outputs or 0
+        if failed:
+            self._tell_failure(header)
+            return None
         buffer = self._all_reduce(header, pending)
         head = buffer[: len(header)].tolist()
         failed_ranks = [r for r in range(self.world_size) if head[r] > 0]
-        if failed:
-            return None
         if failed_ranks:
             raise RuntimeError(
                 f"fimhooks: rank(s) {failed_ranks} of the process group raised an error "
@@ -464,13 +475,28 @@ class StepReducer:
         size, dtype = self.layout.size(len(header), self.world_size), self.layout.dtype
         if self._buffer is None or (self._buffer.numel(), self._buffer.dtype) != (size, dtype):
             self._buffer = torch.empty(size, dtype=dtype, device=self.device)
-        if header[self.rank] == 0 and header[self.world_size + _MISFIT] == 0:
+        if header[self.world_size + _MISFIT] == 0:
             pack(self._buffer, header, pending, self.layout, self.rank, self.world_size)
-        else:  # a failed or misfit rank sends its header alone
+        else:  # a misfit rank sends its header alone
             self._buffer.zero_()
             self._buffer[: len(header)] = torch.tensor(header, dtype=self._buffer.dtype)
         dist.all_reduce(self._buffer, op=dist.ReduceOp.SUM, group=self.group)
         return self._buffer
+
+    def _tell_failure(self, header: List[float]) -> None:
+        """Tell ranks waiting in this step's sum that this one failed; wait a while only.
+
+        Ranks still inside their own block (in DDP's backward, waiting for this rank's
+        gradients) never come: then this rank goes on raising its own error.
+        """
+        buffer = torch.zeros(self.layout.size(len(header), self.world_size), device=self.device)
+        buffer = buffer.to(self.layout.dtype)
+        buffer[: len(header)] = torch.tensor(header, dtype=buffer.dtype)
+        work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        try:
+            work.wait(timeout=timedelta(seconds=FAILURE_NOTICE_SECONDS))
+        except RuntimeError:  # the others are elsewhere; this rank's own error follows
+            pass
 
     def _agree(self, description: Dict[str, Held], dtype: torch.dtype) -> None:
         """All ranks exchange what they hold and take the union as the new layout."""
