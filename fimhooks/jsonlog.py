@@ -42,7 +42,8 @@ def log_record(estimates, step: int, backward: int, seconds: float, target: floa
 class FisherLog:
     """Writes a record per collected step to a JSON-lines file and, optionally, TensorBoard.
 
-    Created by ``FisherMonitor.log_to``; ``close()`` detaches it from the monitor.
+    Created by ``FisherMonitor.log_to``; ``close()`` detaches it from the monitor. With
+    ``target=None`` it writes nothing (ranks other than 0 under ``torch.distributed``).
     """
 
     def __init__(
@@ -71,7 +72,8 @@ class FisherLog:
 
     def close(self) -> None:
         """Stop logging and close the file if this log opened it."""
-        self._monitor._listeners.remove(self)
+        if self in self._monitor._listeners:
+            self._monitor._listeners.remove(self)
         if self._owns_file:
             self._file.close()
 

@@ -14,6 +14,7 @@ from torch.autograd.graph import GradientEdge
 from fimhooks import batchnorm as bn
 from fimhooks.chain import chain_batch_sums
 from fimhooks.diagonal_terms import BatchSums
+from fimhooks.distributed import StepReducer, StepSums, process_group_of, rank_seed, unwrap
 from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
 from fimhooks.general import general_batch_sums
 from fimhooks.graph import broadcast_sums, curved_layer
@@ -67,7 +68,8 @@ class FisherMonitor:
         estimators: Which of ``"I1", "I2", "exact"`` to compute; fewer is cheaper. The
             closed-form variance of Î₁ and the data variance need ``"exact"`` or ``"I2"``.
         seed: Seed of the monitor's own label sampler (default: ``torch.initial_seed()``),
-            so collecting never changes the user's random number stream.
+            so collecting never changes the user's random number stream. Under
+            ``torch.distributed`` each rank draws its own labels from ``seed`` and its rank.
         batchnorm: ``"error"`` (default): BatchNorm normalising with the batch's statistics
             (training mode) is refused, since per-input quantities are undefined there.
             ``"frozen-batch-stats"``: each batch's mean and biased variance are treated as
@@ -76,6 +78,14 @@ class FisherMonitor:
         max_memory: Bytes the extra tensors of a collected step may take (default 1 GiB;
             ``None``: no bound). Inputs, label directions and curvature entries are taken
             a chunk at a time to stay within it; a smaller budget costs time, not accuracy.
+        sync: Under ``torch.distributed`` (a ``DistributedDataParallel`` model, or any
+            model while a process group is initialised), sum each collected step over the
+            ranks, so that every rank holds the estimates of one process on all ranks'
+            inputs; ``False`` keeps each rank's own. Every rank must then run the same
+            collected steps. A DDP model is watched through its inner module: parameter
+            names carry no ``module.`` prefix.
+        process_group: The group to sum over (default: the DDP model's, else the default
+            group).
 
     Raises:
         ValueError: for an unsupported likelihood, BatchNorm in training mode, or invalid
@@ -96,9 +106,12 @@ class FisherMonitor:
         seed: Optional[int] = None,
         batchnorm: str = bn.REFUSE,
         max_memory: Optional[float] = DEFAULT_MAX_MEMORY,
+        sync: bool = True,
+        process_group=None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        model, process_group = unwrap(model, process_group)
         self.likelihood = likelihood_from(likelihood, sigma)
         self._class_axis = 1 if isinstance(likelihood, nn.CrossEntropyLoss) else -1
         self.estimators = _check_estimators(estimators)
@@ -144,6 +157,14 @@ class FisherMonitor:
         self._generic_layers: Dict[str, None] = {}  # an ordered set
         self._warned = set()
         self._set_hooks(True)
+        self._rank, world_size = process_group_of(process_group)
+        self._reducer = None
+        if sync and world_size > 1:
+            device = next(model.parameters(), torch.empty(0)).device
+            names = [n for n, _ in model.named_parameters()]
+            self._reducer = StepReducer(process_group, names, device)
+        self._distributed = world_size > 1
+        self._draws = 0  # label draws in the current block (their seeds under distributed)
         _ATTACHED[model] = self
 
     # --- the context manager -------------------------------------------------------
@@ -170,6 +191,7 @@ class FisherMonitor:
         self._collecting = self._armed
         self._entries += 1
         self._pending, self._pending_inputs, self._pending_nonfinite = {}, 0, False
+        self._draws = 0
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -177,13 +199,17 @@ class FisherMonitor:
         if self._removed:  # remove() was called inside the block: nothing is collected
             self._collecting, self._pending = False, {}
             return False
-        if self._collecting:
-            self._collecting = False
-            if exc_type is None:
-                self._commit()
+        try:
+            if self._collecting:
+                self._collecting = False
+                if exc_type is None:
+                    self._commit()
+                elif self._reducer is not None:  # the other ranks wait for this one
+                    self._reducer.reduce(self._step(), failed=True)
+        finally:
             self._pending, self._pending_inputs = {}, 0
-        self._records, self._mask = [], None
-        self._set_hooks(self._armed or self._started)
+            self._records, self._mask = [], None
+            self._set_hooks(self._armed or self._started)
         return False
 
     @staticmethod
@@ -196,7 +222,16 @@ class FisherMonitor:
         """Whether the next (or current) ``with`` block collects."""
         return self._entries % self.every == 0
 
+    def _step(self) -> StepSums:
+        outputs = self._num_outputs if self._pending_inputs else None
+        return StepSums(self._pending, self._pending_inputs, self._pending_nonfinite, outputs)
+
     def _commit(self) -> None:
+        if self._reducer is not None:  # the sums of all ranks' inputs, on every rank
+            step = self._reducer.reduce(self._step())
+            self._pending, self._pending_inputs = step.pending, step.num_inputs
+            self._pending_nonfinite = step.nonfinite
+            self._num_outputs = step.num_outputs or self._num_outputs
         if self._pending_nonfinite or not self._finite(self._pending):
             self.skipped += 1
             self._warn_once(
@@ -483,6 +518,10 @@ class FisherMonitor:
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        if self._distributed:  # each rank its own draws, restored by the block count alone
+            self._draws += 1
+            seed = rank_seed(self.seed, self._rank, self._entries, self._draws)
+            self._generators[device].manual_seed(seed)
         return self._generators[device]
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -491,6 +530,11 @@ class FisherMonitor:
             warnings.warn(f"fimhooks: {message}", RuntimeWarning, stacklevel=4)
 
     # --- public API ----------------------------------------------------------------
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this is rank 0 (or no process group): the one that logs and shows."""
+        return self._rank == 0
 
     @property
     def backward_passes(self) -> int:
@@ -521,15 +565,18 @@ class FisherMonitor:
         """Iterate under a tqdm bar showing Fisher traces and the worst relative error.
 
         ``for x, y in monitor.progress(loader): ...``; the postfix is refreshed on
-        collected steps only.
+        collected steps only. Under ``torch.distributed`` only rank 0 shows the bar.
         """
+        if not self.is_main_process:
+            tqdm_options = {**tqdm_options, "disable": True}
         return progress(self, iterable, **tqdm_options)
 
     def log_to(self, target, writer=None, *, target_rse: float = DEFAULT_TARGET) -> FisherLog:
         """Log one JSON line per collected step to ``target`` (a path or a text file).
 
         Args:
-            target: Path of the JSON-lines file (overwritten) or an open text file.
+            target: Path of the JSON-lines file (overwritten) or an open text file;
+                under ``torch.distributed`` only rank 0 writes it.
             writer: Optional ``torch.utils.tensorboard.SummaryWriter`` for the same scalars.
             target_rse: Relative standard error that the logged guidance aims at.
 
@@ -537,6 +584,8 @@ class FisherMonitor:
             The log; ``close()`` it to stop logging. Schema: ``fimhooks.jsonlog``.
         """
         self._check_attached("log_to")
+        if not self.is_main_process:  # under torch.distributed rank 0 alone writes
+            return FisherLog(self, None, None, target_rse)
         log = FisherLog(self, target, writer, target_rse)
         self._listeners.append(log)
         return log

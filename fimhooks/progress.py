@@ -19,7 +19,7 @@ def progress(monitor, iterable: Iterable[T], **tqdm_options) -> Iterator[T]:
     seen = monitor.collected_steps
     for item in bar:
         yield item
-        if monitor.collected_steps != seen:
+        if monitor.collected_steps != seen and not bar.disable:
             seen = monitor.collected_steps
             bar.set_postfix(postfix(monitor.live_estimates()), refresh=False)
 
