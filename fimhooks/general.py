@@ -147,10 +147,10 @@ def _backward(output, to_output, draw, positions, directions, samples, calls) ->
 
     The batch axis of each output is moved next to the directions' axis.
     """
-    V = draw.directions[directions.start : directions.stop]
-    vectors = torch.zeros(len(positions), *V.shape, dtype=V.dtype, device=V.device)
+    V = draw.directions[directions.start : directions.stop, samples]
+    vectors = V.new_zeros(len(positions), len(V), *draw.directions.shape[1:])
     for j, t in enumerate(positions):
-        vectors[j, :, samples, t] = V[:, samples, t]
+        vectors[j, :, samples, t] = V[:, :, t]
     vectors = to_output(vectors.flatten(0, 1)).to(output.dtype)
     edges = [c.edge for c in calls if c.edge is not None]
     grads = torch.autograd.grad(

@@ -31,11 +31,11 @@ class Likelihood:
     name: str = ""
     kappa: float = 0.0
 
-    def directions(self, h: Tensor) -> Tensor:
-        """Backpropagated directions. Returns ``[K, N, C]``."""
+    def directions(self, h: Tensor, chosen: slice = slice(None)) -> Tensor:
+        """Backpropagated directions ``chosen`` among the ``K = C``. Returns ``[k, N, C]``."""
         n, c = h.shape
-        eye = torch.eye(c, dtype=h.dtype, device=h.device)
-        return eye.unsqueeze(1).expand(c, n, c)
+        eye = torch.eye(c, dtype=h.dtype, device=h.device)[chosen]
+        return eye.unsqueeze(1).expand(eye.shape[0], n, c)
 
     def weights(self, h: Tensor) -> Tensor:
         """Weights of ``g`` and ``v₂``. Returns ``[N, K]``."""
@@ -73,9 +73,9 @@ class Categorical(Likelihood):
     name = "categorical"
     kappa = -1.0
 
-    def directions(self, h: Tensor) -> Tensor:  # noqa: D102
+    def directions(self, h: Tensor, chosen: slice = slice(None)) -> Tensor:  # noqa: D102
         p = torch.softmax(h, dim=1)
-        eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
+        eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device)[chosen]
         return eye.unsqueeze(1) - p.unsqueeze(0)
 
     def weights(self, h: Tensor) -> Tensor:  # noqa: D102

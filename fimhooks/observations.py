@@ -71,12 +71,67 @@ def position_mask(mask: Optional[Tensor], h: Tensor, positions: Tensor, class_ax
     )
 
 
+class Directions:
+    """The ``[K, N, T, C]`` vectors a collected step backpropagates, formed where indexed.
+
+    The likelihood's own directions (the exact pass: ``C`` per position) are computed from
+    the outputs for the directions and inputs indexed, ``[k, n, ...]`` with slices ``k``
+    and ``n``, so that all ``K·N·T·C`` entries never exist at once (many classes). Vectors
+    given explicitly (sampled residuals: few) are held, and come after them.
+
+    Args:
+        positions: ``[N, T, C]`` model output, detached.
+        observed: ``[N, T]`` boolean; directions are zero at the other positions.
+        likelihood: Whose ``directions`` come first (``None``: none).
+        held: ``[K', N, T, C]`` vectors that follow (``None``: none).
+        dtype: The precision of what indexing returns.
+    """
+
+    def __init__(self, positions, observed, likelihood=None, held=None, dtype=None):
+        self.positions, self.observed = positions, observed
+        self.likelihood, self.held = likelihood, held
+        self.dtype = positions.dtype if dtype is None else dtype
+        basis = positions.shape[2] if likelihood is not None else 0
+        self.basis = basis
+        self.shape = torch.Size((basis + (0 if held is None else len(held)), *positions.shape))
+
+    def __getitem__(self, index) -> Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        chosen = range(self.shape[0])[index[0] if index else slice(None)]
+        samples = index[1] if len(index) > 1 else slice(None)
+        first, last, parts = chosen.start, chosen.stop, []
+        if first < self.basis:
+            parts.append(self._basis(slice(first, min(last, self.basis)), samples))
+        if last > self.basis:
+            held = self.held[max(first, self.basis) - self.basis : last - self.basis, samples]
+            parts.append(held.to(self.dtype))
+        chunk = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return chunk[(slice(None), slice(None)) + index[2:]]
+
+    def _basis(self, chosen: slice, samples: slice) -> Tensor:
+        h = self.positions[samples]
+        n, T, C = h.shape
+        d = self.likelihood.directions(h.reshape(n * T, C), chosen).reshape(-1, n, T, C)
+        observed = self.observed[samples][None, :, :, None]
+        return torch.where(observed, d, torch.zeros((), dtype=d.dtype)).to(self.dtype)
+
+    def to(self, dtype: torch.dtype) -> "Directions":
+        """The same directions in another precision."""
+        return Directions(self.positions, self.observed, self.likelihood, self.held, dtype)
+
+    def followed_by(self, vectors: Tensor) -> "Directions":
+        """These directions with ``vectors`` ``[k, N, T, C]`` after them."""
+        held = vectors if self.held is None else torch.cat([self.held, vectors.to(self.held)])
+        return Directions(self.positions, self.observed, self.likelihood, held, self.dtype)
+
+
 @dataclass
 class LabelDraw:
     """Directions and labels of one collected step (see ``likelihoods``).
 
     Attributes:
-        directions: ``[K, N, T, C]`` vectors to backpropagate, zero at masked positions.
+        directions: ``[K, N, T, C]`` vectors to backpropagate, zero at masked positions
+            (``Directions``: formed for the chunk indexed).
         weights: ``[N, T, K]`` (``None`` when only Î₁ is collected: then the directions
             are the ``K = M`` sampled residuals themselves).
         fourth_weights: ``[N, T, K]``.
@@ -85,7 +140,7 @@ class LabelDraw:
         num_inputs: Inputs with at least one observed position.
     """
 
-    directions: Tensor
+    directions: Directions
     weights: Optional[Tensor]
     fourth_weights: Optional[Tensor]
     coefficients: Optional[Tensor]
@@ -98,9 +153,12 @@ class LabelDraw:
         def cast(x):
             return None if x is None else x.to(dtype)
 
-        tensors = (self.directions, self.weights, self.fourth_weights, self.coefficients)
+        tensors = (self.weights, self.fourth_weights, self.coefficients)
         return LabelDraw(
-            *map(cast, tensors), cast(self.position_weights), num_inputs=self.num_inputs
+            self.directions.to(dtype),
+            *map(cast, tensors),
+            cast(self.position_weights),
+            num_inputs=self.num_inputs,
         )
 
 
@@ -126,16 +184,18 @@ def draw_labels(
     counts = observed.sum(1)
     position_weights = observed / counts.clamp_min(1).unsqueeze(1).to(positions.dtype)
     if exact_pass:
-        directions = likelihood.directions(h)
+        directions = Directions(positions, observed, likelihood)
         weights, fourth = likelihood.weights(h), likelihood.fourth_weights(h)
         coefficients = likelihood.sample_coefficients(h, mc_samples, generator)
         per_position = [_scatter(weights, observed), _scatter(fourth, observed)]
         per_position.append(_scatter(coefficients, observed))
     else:
-        directions = likelihood.sampled_residuals(h, mc_samples, generator)
+        residuals = likelihood.sampled_residuals(h, mc_samples, generator)
+        held = _scatter(residuals.transpose(0, 1), observed).permute(2, 0, 1, 3)
+        directions = Directions(positions, observed, held=held)
         per_position = [None, None, None]
     return LabelDraw(
-        _scatter(directions.transpose(0, 1), observed).permute(2, 0, 1, 3),
+        directions,
         *per_position,
         position_weights=position_weights.to(positions.dtype),
         num_inputs=int((counts > 0).sum()),
