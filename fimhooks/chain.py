@@ -60,6 +60,7 @@ class ChainPass:
         terms: Which of ``exact, v1, v2, I1, I2`` to reduce.
         kronecker: Also reduce the Kronecker factors of Linear layers.
         factors: ``[N, 5]`` bound factors (``None`` without bounds).
+        data_weights: ``[N, K]`` marks the data's direction (``None`` without ``EF``).
         results: ``{id(parameter): BatchSums}``.
     """
 
@@ -70,6 +71,7 @@ class ChainPass:
     terms: FrozenSet[str]
     kronecker: bool = False
     factors: Optional[Tensor] = None
+    data_weights: Optional[Tensor] = None
     saved: Dict[int, Backpropagated] = field(default_factory=dict)
     results: Dict[int, BatchSums] = field(default_factory=dict)
     _output_terms: Optional[tuple] = None
@@ -85,13 +87,15 @@ class ChainPass:
         def rows(x):
             return None if x is None else x[samples]
 
-        weights, fourth, coefficients, factors = (
+        weights, fourth, coefficients = (
             rows(self.weights),
             rows(self.fourth_weights),
             rows(self.coefficients),
-            rows(self.factors),
         )
-        return per_input_terms(U, W, weights, fourth, self.kappa, coefficients, self.terms, factors)
+        factors, data = rows(self.factors), rows(self.data_weights)
+        return per_input_terms(
+            U, W, weights, fourth, self.kappa, coefficients, self.terms, factors, data
+        )
 
     def layer_output_terms(self, module: nn.Module, bp: Backpropagated) -> dict:
         """Per-input terms of a Linear layer's output, computed once for weight and bias."""
@@ -110,6 +114,8 @@ class ChainPass:
         if module.bias is not None:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         sums = {"kron_A": x.T @ x}
+        if self.data_weights is not None:  # the data's direction is the last
+            U = U[:-1]
         if self.weights is None:  # the directions are the sampled residuals
             sums["kron_G_sampled"] = torch.einsum("kno,knp->op", U, U) / U.shape[0]
             return sums
@@ -154,6 +160,7 @@ def chain_batch_sums(
         terms,
         kronecker,
         first_position(draw.bound_factors),
+        first_position(draw.data_weights),
     )
     directions = draw.directions[:, :, 0]
     chain.saved[output.data_ptr()] = Backpropagated(

@@ -9,7 +9,13 @@ import torch
 from torch import Tensor
 
 from fimhooks.guidance import cost_per_input, draws_suggested, inputs_needed
-from fimhooks.quantities import BOUND_SIDES, ESTIMATOR_SPECS, ESTIMATORS, bound_term
+from fimhooks.quantities import (
+    BOUND_SIDES,
+    ESTIMATOR_SPECS,
+    ESTIMATORS,
+    bound_term,
+    label_sampled,
+)
 from fimhooks.running import RunningDiagonal
 
 #: Relative standard error that the guidance aims at by default.
@@ -133,6 +139,17 @@ class FisherEstimates:
         )
         return lower, upper
 
+    def empirical_fisher_bias(self) -> Diagonal:
+        """``EF − exact`` per entry: the bias of the empirical Fisher (SPEC §7b).
+
+        Both are running averages over the same inputs and steps; its noise is
+        ``empirical_variance("EF")`` (the empirical Fisher has no label noise).
+        """
+        self._check("EF")
+        if not self.exact_pass:
+            raise ValueError("the bias of 'EF' needs 'exact' or 'I2' in estimators.")
+        return {n: a.fisher("EF") - a.fisher("exact") for n, a in self._acc.items()}
+
     def data_variance(self) -> Diagonal:
         """Data-noise variance of the running exact estimate (SPEC §4)."""
         if not self.exact_pass:
@@ -212,15 +229,18 @@ class FisherEstimates:
                 "data_share": None if share is None else 1.0 - share,
                 "inputs_needed": needed,
                 "draws_suggested": draws_suggested(label_noise, data_noise)
-                if self.exact_pass and e != "exact"
+                if self.exact_pass and label_sampled(e)
                 else None,
                 "rse_histogram": _rse_histogram(fisher, total),
             }
-            if self.has_bounds:
+            if self.has_bounds and ESTIMATOR_SPECS[e].bounded:
                 stats[e].update(_bound_ratios(e, accs))
+            if ESTIMATOR_SPECS[e].data_labels and self.exact_pass:
+                stats[e].update(_bias(fisher, _cat(a.fisher("exact") for a in accs)))
         if "I2" in self.estimators and self.exact_pass:
             stats["zero_v2"] = int(sum((a.label_variance("I2") == 0).sum() for a in accs))
-        stats["recommended"] = min(costs, key=lambda e: (costs[e], e != "exact"))
+        unbiased = [e for e in costs if not ESTIMATOR_SPECS[e].data_labels] or list(costs)
+        stats["recommended"] = min(unbiased, key=lambda e: (costs[e], e != "exact"))
         return stats
 
     def standard_errors(self, estimator: str) -> Diagonal:
@@ -235,7 +255,11 @@ class FisherEstimates:
         """``(label, label + data)`` variances of one parameter's running estimate (SPEC §4).
 
         Without the exact pass: ``(None, empirical variance)``, which holds both noises.
+        The empirical Fisher has no label noise: ``(0, its empirical variance)``.
         """
+        if ESTIMATOR_SPECS[estimator].data_labels:
+            empirical = acc.sample_variance(estimator)
+            return (torch.zeros_like(empirical) if self.exact_pass else None), empirical
         if not self.exact_pass:
             return None, acc.sample_variance(estimator)
         label = acc.label_variance(estimator)
@@ -265,10 +289,14 @@ class FisherEstimates:
         header = ["layer", "module", "params"]
         for e in self.estimators:
             header += [f"tr {e}", f"rse {e}", f"N@{target:.0%} {e}"]
-        sampled = [e for e in self.estimators if e != "exact"] if self.exact_pass else []
+        sampled = [e for e in self.estimators if label_sampled(e)] if self.exact_pass else []
         header += [f"label share {e}" for e in sampled] + [f"M {e}" for e in sampled]
+        bounded = [e for e in self.estimators if ESTIMATOR_SPECS[e].bounded]
+        biased = [e for e in self.estimators if ESTIMATOR_SPECS[e].data_labels]
+        biased = biased if self.exact_pass else []
+        header += [f"bias {e}" for e in biased]
         if self.has_bounds:
-            header += [f"tight {e}" for e in self.estimators]
+            header += [f"tight {e}" for e in bounded]
         if "zero_v2" in next(iter(layers.values())):
             header.append("zero v2")
         header.append("best")
@@ -280,8 +308,9 @@ class FisherEstimates:
                 row.append(_fmt_count(stats[e]["inputs_needed"]))
             row += [_fmt(stats[e]["label_share"]) for e in sampled]
             row += [str(stats[e]["draws_suggested"] or "n/a") for e in sampled]
+            row += [_fmt(stats[e]["bias"]) for e in biased]
             if self.has_bounds:
-                row += [_fmt(stats[e]["bound_tightness"]) for e in self.estimators]
+                row += [_fmt(stats[e]["bound_tightness"]) for e in bounded]
             if "zero_v2" in stats:
                 row.append(f"{stats['zero_v2']}/{stats['params']}")
             row.append(stats["recommended"])
@@ -295,6 +324,11 @@ class FisherEstimates:
             "M: label draws per input worth taking; best: fewest backpropagated vectors to "
             f"reach {target:.0%}."
         )
+        if biased:
+            legend += (
+                "\nbias EF: ‖EF − exact‖ / ‖exact‖ over the layer, the empirical Fisher's "
+                "relative bias; compare it with the rse of Î₁ and Î₂ (their noise)."
+            )
         if self.has_bounds:
             legend += (
                 "\ntight: the layer's upper bound (Soen & Sun 2024, Thm 4.1) over what it "
@@ -367,6 +401,19 @@ def _bound_ratios(estimator: str, accs: List[RunningDiagonal]) -> dict:
         bound = total(a.bound(bound_term(term, side)) for a in accs)
         ratios[key] = bound / actual if actual > 0 else (math.nan if bound == 0 else math.inf)
     return ratios
+
+
+def _bias(empirical: Tensor, exact: Tensor) -> dict:
+    """The empirical Fisher's bias over a layer, relative to the exact diagonal.
+
+    ``bias``: ``‖EF − exact‖ / ‖exact‖`` (comparable with an ``rse``); ``trace_bias``:
+    ``(tr EF − tr exact) / tr exact``.
+    """
+    norm, trace = exact.norm().item(), exact.sum().item()
+    return {
+        "bias": (empirical - exact).norm().item() / norm if norm > 0 else math.inf,
+        "trace_bias": (empirical.sum().item() - trace) / trace if trace > 0 else math.inf,
+    }
 
 
 def _cat(tensors) -> Tensor:

@@ -42,19 +42,24 @@ class Estimator:
         needs_exact_pass: Whether it backpropagates the likelihood's ``C`` directions
             instead of the ``M`` sampled residuals.
         bounded: The term that ``FisherEstimates.bounds`` bounds for it (SPEC §7): its
-            summand's mean for ``exact``, its label-noise variance for Î₁ and Î₂.
+            summand's mean for ``exact``, its label-noise variance for Î₁ and Î₂; ``None``
+            for the empirical Fisher.
+        data_labels: Whether it uses the data's labels (the empirical Fisher, SPEC §7b)
+            instead of labels drawn from the model.
     """
 
     name: str
     variance: Optional[str]
     needs_exact_pass: bool
-    bounded: str
+    bounded: Optional[str]
+    data_labels: bool = False
 
 
 _BASE_TERMS = (
     Term("exact", input_power=2, summand=True, label_variance=False),
     Term("I1", input_power=2, summand=True, label_variance=False),
     Term("I2", input_power=2, summand=True, label_variance=False),
+    Term("EF", input_power=2, summand=True, label_variance=False),
     Term("v1", input_power=4, summand=False, label_variance=True),
     Term("v2", input_power=4, summand=False, label_variance=True),
 )
@@ -83,10 +88,18 @@ ESTIMATOR_SPECS: Dict[str, Estimator] = {
         Estimator("I1", variance="v1", needs_exact_pass=False, bounded="v1"),
         Estimator("I2", variance="v2", needs_exact_pass=True, bounded="v2"),
         Estimator("exact", variance=None, needs_exact_pass=True, bounded="exact"),
+        Estimator("EF", variance=None, needs_exact_pass=False, bounded=None, data_labels=True),
     )
 }
 #: The estimators' names, in the order tables show them.
 ESTIMATORS = tuple(ESTIMATOR_SPECS)
+#: What a monitor computes unless told otherwise (the empirical Fisher is asked for).
+DEFAULT_ESTIMATORS = ("I1", "I2", "exact")
+
+
+def label_sampled(estimator: str) -> bool:
+    """Whether ``estimator`` draws labels from the model (it has label noise)."""
+    return ESTIMATOR_SPECS[estimator].variance is not None
 
 
 def terms_for(estimators: Iterable[str], bounds: bool = False) -> FrozenSet[str]:
@@ -102,7 +115,7 @@ def terms_for(estimators: Iterable[str], bounds: bool = False) -> FrozenSet[str]
     terms = {"exact"}
     for spec in specs:
         terms |= {spec.name} | ({spec.variance} if spec.variance else set())
-        if bounds:
+        if bounds and spec.bounded:
             terms |= {bound_term(spec.bounded, side) for side in BOUND_SIDES}
     return frozenset(terms)
 

@@ -198,3 +198,43 @@ def _fisher_h(name: str, h: Tensor) -> Tensor:
 
 def _unflatten(rows: Tensor, names, shapes, sizes) -> Dict[str, Tensor]:
     return {n: c.reshape(-1, *s) for n, c, s in zip(names, rows.split(sizes, dim=1), shapes)}
+
+
+def empirical_fisher_reference(model, likelihood, x, y, sigma=1.0, *, mask=None, output=None):
+    """Per-input empirical Fisher summands: squared NLL gradients at the data's labels.
+
+    Each observation's negative log-likelihood is its own loss (``F.cross_entropy``,
+    ``F.binary_cross_entropy_with_logits`` summed over outputs, or ``‖f − y‖²/(2σ²)``),
+    differentiated by ``torch.func.grad``; an input's summand is the mean over its
+    observed positions (categorical ``[N, T, C]`` outputs with labels ``[N, T]``).
+
+    Returns:
+        ``{param name: [N, *param.shape]}`` for the inputs with an observed position.
+    """
+    name = _NAMES.get(type(likelihood), likelihood if isinstance(likelihood, str) else "gaussian")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def nll(theta, xn, yn, t):
+        out = functional_call(model, {**params, **theta}, (xn.unsqueeze(0),))
+        h = (out if output is None else output(out))[0]
+        if name == "categorical":
+            logits = h.reshape(-1, h.shape[-1])[t]
+            return nn.functional.cross_entropy(logits.unsqueeze(0), yn.reshape(-1)[t : t + 1])
+        if name == "bernoulli":
+            return nn.functional.binary_cross_entropy_with_logits(h, yn, reduction="sum")
+        return ((h - yn) ** 2).sum() / (2 * sigma**2)
+
+    rows = []
+    for n in range(len(x)):
+        count = y[n].numel() if name == "categorical" else 1
+        observed = torch.ones(count, dtype=torch.bool) if mask is None else mask[n].flatten()
+        if not observed.any():
+            continue
+        squares = [
+            torch.func.grad(nll)({k: params[k] for k in trained}, x[n], y[n], t)
+            for t in range(count)
+            if observed[t]
+        ]
+        rows.append({k: sum(g[k] ** 2 for g in squares) / len(squares) for k in trained})
+    return {k: torch.stack([r[k] for r in rows]) for k in trained}
