@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fimhooks import jacobians
+from fimhooks.blocks import block_label_variance, gram
 from fimhooks.curvature import CurvatureSource
 from fimhooks.diagonal_terms import BatchSums, batch_sums, per_input_terms, rank_one_batch_sums
 from fimhooks.observations import LabelDraw
@@ -61,6 +62,10 @@ class ChainPass:
         kronecker: Also reduce the Kronecker factors of Linear layers.
         factors: ``[N, 5]`` bound factors (``None`` without bounds).
         data_weights: ``[N, K]`` marks the data's direction (``None`` without ``EF``).
+        gram_pairing: The likelihood's ``(α, β)`` when block errors are collected
+            (``blocks``), else ``None``.
+        grams: ``[N, K, K]`` Gram matrices of the current layer's block, summed over its
+            parameters.
         results: ``{id(parameter): BatchSums}``.
     """
 
@@ -72,6 +77,8 @@ class ChainPass:
     kronecker: bool = False
     factors: Optional[Tensor] = None
     data_weights: Optional[Tensor] = None
+    gram_pairing: Optional[Tuple[float, float]] = None
+    grams: Optional[Tensor] = None
     saved: Dict[int, Backpropagated] = field(default_factory=dict)
     results: Dict[int, BatchSums] = field(default_factory=dict)
     _output_terms: Optional[tuple] = None
@@ -103,6 +110,26 @@ class ChainPass:
             terms = self.output_terms(bp.first, _output_second_derivatives(bp))
             self._output_terms = (module, terms)
         return self._output_terms[1]
+
+    def add_gram(self, grams: Tensor, samples=slice(None)) -> None:
+        """Add a parameter's Gram matrices ``[n, K, K]`` of the inputs ``samples``."""
+        if self.grams is None:
+            n, k = self.weights.shape
+            self.grams = grams.new_zeros(n, k, k)
+        self.grams[samples] += grams
+
+    def finish_block(self, sums: BatchSums, second_order: bool) -> None:
+        """Put the layer's block error terms into one of its parameters' batch sums.
+
+        ``block_v1`` is ``Σ_n E_y‖s_B s_Bᵀ − I_B(x_n)‖²_F`` (``blocks``); ``block_v2``, that
+        of Î₂, is zero where nothing above the layer is curved (the block's Hessian
+        vanishes) and left out elsewhere: it would need the Hessian block itself.
+        """
+        v1 = block_label_variance(self.grams, self.weights, self.fourth_weights, self.gram_pairing)
+        sums.sums["block_v1"] = v1.sum()
+        if "I2" in self.terms and not second_order:
+            sums.sums["block_v2"] = torch.zeros_like(sums.sums["block_v1"])
+        self.grams = None
 
     def kronecker_sums(self, U: Tensor, module: nn.Module) -> Dict[str, Tensor]:
         """Batch sums of the Kronecker factors of a Linear layer (see ``preconditioning``).
@@ -161,6 +188,7 @@ def chain_batch_sums(
         kronecker,
         first_position(draw.bound_factors),
         first_position(draw.data_weights),
+        draw.gram_pairing,
     )
     directions = draw.directions[:, :, 0]
     chain.saved[output.data_ptr()] = Backpropagated(
@@ -190,10 +218,14 @@ class PassThrough:
         """Reduce the layer's parameters and pass the quantity to its input."""
         # the next layer may have received a view of this output: restore its shape
         bp = chain.saved.pop(module.output.data_ptr()).shaped_like(module.output)
+        reduced = []
         for name in self.params:
             param = getattr(module, name, None)
             if param is not None and param.requires_grad:
                 chain.results[id(param)] = self.reduce(chain, module, name, bp)
+                reduced.append(chain.results[id(param)])
+        if reduced and chain.gram_pairing is not None:
+            chain.finish_block(reduced[0], bool(bp.sources))
         if module.input0.requires_grad:
             chain.saved[module.input0.data_ptr()] = self.backpropagate(chain, module, bp)
 
@@ -252,6 +284,10 @@ class Parameterized(PassThrough):
     def reduce(self, chain, module, name, bp: Backpropagated) -> BatchSums:  # noqa: D102
         if is_rank_one(module):
             terms = chain.layer_output_terms(module, bp)
+            if chain.gram_pairing is not None:  # U = Ū ⊗ x: Ĝ = ‖x‖² Ū Ūᵀ (bias: Ū Ūᵀ)
+                x = module.input0.detach()
+                scale = 1.0 if name == "bias" else (x * x).sum(1)[:, None, None]
+                chain.add_gram(scale * gram(bp.first))
             if name == "bias":
                 return batch_sums(terms)
             sums = rank_one_batch_sums(terms, module.input0.detach())
@@ -288,6 +324,8 @@ class Parameterized(PassThrough):
                     W += torch.einsum("kns,sn...->kn...", coefficients[:, :, rows], J * J)
             sums = batch_sums(chain.output_terms(U, W, samples))
             total = sums if total is None else total.add(sums)
+            if chain.gram_pairing is not None:
+                chain.add_gram(gram(U), samples)
         return total
 
     def per_input_products(self, name, module, mat, samples: slice, whole: bool) -> Tensor:

@@ -36,6 +36,7 @@ class FisherEstimates:
         estimators: The estimators that were collected.
         exact_pass: Whether the closed-form (exact-pass) quantities were collected.
         bounds: Whether the bounds of SPEC §7 were collected.
+        block_errors: Whether the layers' full-block Frobenius errors were collected.
         num_outputs: Outputs ``C`` of the network (the exact pass backpropagates ``C``
             vectors per input).
         skipped: Collected batches skipped for non-finite statistics.
@@ -52,6 +53,7 @@ class FisherEstimates:
         layer_types: Optional[Dict[str, str]] = None,
         exact_pass: bool,
         bounds: bool = False,
+        block_errors: bool = False,
         num_outputs: int = 1,
         skipped: int = 0,
         generic_layers: tuple = (),
@@ -62,6 +64,7 @@ class FisherEstimates:
         self.estimators = tuple(estimators)
         self.exact_pass = exact_pass
         self.has_bounds = bounds
+        self.has_block_errors = block_errors
         self.num_outputs = num_outputs
         self.skipped = skipped
         self.generic_layers = tuple(generic_layers)
@@ -89,6 +92,7 @@ class FisherEstimates:
             layer_types=self._layer_types,
             exact_pass=self.exact_pass,
             bounds=self.has_bounds and other.has_bounds,
+            block_errors=self.has_block_errors and other.has_block_errors,
             num_outputs=self.num_outputs,
             skipped=self.skipped + other.skipped,
             generic_layers=tuple(dict.fromkeys(self.generic_layers + other.generic_layers)),
@@ -138,6 +142,61 @@ class FisherEstimates:
             for side in BOUND_SIDES
         )
         return lower, upper
+
+    def frobenius_error(self, estimator: str, structure: str = "block") -> Dict[str, float]:
+        """Expected squared Frobenius error of each layer's running estimate (SPEC §6).
+
+        Label noise only, like ``variance``: ``structure="diag"`` gives ``Σ_i variance(e)_i``
+        over the layer's entries (its diagonal's error); ``structure="block"`` that of the
+        layer's full block (weight and bias together), ``E‖Î_B − I_B‖²_F``, per step
+        ``(1/(N²M)) Σ_n (E_y‖s_B‖⁴ − ‖I_B(x_n)‖²_F)`` and combined over steps with ``w_t²``.
+        The block needs ``block_errors=True`` on the monitor and the chain path; Î₂'s block
+        is known (zero) only where nothing above the layer is curved.
+
+        Returns:
+            ``{layer path: error}``.
+        """
+        self._check(estimator)
+        if not label_sampled(estimator) or not self.exact_pass:
+            raise ValueError(
+                "frobenius_error is the label noise of 'I1' or 'I2' and needs the exact pass "
+                f"('exact' or 'I2' in estimators); got {estimator!r} with {self.estimators}."
+            )
+        if structure == "diag":
+            return {
+                layer: sum(self._acc[n].label_variance(estimator).sum().item() for n in names)
+                for layer, names in self._layers().items()
+            }
+        if structure != "block":
+            raise ValueError(f"structure must be 'block' or 'diag', got {structure!r}.")
+        if not self.has_block_errors:
+            raise ValueError(
+                "block errors were not collected: create the FisherMonitor with block_errors=True."
+            )
+        return {
+            layer: self._block_error(estimator, layer, names)
+            for layer, names in self._layers().items()
+        }
+
+    def _block_error(self, estimator: str, layer: str, names: List[str]) -> float:
+        def found(term):
+            values = [self._acc[n].label_variance_term(term) for n in names]
+            return [value for value in values if value is not None]
+
+        values = found(ESTIMATOR_SPECS[estimator].block)
+        if not values:
+            reason = (
+                "block errors are collected on the chain path only (models that are a "
+                "chain of supported layers, one observation per input)"
+                if not found("block_v1")
+                else "Î₂'s block error needs the block's Hessian, known only where nothing "
+                "above the layer is curved (then it is zero)"
+            )
+            raise ValueError(
+                f"no block error of {estimator!r} for layer '{layer}': {reason}. "
+                "structure='diag' is available."
+            )
+        return values[0].item()
 
     def empirical_fisher_bias(self) -> Diagonal:
         """``EF − exact`` per entry: the bias of the empirical Fisher (SPEC §7b).

@@ -33,6 +33,8 @@ class Likelihood:
 
     name: str = ""
     kappa: float = 0.0
+    #: ``(α, β)`` of the block error's Gram form (``blocks``); ``α + β = κ``.
+    gram_pairing = (1.0, 1.0)
 
     def directions(self, h: Tensor) -> Tensor:
         """Backpropagated directions. Returns ``[K, N, C]``."""
@@ -87,6 +89,7 @@ class Categorical(Likelihood):
 
     name = "categorical"
     kappa = -1.0
+    gram_pairing = (0.0, -1.0)
 
     def directions(self, h: Tensor) -> Tensor:  # noqa: D102
         p = torch.softmax(h, dim=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 import weakref
@@ -74,6 +75,9 @@ class FisherMonitor:
         bounds: Also collect the lower and upper bounds of SPEC §7 on the exact
             diagonal and on the variances of Î₁ and Î₂ (``FisherEstimates.bounds``); they
             cost a few extra per-input sums. Needs ``"exact"`` or ``"I2"``.
+        block_errors: Also collect each layer's full-block expected squared Frobenius
+            error (``FisherEstimates.frobenius_error``), from per-input ``C × C`` Gram
+            matrices. Needs ``"exact"`` or ``"I2"``; chain path only.
 
     Raises:
         ValueError: for an unsupported likelihood, BatchNorm in training mode, or invalid
@@ -93,6 +97,7 @@ class FisherMonitor:
         estimators: Sequence[str] = DEFAULT_ESTIMATORS,
         seed: Optional[int] = None,
         bounds: bool = False,
+        block_errors: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -114,12 +119,13 @@ class FisherMonitor:
         self._read_structure()
         self._terms = terms_for(self.estimators, bounds)
         self._exact_pass = exact_pass(self._terms)
-        if bounds and not self._exact_pass:
-            raise ValueError(
-                "bounds=True needs the exact pass (the norms of the output Jacobian's "
-                f"columns): include 'exact' or 'I2' in estimators, got {self.estimators!r}."
-            )
-        self.bounds = bool(bounds)
+        for option, value in (("bounds", bounds), ("block_errors", block_errors)):
+            if value and not self._exact_pass:
+                raise ValueError(
+                    f"{option}=True needs the exact pass (the output Jacobian's C directions): "
+                    f"include 'exact' or 'I2' in estimators, got {self.estimators!r}."
+                )
+        self.bounds, self.block_errors = bool(bounds), bool(block_errors)
         self._loss_reduction = getattr(likelihood, "reduction", None)
         if "EF" in self.estimators and self.likelihood.name == "gaussian":
             if self._loss_reduction not in ("mean", "sum"):
@@ -361,6 +367,8 @@ class FisherMonitor:
         draw = draw_labels(
             self.likelihood, positions, observed, M, generator, exact_pass, self.bounds
         )
+        if self.block_errors:
+            draw = dataclasses.replace(draw, gram_pairing=self.likelihood.gram_pairing)
         if "EF" in self._terms:
             residuals = self._data_residuals(grad, h, positions, observed)
             draw = with_data_residuals(draw, residuals, sampled=self._terms != {"EF"})
@@ -517,6 +525,7 @@ class FisherMonitor:
             layer_types={path: type(m).__name__ for path, m in self.model.named_modules()},
             exact_pass=self._exact_pass,
             bounds=self.bounds,
+            block_errors=self.block_errors,
             num_outputs=self._num_outputs,
             skipped=self.skipped,
             generic_layers=tuple(self._generic_layers),
@@ -673,6 +682,7 @@ class FisherMonitor:
             "ema_decay": self.ema_decay,
             "estimators": list(self.estimators),
             "bounds": self.bounds,
+            "block_errors": self.block_errors,
         }
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -89,6 +89,8 @@ class LabelDraw:
             ``None`` when no bounds are collected.
         data_weights: ``[N, T, K]``, 1 at the direction of the data's residual (the last,
             for the empirical Fisher; ``with_data_residuals``), else 0; ``None`` without it.
+        gram_pairing: The likelihood's ``(α, β)`` of ``blocks`` when block errors are
+            collected, else ``None``.
     """
 
     directions: Tensor
@@ -99,6 +101,7 @@ class LabelDraw:
     num_inputs: int
     bound_factors: Optional[Tensor] = None
     data_weights: Optional[Tensor] = None
+    gram_pairing: Optional[Tuple[float, float]] = None
 
     def to(self, dtype: torch.dtype) -> "LabelDraw":
         """The same draw in another precision."""
@@ -113,6 +116,7 @@ class LabelDraw:
             num_inputs=self.num_inputs,
             bound_factors=cast(self.bound_factors),
             data_weights=cast(self.data_weights),
+            gram_pairing=self.gram_pairing,
         )
 
 

@@ -46,6 +46,7 @@ class Estimator:
             for the empirical Fisher.
         data_labels: Whether it uses the data's labels (the empirical Fisher, SPEC §7b)
             instead of labels drawn from the model.
+        block: The term of its full-block expected squared Frobenius error, if any.
     """
 
     name: str
@@ -53,6 +54,7 @@ class Estimator:
     needs_exact_pass: bool
     bounded: Optional[str]
     data_labels: bool = False
+    block: Optional[str] = None
 
 
 _BASE_TERMS = (
@@ -72,9 +74,16 @@ def bound_term(term: str, side: str) -> str:
     return f"{term}_{side}"
 
 
+#: Per layer: ``Σ_n E_y‖Î_B − I_B(x_n)‖²_F`` of its full block (``blocks``), kept in the
+#: batch sums of the layer's first parameter (a scalar; no per-entry input power).
+_BLOCK_TERMS = tuple(
+    Term(f"block_{v}", input_power=0, summand=False, label_variance=True) for v in ("v1", "v2")
+)
+
 TERMS: Dict[str, Term] = {
     t.name: t
     for t in _BASE_TERMS
+    + _BLOCK_TERMS
     + tuple(
         Term(bound_term(t.name, side), t.input_power, False, t.label_variance, bounds=t.name)
         for t in _BASE_TERMS
@@ -85,8 +94,8 @@ TERMS: Dict[str, Term] = {
 ESTIMATOR_SPECS: Dict[str, Estimator] = {
     e.name: e
     for e in (
-        Estimator("I1", variance="v1", needs_exact_pass=False, bounded="v1"),
-        Estimator("I2", variance="v2", needs_exact_pass=True, bounded="v2"),
+        Estimator("I1", variance="v1", needs_exact_pass=False, bounded="v1", block="block_v1"),
+        Estimator("I2", variance="v2", needs_exact_pass=True, bounded="v2", block="block_v2"),
         Estimator("exact", variance=None, needs_exact_pass=True, bounded="exact"),
         Estimator("EF", variance=None, needs_exact_pass=False, bounded=None, data_labels=True),
     )
