@@ -143,6 +143,8 @@ class ChainPass:
         sums = {"kron_A": x.T @ x}
         if self.data_weights is not None:  # the data's direction is the last
             U = U[:-1]
+        if not len(U):  # only the empirical Fisher is collected
+            return sums
         if self.weights is None:  # the directions are the sampled residuals
             sums["kron_G_sampled"] = torch.einsum("kno,knp->op", U, U) / U.shape[0]
             return sums

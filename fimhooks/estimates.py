@@ -132,11 +132,13 @@ class FisherEstimates:
             ``(lower, upper)``, each ``{name: [*param.shape]}``.
         """
         self._check(estimator)
+        term = ESTIMATOR_SPECS[estimator].bounded
+        if term is None:
+            raise ValueError(f"{estimator!r} has no bounds; they are for 'exact', 'I1', 'I2'.")
         if not self.has_bounds:
             raise ValueError(
                 "bounds were not collected: create the FisherMonitor with bounds=True."
             )
-        term = ESTIMATOR_SPECS[estimator].bounded
         lower, upper = (
             {n: a.bound(bound_term(term, side)) for n, a in self._acc.items()}
             for side in BOUND_SIDES
@@ -231,9 +233,10 @@ class FisherEstimates:
         and ``draws_suggested`` (``guidance``); ``rse_histogram``, counts of the per-entry
         relative standard errors over ``RSE_BINS``; with bounds, ``bound_tightness`` and
         ``bound_lower``: the layer's sum of the upper (lower) bounds over the sum of what
-        they bound (``bounds``; ``inf``/``nan`` where that is zero). Per layer also ``params``,
-        ``zero_v2`` (entries of Î₂ without label noise) and ``recommended``: the estimator
-        reaching ``target`` with the fewest backpropagated vectors.
+        they bound (``bounds``; ``inf``/``nan`` where that is zero); for the empirical
+        Fisher with the exact pass, ``bias`` and ``trace_bias`` (``_bias``). Per layer also
+        ``params``, ``zero_v2`` (entries of Î₂ without label noise) and ``recommended``: the
+        unbiased estimator reaching ``target`` with the fewest backpropagated vectors.
         """
         self._check_collected()
         return {layer: self._layer_stats(names, target) for layer, names in self._layers().items()}
@@ -451,10 +454,10 @@ def _bound_ratios(estimator: str, accs: List[RunningDiagonal]) -> dict:
     def total(values) -> float:
         return sum(v.sum().item() for v in values)
 
-    if estimator == "exact":
-        actual = total(a.fisher("exact") for a in accs)
-    else:
+    if label_sampled(estimator):
         actual = total(a.label_variance(estimator) for a in accs)
+    else:
+        actual = total(a.fisher("exact") for a in accs)
     ratios = {}
     for key, side in (("bound_lower", "lower"), ("bound_tightness", "upper")):
         bound = total(a.bound(bound_term(term, side)) for a in accs)

@@ -108,3 +108,26 @@ def test_errors(monkeypatch):
     with pytest.raises(ValueError, match="chain path only"):
         general.frobenius_error("I1")
     assert general.frobenius_error("I1", "diag").keys() == {"0", "2"}
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+def test_options_together_give_the_numbers_of_each_alone(likelihood):
+    """Bounds, the empirical Fisher and block errors share one pass without interfering."""
+    loss_fn, out, sigma = make_loss(likelihood)
+    model, x = make_model("cnn", out), make_input("cnn")
+    everything = collect(
+        model, loss_fn, x, sigma, seed=3, bounds=True, estimators=("I1", "I2", "exact", "EF")
+    )
+    blocks = collect(model, loss_fn, x, sigma, seed=3)
+    bounds = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma, mc_samples=2, bounds=True)
+    output = model(x)
+    with bounds:
+        loss_fn(output, make_target(loss_fn, output)).backward()
+    for layer, value in blocks.frobenius_error("I1").items():
+        assert everything.frobenius_error("I1")[layer] == pytest.approx(value, rel=RTOL)
+    for q in ["exact", "I1", "I2"]:
+        for a, b in zip(everything.bounds(q), bounds.estimates().bounds(q)):
+            for name in a:
+                torch.testing.assert_close(a[name], b[name], rtol=RTOL, atol=0)
+    for name, value in blocks.fisher("I1").items():  # same labels drawn
+        torch.testing.assert_close(everything.fisher("I1")[name], value, rtol=RTOL, atol=0)

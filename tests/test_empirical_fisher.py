@@ -122,3 +122,6 @@ def test_errors():
     monitor.remove()
     with pytest.raises(ValueError, match="'EF' was not collected"):
         collect(model, loss_fn, x, y.clamp_min(0), None).empirical_fisher_bias()
+    est = collect(model, loss_fn, x, y.clamp_min(0), None, estimators=("exact", "EF"), bounds=True)
+    with pytest.raises(ValueError, match="'EF' has no bounds"):
+        est.bounds("EF")
