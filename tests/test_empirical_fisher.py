@@ -125,3 +125,21 @@ def test_errors():
     est = collect(model, loss_fn, x, y.clamp_min(0), None, estimators=("exact", "EF"), bounds=True)
     with pytest.raises(ValueError, match="'EF' has no bounds"):
         est.bounds("EF")
+
+
+def test_tensorboard_scalars_include_bias_and_tightness():
+    import io
+
+    from test_watching import FakeWriter
+
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=("I1", "exact", "EF"), bounds=True)
+    writer = FakeWriter()
+    log = monitor.log_to(io.StringIO(), writer)
+    output = model(x)
+    with monitor:
+        loss_fn(output, make_target(loss_fn, output)).backward()
+    log.close()
+    tags = {tag for tag, _, _ in writer.scalars}
+    assert {"fimhooks/0/EF/bias", "fimhooks/0/I1/bound_tightness"} <= tags
