@@ -73,8 +73,8 @@ class FisherMonitor:
         seed: Seed of the monitor's own label sampler (default: ``torch.initial_seed()``),
             so collecting never changes the user's random number stream.
         bounds: Also collect the lower and upper bounds of SPEC §7 on the exact
-            diagonal and on the variances of Î₁ and Î₂ (``FisherEstimates.bounds``); they
-            cost a few extra per-input sums. Needs ``"exact"`` or ``"I2"``.
+            diagonal and on the variances of Î₁ and Î₂ (``FisherEstimates.bounds``): two
+            more per-entry terms for each of them. Needs ``"exact"`` or ``"I2"``.
         block_errors: Also collect each layer's full-block expected squared Frobenius
             error (``FisherEstimates.frobenius_error``), from per-input ``C × C`` Gram
             matrices. Needs ``"exact"`` or ``"I2"``; chain path only.
