@@ -391,12 +391,15 @@ class FisherMonitor:
         """
         grad = grad.detach().to(positions.dtype)
         at = read_positions(grad, self.likelihood, self._class_axis)[observed]
-        if self.likelihood.name == "categorical" and (at == 0).all(-1).any():
+        # the label's entry is the smallest (zero where the model is certain of it)
+        ambiguous = ((at < 0).sum(-1) > 1) | (at == 0).all(-1)
+        if self.likelihood.name == "categorical" and ambiguous.any():
             raise RuntimeError(
-                "fimhooks: 'EF' reads the data's labels from the loss's gradient, but an "
-                "observed position has none (a label ignored by the loss, e.g. "
-                "ignore_index): pass a mask that leaves those positions out, "
-                "`with monitor(mask=...)`."
+                "fimhooks: 'EF' reads the data's labels from the loss's gradient, which is "
+                "negative at the label only; at an observed position it singles out no "
+                "label. A label the loss ignores (ignore_index): leave those positions out "
+                "with `with monitor(mask=...)`. Label smoothing or soft targets: 'EF' "
+                "needs the plain loss at hard labels."
             )
         scale = 2.0 / h.numel() if self._loss_reduction == "mean" else 2.0
         residuals = torch.zeros_like(positions)

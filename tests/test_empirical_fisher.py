@@ -116,9 +116,27 @@ def test_errors():
     model, x = make_model("tanh_mlp", 3), make_input("tanh_mlp")
     y = torch.tensor([0, 1, -100, 2, 1])
     monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=("EF",))
-    with pytest.raises(RuntimeError, match="pass a mask"):
+    with pytest.raises(RuntimeError, match="monitor\\(mask=...\\)"):
         with monitor:
             loss_fn(model(x), y).backward()
+    monitor.remove()
+    smoothed = nn.CrossEntropyLoss(label_smoothing=0.3)
+    confident = make_model("tanh_mlp", 3)
+    with torch.no_grad():
+        confident[2].bias.copy_(torch.tensor([40.0, 0.0, 0.0]))  # p ≈ e_0: many negatives
+    certain = fimhooks.FisherMonitor(confident, loss_fn, estimators=("EF",))
+    h = confident(x)
+    h.register_hook(lambda grad: seen.append(grad))
+    seen = []
+    with certain:  # in float32, p_0 rounds to 1: the gradient is 0 at the label
+        loss_fn(h.float(), torch.zeros(5, dtype=torch.long)).backward()
+    certain.remove()
+    assert (seen[0][:, 0] == 0).all() and (seen[0][:, 1:] > 0).all()
+    assert all(v.abs().max() < 1e-6 for v in certain.estimates().fisher("EF").values())
+    monitor = fimhooks.FisherMonitor(confident, smoothed, estimators=("EF",))
+    with pytest.raises(RuntimeError, match="Label smoothing"):
+        with monitor:
+            smoothed(confident(x), torch.zeros(5, dtype=torch.long)).backward()
     monitor.remove()
     with pytest.raises(ValueError, match="'EF' was not collected"):
         collect(model, loss_fn, x, y.clamp_min(0), None).empirical_fisher_bias()
