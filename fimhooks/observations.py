@@ -14,12 +14,14 @@ weights and the sampled coefficients, per position.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from fimhooks.bounds import bound_factors
 from fimhooks.likelihoods import Categorical, Likelihood
 
 
@@ -138,6 +140,12 @@ class LabelDraw:
         coefficients: ``[N, T, M, K]`` sampled residuals in the directions' basis.
         position_weights: ``[N, T]``: ``1/T_n`` at the observed positions of input ``n``.
         num_inputs: Inputs with at least one observed position.
+        bound_factors: ``[N, T, 5]`` factors of the bounds (``bounds.bound_factors``), or
+            ``None`` when no bounds are collected.
+        data_weights: ``[N, T, K]``, 1 at the direction of the data's residual (the last,
+            for the empirical Fisher; ``with_data_residuals``), else 0; ``None`` without it.
+        gram_pairing: The likelihood's ``(α, β)`` of ``blocks`` when block errors are
+            collected, else ``None``.
     """
 
     directions: Directions
@@ -146,6 +154,9 @@ class LabelDraw:
     coefficients: Optional[Tensor]
     position_weights: Tensor
     num_inputs: int
+    bound_factors: Optional[Tensor] = None
+    data_weights: Optional[Tensor] = None
+    gram_pairing: Optional[Tuple[float, float]] = None
 
     def to(self, dtype: torch.dtype) -> "LabelDraw":
         """The same draw in another precision."""
@@ -159,6 +170,9 @@ class LabelDraw:
             *map(cast, tensors),
             cast(self.position_weights),
             num_inputs=self.num_inputs,
+            bound_factors=cast(self.bound_factors),
+            data_weights=cast(self.data_weights),
+            gram_pairing=self.gram_pairing,
         )
 
 
@@ -169,6 +183,7 @@ def draw_labels(
     mc_samples: int,
     generator: torch.Generator,
     exact_pass: bool,
+    bounds: bool = False,
 ) -> LabelDraw:
     """Draw labels at the observed positions only (masked ones are neither drawn nor counted).
 
@@ -179,6 +194,7 @@ def draw_labels(
         mc_samples: Label draws per observation (``M``).
         generator: The monitor's generator.
         exact_pass: Backpropagate ``C`` directions per position (else the ``M`` residuals).
+        bounds: Also the factors of the bounds (SPEC §7; needs ``exact_pass``).
     """
     h = positions[observed]  # [P, C]
     counts = observed.sum(1)
@@ -199,6 +215,39 @@ def draw_labels(
         *per_position,
         position_weights=position_weights.to(positions.dtype),
         num_inputs=int((counts > 0).sum()),
+        bound_factors=_scatter(bound_factors(likelihood, h), observed) if bounds else None,
+    )
+
+
+def with_data_residuals(draw: LabelDraw, residuals: Tensor, sampled: bool) -> LabelDraw:
+    """The draw with the data's residuals appended as its last direction (SPEC §7b).
+
+    The new direction has weight and coefficient 0 in every other term; ``data_weights``
+    marks it.
+
+    Args:
+        draw: The step's draw.
+        residuals: ``[N, T, C]`` gradients ``η − t(y)`` of the negative log-likelihood at
+            the data's labels, zero at masked positions.
+        sampled: Keep the draw's directions; ``False`` when they serve no other
+            estimator (only the empirical Fisher is collected).
+    """
+    given = draw.directions
+    kept = given if sampled else Directions(given.positions, given.observed, dtype=given.dtype)
+    directions = kept.followed_by(residuals.unsqueeze(0))
+
+    def padded(x):  # [..., K] -> [..., K + 1], zero for the data's direction
+        return None if x is None else torch.cat([x, torch.zeros_like(x[..., :1])], -1)
+
+    data_weights = residuals.new_zeros(*residuals.shape[:2], directions.shape[0])
+    data_weights[..., -1] = 1
+    return dataclasses.replace(
+        draw,
+        directions=directions,
+        weights=padded(draw.weights),
+        fourth_weights=padded(draw.fourth_weights),
+        coefficients=padded(draw.coefficients),
+        data_weights=data_weights,
     )
 
 

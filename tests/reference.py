@@ -62,7 +62,7 @@ def per_input_reference(
         axis = class_axis - 1 if class_axis > 0 else -1  # within one input's output
         return h.movedim(axis, -1).reshape(-1, h.shape[axis])
 
-    rows = {key: [] for key in ("exact", "v1", "v2", "mean_I1", "mean_I2")}
+    rows = {key: [] for key in SCALES}
     for n in range(len(inputs[0])):
         xn = tuple(a[n] for a in inputs)
         h = positions(flat, *xn).detach()
@@ -75,13 +75,29 @@ def per_input_reference(
             if observed[t]
         ]
         count = len(terms)
-        for key, scale in zip(rows, (count, count**2, count**2, count, count)):
-            rows[key].append(sum(t[key] for t in terms) / scale)
+        for key, power in SCALES.items():
+            rows[key].append(sum(t[key] for t in terms) / count**power)
     return {key: _unflatten(torch.stack(v), names, shapes, sizes) for key, v in rows.items()}
 
 
+#: Per-input quantities and the power of ``1/T`` with which positions enter them (§7c).
+SCALES = {
+    "exact": 1,
+    "v1": 2,
+    "v2": 2,
+    "mean_I1": 1,
+    "mean_I2": 1,
+    "exact_lower": 1,
+    "exact_upper": 1,
+    "v1_lower": 2,
+    "v1_upper": 2,
+    "v2_lower": 2,
+    "v2_upper": 2,
+}
+
+
 def _position_terms(name: str, h: Tensor, J: Tensor, H, sigma: float) -> dict:
-    """SPEC §3 quantities of one observation with output ``h [C]`` and ``J [C, P]``."""
+    """SPEC §3 and §7 quantities of one observation with output ``h [C]`` and ``J [C, P]``."""
     w = torch.zeros_like(J) if H is None else torch.diagonal(H, dim1=1, dim2=2)  # ∂²h_a/∂θ_i²
     probs, residuals = _label_distribution(name, h)
     if residuals is None:  # Gaussian: moments of ρ ~ N(0, I/σ²)
@@ -98,7 +114,50 @@ def _position_terms(name: str, h: Tensor, J: Tensor, H, sigma: float) -> dict:
         fourth = probs @ s**4
         v2 = probs @ r**2 - (probs @ r) ** 2
         mean_b = probs @ (g_direct - r)
-    return {"exact": g, "v1": fourth - g**2, "v2": v2, "mean_I1": g, "mean_I2": mean_b}
+    terms = {"exact": g, "v1": fourth - g**2, "v2": v2, "mean_I1": g, "mean_I2": mean_b}
+    return {**terms, **_bounds(name, h, J, w, sigma)}
+
+
+def _bounds(name: str, h: Tensor, J: Tensor, w: Tensor, sigma: float) -> dict:
+    """Thm 4.1 of Soen & Sun 2024 for one observation (SPEC §7), from its definitions.
+
+    ``λ(I_h)`` by ``eigvalsh``; ``λ̃`` of ``M = K − I_h⊗I_h``: Gaussian ``2/σ⁴``;
+    categorical ``0`` and ``2 min(max p, 1 − ‖p‖²)`` (Thm 5.2); Bernoulli, where
+    ``M·u⁴ = zᵀAz`` for ``z = u²`` on the simplex, the largest entry of ``A`` and the
+    minimum of its diagonal part, with ``A`` read off the enumerated 4th moment tensor.
+    A categorical observation's ``u``, ``w`` are centred (logits are defined up to a
+    common shift), and ``λ(I_h)`` are then its eigenvalues on ``1⊥``.
+    """
+    if name == "gaussian":
+        fisher_range, fourth_range = (sigma**-2, sigma**-2), (2 * sigma**-4, 2 * sigma**-4)
+    else:
+        eigenvalues = torch.linalg.eigvalsh(_fisher_h(name, h))
+        if name == "categorical":
+            J, w = J - J.mean(0), w - w.mean(0)
+            p = torch.softmax(h, 0)
+            m = min(p.max().item(), 1 - (p * p).sum().item())
+            fisher_range, fourth_range = (eigenvalues[1], eigenvalues[-1]), (0.0, 2 * m)
+        else:
+            fisher_range, fourth_range = (eigenvalues[0], eigenvalues[-1]), _simplex_range(h)
+    u2, w2 = (J**2).sum(0), (w**2).sum(0)
+    out = {}
+    for side, lam, kurt in zip(("lower", "upper"), fisher_range, fourth_range):
+        out["exact_" + side] = u2 * lam
+        out["v1_" + side] = u2 * u2 * kurt
+        out["v2_" + side] = w2 * lam
+    return out
+
+
+def _simplex_range(h: Tensor):
+    """Bernoulli: bounds on the extremes of ``M·u⁴`` over unit ``u`` (see ``_bounds``)."""
+    probs, residuals = _label_distribution("bernoulli", h)
+    fourth = torch.einsum("y,ya,yb,yc,yd->abcd", probs, *[residuals] * 4)
+    fisher = _fisher_h("bernoulli", h)
+    M = fourth - torch.einsum("ab,cd->abcd", fisher, fisher)
+    A = M.diagonal(0, 0, 1).diagonal(0, 0, 1)  # M_aabb
+    A = A + M.diagonal(0, 0, 2).diagonal(0, 0, 1) + M.diagonal(0, 0, 3).diagonal(0, 0, 1)
+    A = A - 2 * torch.diag(A.diagonal()) / 3  # M_aaaa counted once on the diagonal
+    return 1 / (1 / A.diagonal()).sum(), A.max()
 
 
 def estimator_reference(model, likelihood, x, mc_samples: int, sigma: float = 1.0, **options):
@@ -139,3 +198,77 @@ def _fisher_h(name: str, h: Tensor) -> Tensor:
 
 def _unflatten(rows: Tensor, names, shapes, sizes) -> Dict[str, Tensor]:
     return {n: c.reshape(-1, *s) for n, c, s in zip(names, rows.split(sizes, dim=1), shapes)}
+
+
+def empirical_fisher_reference(model, likelihood, x, y, sigma=1.0, *, mask=None, output=None):
+    """Per-input empirical Fisher summands: squared NLL gradients at the data's labels.
+
+    Each observation's negative log-likelihood is its own loss (``F.cross_entropy``,
+    ``F.binary_cross_entropy_with_logits`` summed over outputs, or ``‖f − y‖²/(2σ²)``),
+    differentiated by ``torch.func.grad``; an input's summand is the mean over its
+    observed positions (categorical ``[N, T, C]`` outputs with labels ``[N, T]``).
+
+    Returns:
+        ``{param name: [N, *param.shape]}`` for the inputs with an observed position.
+    """
+    name = _NAMES.get(type(likelihood), likelihood if isinstance(likelihood, str) else "gaussian")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def nll(theta, xn, yn, t):
+        out = functional_call(model, {**params, **theta}, (xn.unsqueeze(0),))
+        h = (out if output is None else output(out))[0]
+        if name == "categorical":
+            logits = h.reshape(-1, h.shape[-1])[t]
+            return nn.functional.cross_entropy(logits.unsqueeze(0), yn.reshape(-1)[t : t + 1])
+        if name == "bernoulli":
+            return nn.functional.binary_cross_entropy_with_logits(h, yn, reduction="sum")
+        return ((h - yn) ** 2).sum() / (2 * sigma**2)
+
+    rows = []
+    for n in range(len(x)):
+        count = y[n].numel() if name == "categorical" else 1
+        observed = torch.ones(count, dtype=torch.bool) if mask is None else mask[n].flatten()
+        if not observed.any():
+            continue
+        squares = [
+            torch.func.grad(nll)({k: params[k] for k in trained}, x[n], y[n], t)
+            for t in range(count)
+            if observed[t]
+        ]
+        rows.append({k: sum(g[k] ** 2 for g in squares) / len(squares) for k in trained})
+    return {k: torch.stack([r[k] for r in rows]) for k in trained}
+
+
+def block_error_reference(model, likelihood, x, mc_samples: int, sigma: float = 1.0):
+    """``{layer: (1/(N²M)) Σ_n E_y‖s_B s_Bᵀ − I_B(x_n)‖²_F}`` for each layer's block.
+
+    The block ``B`` is a module's parameters (weight and bias). Labels are enumerated:
+    ``s_y = J_Bᵀ (t(y) − η)`` and ``I_B = Σ_y p_y s_y s_yᵀ`` as ``P_B × P_B`` matrices; for
+    the Gaussian, ``s ~ N(0, S)`` with ``S = J_Bᵀ J_B / σ²`` and ``E‖s‖⁴ = (tr S)² + 2‖S‖²_F``.
+    """
+    name = _NAMES.get(type(likelihood), likelihood if isinstance(likelihood, str) else "gaussian")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def h(theta, xn):
+        return functional_call(model, {**params, **theta}, (xn.unsqueeze(0),))[0].reshape(-1)
+
+    blocks: Dict[str, list] = {}
+    for n in names:
+        blocks.setdefault(n.rpartition(".")[0], []).append(n)
+    errors = dict.fromkeys(blocks, 0.0)
+    for xn in x:
+        jac = jacrev(h)({n: params[n] for n in names}, xn)  # {name: [C, *shape]}
+        probs, residuals = _label_distribution(name, h({}, xn).detach())
+        for layer, members in blocks.items():
+            J = torch.cat([jac[n].flatten(1) for n in members], dim=1)  # [C, P_B]
+            if residuals is None:
+                S = J.T @ J / sigma**2
+                errors[layer] += (torch.trace(S) ** 2 + (S * S).sum()).item()
+                continue
+            scores = residuals @ J  # [Y, P_B]
+            outer = scores.unsqueeze(2) * scores.unsqueeze(1)
+            fisher = torch.einsum("y,yab->ab", probs, outer)
+            errors[layer] += (probs @ ((outer - fisher) ** 2).sum((1, 2))).item()
+    return {layer: e / (len(x) ** 2 * mc_samples) for layer, e in errors.items()}

@@ -150,3 +150,24 @@ def test_general_path_matches_brute_force_on_chains(model_name, likelihood, monk
         assert_close(general.fisher(estimator), chained.fisher(estimator), estimator)
         empirical = general.empirical_variance(estimator)
         assert_close(empirical, chained.empirical_variance(estimator), estimator)
+
+
+@pytest.mark.parametrize("model_name", ["deep_tanh_mlp", "cnn"])
+def test_bounds_ef_and_block_errors_do_not_depend_on_the_memory_budget(model_name):
+    """Chunks of inputs, directions and curvature entries: the same optional quantities."""
+    loss_fn, out, sigma = make_loss("categorical")
+    model, x = make_model(model_name, out), make_input(model_name)
+    options = {"estimators": ("I1", "I2", "exact", "EF"), "bounds": True, "block_errors": True}
+    whole = collect(model, loss_fn, x, sigma, 2, seed=6, **options)
+    chunked = collect(model, loss_fn, x, sigma, 2, seed=6, max_memory=1, **options)
+    assert_close(chunked.fisher("EF"), whole.fisher("EF"), "EF")
+    assert_close(chunked.empirical_variance("EF"), whole.empirical_variance("EF"), "EF")
+    for quantity in ["exact", "I1", "I2"]:
+        for side, a, e in zip(["lower", "upper"], chunked.bounds(quantity), whole.bounds(quantity)):
+            assert_close(a, e, f"{side} bound of {quantity}")
+    for structure in ["block", "diag"]:
+        a = chunked.frobenius_error("I1", structure)
+        e = whole.frobenius_error("I1", structure)
+        assert a.keys() == e.keys()
+        for layer in e:
+            assert abs(a[layer] - e[layer]) <= RTOL * abs(e[layer]), (structure, layer)
