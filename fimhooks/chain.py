@@ -59,6 +59,7 @@ class ChainPass:
         kappa: The likelihood's ``κ``.
         terms: Which of ``exact, v1, v2, I1, I2`` to reduce.
         kronecker: Also reduce the Kronecker factors of Linear layers.
+        factors: ``[N, 5]`` bound factors (``None`` without bounds).
         results: ``{id(parameter): BatchSums}``.
     """
 
@@ -68,6 +69,7 @@ class ChainPass:
     kappa: float
     terms: FrozenSet[str]
     kronecker: bool = False
+    factors: Optional[Tensor] = None
     saved: Dict[int, Backpropagated] = field(default_factory=dict)
     results: Dict[int, BatchSums] = field(default_factory=dict)
     _output_terms: Optional[tuple] = None
@@ -83,12 +85,13 @@ class ChainPass:
         def rows(x):
             return None if x is None else x[samples]
 
-        weights, fourth, coefficients = (
+        weights, fourth, coefficients, factors = (
             rows(self.weights),
             rows(self.fourth_weights),
             rows(self.coefficients),
+            rows(self.factors),
         )
-        return per_input_terms(U, W, weights, fourth, self.kappa, coefficients, self.terms)
+        return per_input_terms(U, W, weights, fourth, self.kappa, coefficients, self.terms, factors)
 
     def layer_output_terms(self, module: nn.Module, bp: Backpropagated) -> dict:
         """Per-input terms of a Linear layer's output, computed once for weight and bias."""
@@ -150,6 +153,7 @@ def chain_batch_sums(
         kappa,
         terms,
         kronecker,
+        first_position(draw.bound_factors),
     )
     directions = draw.directions[:, :, 0]
     chain.saved[output.data_ptr()] = Backpropagated(

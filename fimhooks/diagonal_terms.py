@@ -7,9 +7,11 @@ Notation (per parameter entry ``i`` and input ``n``):
   the network is piecewise linear (then all of them vanish).
 * ``weights`` ``[N, K]``, ``fourth_weights`` ``[N, K]``, ``kappa``: see ``likelihoods``.
 * ``coefficients`` ``[N, M, K]``: sampled residuals in the directions' basis.
+* ``factors`` ``[N, 5]``: the observations' bound factors (``bounds.bound_factors``).
 
 The terms are ``g`` (exact), ``v1``, ``v2`` (label-noise variances of one summand),
-``I1`` (``ā``: the score summand averaged over the M labels) and ``I2`` (``b̄``).
+``I1`` (``ā``: the score summand averaged over the M labels) and ``I2`` (``b̄``), and the
+bounds of ``g``, ``v1`` and ``v2`` (SPEC §7): ``exact_lower``, ``exact_upper``, ...
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fimhooks.quantities import TERMS
+from fimhooks.bounds import CENTRING, FISHER_MAX, FISHER_MIN, FOURTH_MAX, FOURTH_MIN
+from fimhooks.quantities import BOUND_SIDES, TERMS, bound_term, bound_terms
 
 
 def per_input_terms(
@@ -31,18 +34,21 @@ def per_input_terms(
     kappa: float,
     coefficients: Optional[Tensor],
     wanted: Iterable[str],
+    factors: Optional[Tensor] = None,
 ) -> Dict[str, Tensor]:
     """Per-input diagonal terms.
 
     With ``weights=None`` the directions are the sampled residuals themselves (Î₁ only):
     ``I1`` is then the mean of ``U²`` over the ``K = M`` directions. With ``W=None`` (no
-    curvature) ``I2`` is ``exact`` itself (the same tensor) and ``v2`` is left out: zero.
+    curvature) ``I2`` is ``exact`` itself (the same tensor) and ``v2`` and its bounds are
+    left out: zero.
 
     Returns:
-        ``{term: [N, *P]}`` for each wanted term among ``exact, v1, v2, I1, I2``.
+        ``{term: [N, *P]}`` for each wanted term among ``exact, v1, v2, I1, I2`` and the
+        bound terms (these need ``factors``).
     """
     partial = direction_sums(U, W, weights, fourth_weights, coefficients, wanted)
-    return finish_terms(partial, kappa, wanted, U.shape[0])
+    return finish_terms(partial, kappa, wanted, U.shape[0], factors)
 
 
 def direction_sums(U, W, weights, fourth_weights, coefficients, wanted) -> Dict[str, Tensor]:
@@ -55,7 +61,8 @@ def direction_sums(U, W, weights, fourth_weights, coefficients, wanted) -> Dict[
     Returns:
         ``{"g": Σ w U², "fourth": Σ w4 U⁴, "scores": Σ R U [M, N, *P], "W2": Σ w W²,
         "residuals": Σ R W [M, N, *P]}``, those the wanted terms need; ``{"U2": Σ U²}``
-        when the directions are the sampled residuals.
+        when the directions are the sampled residuals. For bounds also ``"sq_u": Σ U²``,
+        ``"sum_u": Σ U`` and, with curvature, ``"sq_w"``, ``"sum_w"``.
     """
     wanted = set(wanted)
     if weights is None:
@@ -69,6 +76,10 @@ def direction_sums(U, W, weights, fourth_weights, coefficients, wanted) -> Dict[
     if "I2" in wanted and W is not None:
         out["W2"] = _weighted_sum(weights, W * W)
         out["residuals"] = torch.einsum("nmk,kn...->mn...", coefficients, W)
+    if bound_terms(wanted):
+        out["sq_u"], out["sum_u"] = U2.sum(0), U.sum(0)
+        if W is not None:
+            out["sq_w"], out["sum_w"] = (W * W).sum(0), W.sum(0)
     return out
 
 
@@ -77,7 +88,9 @@ def add_sums(a: Optional[Dict[str, Tensor]], b: Dict[str, Tensor]) -> Dict[str, 
     return dict(b) if a is None else {key: a[key] + value for key, value in b.items()}
 
 
-def finish_terms(sums: Dict[str, Tensor], kappa: float, wanted, directions: int) -> dict:
+def finish_terms(
+    sums: Dict[str, Tensor], kappa: float, wanted, directions: int, factors=None
+) -> dict:
     """The terms from the sums over all directions (``direction_sums``).
 
     Args:
@@ -85,6 +98,7 @@ def finish_terms(sums: Dict[str, Tensor], kappa: float, wanted, directions: int)
         kappa: The likelihood's ``κ``.
         wanted: The terms to return.
         directions: ``K`` (the number of sampled residuals when ``"U2"`` is given).
+        factors: ``[N, 5]`` bound factors, needed when bound terms are wanted.
     """
     if "U2" in sums:
         return {"I1": sums["U2"] / directions}
@@ -100,6 +114,41 @@ def finish_terms(sums: Dict[str, Tensor], kappa: float, wanted, directions: int)
         else:
             out["v2"] = sums["W2"]
             out["I2"] = g - sums["residuals"].mean(0)
+    if "sq_u" in sums:
+        out.update(bounds_from_norms(sums, factors, wanted))
+    return out
+
+
+def bounds_from_norms(sums: Dict[str, Tensor], factors: Tensor, wanted) -> dict:
+    """Bound terms of SPEC §7 from the squared norms of ``∂ᵢh`` and ``∂²ᵢh`` (``bounds``).
+
+    Args:
+        sums: Direction sums with ``sq_u, sum_u`` (and ``sq_w, sum_w`` with curvature),
+            ``[N, *P]`` each.
+        factors: ``[N, 5]``.
+        wanted: The terms to return.
+
+    Returns:
+        ``{bound term: [N, *P]}``; the bounds of ``v2`` only with curvature.
+    """
+    f = factors.T.reshape(factors.shape[1], -1, *[1] * (sums["sq_u"].dim() - 1))
+
+    def squared_norm(key):  # Σ_a (∂h_a)², centred for the categorical (c = 1/C)
+        return (sums["sq_" + key] - f[CENTRING] * sums["sum_" + key] ** 2).clamp_min(0)
+
+    u2 = squared_norm("u")
+    pairs = {
+        "exact": (u2 * f[FISHER_MIN], u2 * f[FISHER_MAX]),
+        "v1": (u2 * u2 * f[FOURTH_MIN], u2 * u2 * f[FOURTH_MAX]),
+    }
+    if "sq_w" in sums:
+        w2 = squared_norm("w")
+        pairs["v2"] = (w2 * f[FISHER_MIN], w2 * f[FISHER_MAX])
+    out = {}
+    for term, pair in pairs.items():
+        for side, value in zip(BOUND_SIDES, pair):
+            if bound_term(term, side) in wanted:
+                out[bound_term(term, side)] = value
     return out
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from fimhooks.guidance import cost_per_input, draws_suggested, inputs_needed
-from fimhooks.quantities import ESTIMATORS
+from fimhooks.quantities import BOUND_SIDES, ESTIMATOR_SPECS, ESTIMATORS, bound_term
 from fimhooks.running import RunningDiagonal
 
 #: Relative standard error that the guidance aims at by default.
@@ -29,6 +29,7 @@ class FisherEstimates:
         layer_types: ``{module path: class name}``, shown beside the paths.
         estimators: The estimators that were collected.
         exact_pass: Whether the closed-form (exact-pass) quantities were collected.
+        bounds: Whether the bounds of SPEC §7 were collected.
         num_outputs: Outputs ``C`` of the network (the exact pass backpropagates ``C``
             vectors per input).
         skipped: Collected batches skipped for non-finite statistics.
@@ -44,6 +45,7 @@ class FisherEstimates:
         estimators: tuple,
         layer_types: Optional[Dict[str, str]] = None,
         exact_pass: bool,
+        bounds: bool = False,
         num_outputs: int = 1,
         skipped: int = 0,
         generic_layers: tuple = (),
@@ -53,6 +55,7 @@ class FisherEstimates:
         self._layer_types = layer_types or {}
         self.estimators = tuple(estimators)
         self.exact_pass = exact_pass
+        self.has_bounds = bounds
         self.num_outputs = num_outputs
         self.skipped = skipped
         self.generic_layers = tuple(generic_layers)
@@ -79,6 +82,7 @@ class FisherEstimates:
             estimators=self.estimators,
             layer_types=self._layer_types,
             exact_pass=self.exact_pass,
+            bounds=self.has_bounds and other.has_bounds,
             num_outputs=self.num_outputs,
             skipped=self.skipped + other.skipped,
             generic_layers=tuple(dict.fromkeys(self.generic_layers + other.generic_layers)),
@@ -106,6 +110,29 @@ class FisherEstimates:
             )
         return {n: a.label_variance(estimator) for n, a in self._acc.items()}
 
+    def bounds(self, estimator: str) -> Tuple[Diagonal, Diagonal]:
+        """Lower and upper bounds of SPEC §7 (Soen & Sun 2024, Thm 4.1).
+
+        For ``"exact"`` they bound ``fisher("exact")``, for ``"I1"`` and ``"I2"`` their
+        ``variance``, entry by entry: per observation ``‖∂ᵢh‖²`` (``‖∂ᵢh‖⁴``,
+        ``‖∂²ᵢh‖²``) times the extreme eigenvalues of ``I_h`` (of ``K − I_h⊗I_h``),
+        aggregated over inputs and steps with the weights of the quantity they bound.
+
+        Returns:
+            ``(lower, upper)``, each ``{name: [*param.shape]}``.
+        """
+        self._check(estimator)
+        if not self.has_bounds:
+            raise ValueError(
+                "bounds were not collected: create the FisherMonitor with bounds=True."
+            )
+        term = ESTIMATOR_SPECS[estimator].bounded
+        lower, upper = (
+            {n: a.bound(bound_term(term, side)) for n, a in self._acc.items()}
+            for side in BOUND_SIDES
+        )
+        return lower, upper
+
     def data_variance(self) -> Diagonal:
         """Data-noise variance of the running exact estimate (SPEC §4)."""
         if not self.exact_pass:
@@ -126,7 +153,9 @@ class FisherEstimates:
         without the exact pass); ``label_share`` and ``data_share`` of that variance;
         ``inputs_needed``, the inputs that reach ``target`` at this monitor's label draws
         and ``draws_suggested`` (``guidance``); ``rse_histogram``, counts of the per-entry
-        relative standard errors over ``RSE_BINS``. Per layer also ``params``,
+        relative standard errors over ``RSE_BINS``; with bounds, ``bound_tightness`` and
+        ``bound_lower``: the layer's sum of the upper (lower) bounds over the sum of what
+        they bound (``bounds``; ``inf``/``nan`` where that is zero). Per layer also ``params``,
         ``zero_v2`` (entries of Î₂ without label noise) and ``recommended``: the estimator
         reaching ``target`` with the fewest backpropagated vectors.
         """
@@ -187,6 +216,8 @@ class FisherEstimates:
                 else None,
                 "rse_histogram": _rse_histogram(fisher, total),
             }
+            if self.has_bounds:
+                stats[e].update(_bound_ratios(e, accs))
         if "I2" in self.estimators and self.exact_pass:
             stats["zero_v2"] = int(sum((a.label_variance("I2") == 0).sum() for a in accs))
         stats["recommended"] = min(costs, key=lambda e: (costs[e], e != "exact"))
@@ -236,6 +267,8 @@ class FisherEstimates:
             header += [f"tr {e}", f"rse {e}", f"N@{target:.0%} {e}"]
         sampled = [e for e in self.estimators if e != "exact"] if self.exact_pass else []
         header += [f"label share {e}" for e in sampled] + [f"M {e}" for e in sampled]
+        if self.has_bounds:
+            header += [f"tight {e}" for e in self.estimators]
         if "zero_v2" in next(iter(layers.values())):
             header.append("zero v2")
         header.append("best")
@@ -247,6 +280,8 @@ class FisherEstimates:
                 row.append(_fmt_count(stats[e]["inputs_needed"]))
             row += [_fmt(stats[e]["label_share"]) for e in sampled]
             row += [str(stats[e]["draws_suggested"] or "n/a") for e in sampled]
+            if self.has_bounds:
+                row += [_fmt(stats[e]["bound_tightness"]) for e in self.estimators]
             if "zero_v2" in stats:
                 row.append(f"{stats['zero_v2']}/{stats['params']}")
             row.append(stats["recommended"])
@@ -260,6 +295,11 @@ class FisherEstimates:
             "M: label draws per input worth taking; best: fewest backpropagated vectors to "
             f"reach {target:.0%}."
         )
+        if self.has_bounds:
+            legend += (
+                "\ntight: the layer's upper bound (Soen & Sun 2024, Thm 4.1) over what it "
+                "bounds: the exact trace, the variance of Î₁ or Î₂."
+            )
         if self.generic_layers:
             legend += (
                 "\nLayers on the generic per-input rule (exact, slower): "
@@ -309,6 +349,24 @@ def _rse_histogram(fisher: Tensor, variance: Tensor) -> List[int]:
     bins = len(RSE_BINS) - 1
     index = ((rse.log10() + 3) * BINS_PER_DECADE).floor().nan_to_num(0).clamp(0, bins - 1)
     return torch.bincount(index.long(), minlength=bins).tolist()
+
+
+def _bound_ratios(estimator: str, accs: List[RunningDiagonal]) -> dict:
+    """A layer's summed lower and upper bounds over the summed quantity they bound."""
+    term = ESTIMATOR_SPECS[estimator].bounded
+
+    def total(values) -> float:
+        return sum(v.sum().item() for v in values)
+
+    if estimator == "exact":
+        actual = total(a.fisher("exact") for a in accs)
+    else:
+        actual = total(a.label_variance(estimator) for a in accs)
+    ratios = {}
+    for key, side in (("bound_lower", "lower"), ("bound_tightness", "upper")):
+        bound = total(a.bound(bound_term(term, side)) for a in accs)
+        ratios[key] = bound / actual if actual > 0 else (math.nan if bound == 0 else math.inf)
+    return ratios
 
 
 def _cat(tensors) -> Tensor:

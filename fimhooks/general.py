@@ -120,8 +120,10 @@ def _input_chunk_sums(output, to_output, draw, uses, calls, chunks, samples, kap
         if directions[-1] != K - 1:
             continue
         weights = draw.position_weights[samples][:, positions]
+        factors = _folded(draw.bound_factors, samples, positions)
         for key, value in partial.items():
-            position_terms = _by_position(finish_terms(value, kappa, terms, K), len(positions))
+            finished = finish_terms(value, kappa, terms, K, factors)
+            position_terms = _by_position(finished, len(positions))
             per_input[key] = add_positions(per_input.get(key, {}), position_terms, weights)
         partial = {}
     sums = {}
@@ -177,12 +179,17 @@ def _direction_sums(U: Tensor, draw: LabelDraw, positions, directions, samples, 
     chosen = slice(directions.start, directions.stop)
 
     def at(x):  # [N, T, ..., K] -> [t·n, ..., k]
-        if x is None:
-            return None
-        return x[samples][:, positions][..., chosen].transpose(0, 1).flatten(0, 1)
+        return None if x is None else _folded(x[..., chosen], samples, positions)
 
     weights, fourth, coefficients = at(draw.weights), at(draw.fourth_weights), at(draw.coefficients)
     return direction_sums(U, None, weights, fourth, coefficients, terms)
+
+
+def _folded(x, samples, positions):
+    """``[N, T, ...]`` at the inputs ``samples`` and ``positions`` as ``[t·n, ...]``."""
+    if x is None:
+        return None
+    return x[samples][:, positions].transpose(0, 1).flatten(0, 1)
 
 
 def _by_position(terms: Dict[str, Tensor], positions: int) -> Dict[str, Tensor]:

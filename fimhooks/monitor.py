@@ -66,6 +66,9 @@ class FisherMonitor:
             closed-form variance of Î₁ and the data variance need ``"exact"`` or ``"I2"``.
         seed: Seed of the monitor's own label sampler (default: ``torch.initial_seed()``),
             so collecting never changes the user's random number stream.
+        bounds: Also collect the lower and upper bounds of SPEC §7 on the exact
+            diagonal and on the variances of Î₁ and Î₂ (``FisherEstimates.bounds``); they
+            cost a few extra per-input sums. Needs ``"exact"`` or ``"I2"``.
 
     Raises:
         ValueError: for an unsupported likelihood, BatchNorm in training mode, or invalid
@@ -84,6 +87,7 @@ class FisherMonitor:
         ema_decay: Optional[float] = None,
         estimators: Sequence[str] = ESTIMATORS,
         seed: Optional[int] = None,
+        bounds: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -103,8 +107,14 @@ class FisherMonitor:
             )
         self._structure, self._handles, self._hooked = None, [], set()
         self._read_structure()
-        self._terms = terms_for(self.estimators)
+        self._terms = terms_for(self.estimators, bounds)
         self._exact_pass = exact_pass(self._terms)
+        if bounds and not self._exact_pass:
+            raise ValueError(
+                "bounds=True needs the exact pass (the norms of the output Jacobian's "
+                f"columns): include 'exact' or 'I2' in estimators, got {self.estimators!r}."
+            )
+        self.bounds = bool(bounds)
         self._kronecker = False
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._accumulators: Dict[str, RunningDiagonal] = {}
@@ -335,7 +345,9 @@ class FisherMonitor:
             return
         generator = self._generator(h.device)
         M, exact_pass = self.mc_samples, self._exact_pass
-        draw = draw_labels(self.likelihood, positions, observed, M, generator, exact_pass)
+        draw = draw_labels(
+            self.likelihood, positions, observed, M, generator, exact_pass, self.bounds
+        )
         chain = None
         if self._chain_leaves is not None and positions.shape[1] == 1 and self._mask is None:
             chain = chain_of(record, h, self._chain_leaves)
@@ -467,6 +479,7 @@ class FisherMonitor:
             estimators=self.estimators,
             layer_types={path: type(m).__name__ for path, m in self.model.named_modules()},
             exact_pass=self._exact_pass,
+            bounds=self.bounds,
             num_outputs=self._num_outputs,
             skipped=self.skipped,
             generic_layers=tuple(self._generic_layers),
@@ -622,6 +635,7 @@ class FisherMonitor:
             "every": self.every,
             "ema_decay": self.ema_decay,
             "estimators": list(self.estimators),
+            "bounds": self.bounds,
         }
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fimhooks.bounds import bound_factors
 from fimhooks.likelihoods import Categorical, Likelihood
 
 
@@ -83,6 +84,8 @@ class LabelDraw:
         coefficients: ``[N, T, M, K]`` sampled residuals in the directions' basis.
         position_weights: ``[N, T]``: ``1/T_n`` at the observed positions of input ``n``.
         num_inputs: Inputs with at least one observed position.
+        bound_factors: ``[N, T, 5]`` factors of the bounds (``bounds.bound_factors``), or
+            ``None`` when no bounds are collected.
     """
 
     directions: Tensor
@@ -91,6 +94,7 @@ class LabelDraw:
     coefficients: Optional[Tensor]
     position_weights: Tensor
     num_inputs: int
+    bound_factors: Optional[Tensor] = None
 
     def to(self, dtype: torch.dtype) -> "LabelDraw":
         """The same draw in another precision."""
@@ -100,7 +104,10 @@ class LabelDraw:
 
         tensors = (self.directions, self.weights, self.fourth_weights, self.coefficients)
         return LabelDraw(
-            *map(cast, tensors), cast(self.position_weights), num_inputs=self.num_inputs
+            *map(cast, tensors),
+            cast(self.position_weights),
+            num_inputs=self.num_inputs,
+            bound_factors=cast(self.bound_factors),
         )
 
 
@@ -111,6 +118,7 @@ def draw_labels(
     mc_samples: int,
     generator: torch.Generator,
     exact_pass: bool,
+    bounds: bool = False,
 ) -> LabelDraw:
     """Draw labels at the observed positions only (masked ones are neither drawn nor counted).
 
@@ -121,6 +129,7 @@ def draw_labels(
         mc_samples: Label draws per observation (``M``).
         generator: The monitor's generator.
         exact_pass: Backpropagate ``C`` directions per position (else the ``M`` residuals).
+        bounds: Also the factors of the bounds (SPEC §7; needs ``exact_pass``).
     """
     h = positions[observed]  # [P, C]
     counts = observed.sum(1)
@@ -139,6 +148,7 @@ def draw_labels(
         *per_position,
         position_weights=position_weights.to(positions.dtype),
         num_inputs=int((counts > 0).sum()),
+        bound_factors=_scatter(bound_factors(likelihood, h), observed) if bounds else None,
     )
 
 

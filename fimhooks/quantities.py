@@ -22,12 +22,14 @@ class Term:
             is reported (its squares are summed too).
         label_variance: Whether it is the label-noise variance of one summand; across an
             input's positions it scales with the square of a position's weight.
+        bounds: For a bound term (SPEC §7), the term it bounds, else ``None``.
     """
 
     name: str
     input_power: int
     summand: bool
     label_variance: bool
+    bounds: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -39,40 +41,60 @@ class Estimator:
         variance: The term holding its closed-form label-noise variance (``None``: none).
         needs_exact_pass: Whether it backpropagates the likelihood's ``C`` directions
             instead of the ``M`` sampled residuals.
+        bounded: The term that ``FisherEstimates.bounds`` bounds for it (SPEC §7): its
+            summand's mean for ``exact``, its label-noise variance for Î₁ and Î₂.
     """
 
     name: str
     variance: Optional[str]
     needs_exact_pass: bool
+    bounded: str
+
+
+_BASE_TERMS = (
+    Term("exact", input_power=2, summand=True, label_variance=False),
+    Term("I1", input_power=2, summand=True, label_variance=False),
+    Term("I2", input_power=2, summand=True, label_variance=False),
+    Term("v1", input_power=4, summand=False, label_variance=True),
+    Term("v2", input_power=4, summand=False, label_variance=True),
+)
+#: The two sides of a bound term's name: ``"v1_lower"`` bounds ``v1`` from below.
+BOUND_SIDES = ("lower", "upper")
+
+
+def bound_term(term: str, side: str) -> str:
+    """Name of the term bounding ``term`` from ``side`` (``"lower"`` or ``"upper"``)."""
+    return f"{term}_{side}"
 
 
 TERMS: Dict[str, Term] = {
     t.name: t
-    for t in (
-        Term("exact", input_power=2, summand=True, label_variance=False),
-        Term("I1", input_power=2, summand=True, label_variance=False),
-        Term("I2", input_power=2, summand=True, label_variance=False),
-        Term("v1", input_power=4, summand=False, label_variance=True),
-        Term("v2", input_power=4, summand=False, label_variance=True),
+    for t in _BASE_TERMS
+    + tuple(
+        Term(bound_term(t.name, side), t.input_power, False, t.label_variance, bounds=t.name)
+        for t in _BASE_TERMS
+        if t.name in ("exact", "v1", "v2")
+        for side in BOUND_SIDES
     )
 }
 ESTIMATOR_SPECS: Dict[str, Estimator] = {
     e.name: e
     for e in (
-        Estimator("I1", variance="v1", needs_exact_pass=False),
-        Estimator("I2", variance="v2", needs_exact_pass=True),
-        Estimator("exact", variance=None, needs_exact_pass=True),
+        Estimator("I1", variance="v1", needs_exact_pass=False, bounded="v1"),
+        Estimator("I2", variance="v2", needs_exact_pass=True, bounded="v2"),
+        Estimator("exact", variance=None, needs_exact_pass=True, bounded="exact"),
     )
 }
 #: The estimators' names, in the order tables show them.
 ESTIMATORS = tuple(ESTIMATOR_SPECS)
 
 
-def terms_for(estimators: Iterable[str]) -> FrozenSet[str]:
+def terms_for(estimators: Iterable[str], bounds: bool = False) -> FrozenSet[str]:
     """Terms to reduce for ``estimators``.
 
     Without the exact pass (Î₁ alone) only ``I1`` itself. With it, ``exact`` (the data
-    variance's summand) and, for each estimator, its summand and its variance term.
+    variance's summand) and, for each estimator, its summand and its variance term; with
+    ``bounds``, also the two bound terms of each estimator's bounded term (SPEC §7).
     """
     specs = [ESTIMATOR_SPECS[e] for e in estimators]
     if not any(s.needs_exact_pass for s in specs):
@@ -80,7 +102,14 @@ def terms_for(estimators: Iterable[str]) -> FrozenSet[str]:
     terms = {"exact"}
     for spec in specs:
         terms |= {spec.name} | ({spec.variance} if spec.variance else set())
+        if bounds:
+            terms |= {bound_term(spec.bounded, side) for side in BOUND_SIDES}
     return frozenset(terms)
+
+
+def bound_terms(terms: Iterable[str]) -> FrozenSet[str]:
+    """The bound terms among ``terms``."""
+    return frozenset(t for t in terms if TERMS[t].bounds is not None)
 
 
 def exact_pass(terms: FrozenSet[str]) -> bool:

@@ -23,6 +23,8 @@ def layer_table(record: dict) -> List[List[str]]:
     for e in estimators:
         header += [f"trace {e}", f"rse {e}", f"inputs for {target:.0%} {e}"]
     header += [f"label share {e}" for e in sampled] + [f"draws {e}" for e in sampled]
+    bounded = "bound_tightness" in next(iter(record["layers"].values()))[estimators[0]]
+    header += [f"bound tightness {e}" for e in estimators] if bounded else []
     header += ["zero-variance I2", "recommended"]
     rows = [header]
     for layer, stats in record["layers"].items():
@@ -32,6 +34,7 @@ def layer_table(record: dict) -> List[List[str]]:
             row += [number(s["trace"]), number(s["rse"]), count(s["inputs_needed"])]
         row += [number(stats[e]["label_share"]) for e in sampled]
         row += [str(stats[e]["draws_suggested"] or "n/a") for e in sampled]
+        row += [number(stats[e]["bound_tightness"]) for e in estimators] if bounded else []
         zero = stats.get("zero_v2")
         row += ["n/a" if zero is None else f"{zero}/{stats['params']}", stats["recommended"]]
         rows.append(row)
@@ -68,6 +71,11 @@ def write_report(records: List[dict], out_dir: Path, title: str = "fimhooks repo
         "worth taking; 'recommended' = the estimator reaching the target with the fewest "
         "backpropagated vectors."
     )
+    if any("bound_tightness" in s[e] for s in last["layers"].values() for e in last["estimators"]):
+        intro += (
+            " 'bound tightness' = the layer's upper bound (Soen & Sun 2024, Thm 4.1) over "
+            "what it bounds: the exact trace, the variance of Î₁ or Î₂."
+        )
     md = [f"# {title}", "", intro, "", _markdown_table(rows), ""]
     md += [f"![{name}]({name})" for name in files]
     files[REPORT_MD] = out_dir / REPORT_MD

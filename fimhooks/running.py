@@ -121,9 +121,11 @@ class RunningDiagonal:
                 m2 = (sums[name + "_sq"] - total**2 / n).clamp_min_(0.0)
                 step["var_" + name] = m2 / ((n - 1) * n) if n > 1 else torch.zeros_like(m2)
                 step["varweight"] = total.new_tensor(float(n > 1))
-        for term in (name for name, t in TERMS.items() if t.label_variance):
-            if term in sums:
+        for term, spec in TERMS.items():
+            if term in sums and spec.label_variance:
                 step["labelvar_" + term] = sums[term] / (n**2 * self.mc_samples)
+            elif term in sums and spec.bounds:  # bounds of exact: averaged like it
+                step["mean_" + term] = sums[term] / n
         for key in sums:
             if key.startswith(KRONECKER_PREFIX):
                 step["mean_" + key] = sums[key] / n
@@ -179,11 +181,24 @@ class RunningDiagonal:
 
     def label_variance(self, estimator: str) -> Tensor:
         """Closed-form label-noise variance of the running estimate, ``[*P]``."""
+        return self._label_variance_term(ESTIMATOR_SPECS[estimator].variance, estimator)
+
+    def bound(self, term: str) -> Tensor:
+        """A bound term (SPEC §7) aggregated like the quantity it bounds, ``[*P]``.
+
+        Bounds of ``exact`` are averaged like it; those of ``v1`` and ``v2`` like the
+        label-noise variances (``1/(N²M)`` and ``w_t²``).
+        """
+        if TERMS[term].label_variance:
+            return self._label_variance_term(term, "exact")
+        return self.fisher(term)
+
+    def _label_variance_term(self, term: Optional[str], like: str) -> Tensor:
+        """A label-noise variance term (zeros shaped like ``fisher(like)`` where absent)."""
         self._fold()
-        term = ESTIMATOR_SPECS[estimator].variance
         key = term if self.ema_decay is None else f"labelvar_{term}"
-        if key not in self.stats:  # 'exact', or v2 of a piecewise-linear layer
-            return torch.zeros_like(self.fisher(estimator))
+        if term is None or key not in self.stats:  # 'exact', or v2 where σ'' = 0
+            return torch.zeros_like(self.fisher(like))
         if self.ema_decay is None:
             return self.stats[key] / (self.num_inputs**2 * self.mc_samples)
         return self.stats[key] / self._bias_correction() ** 2

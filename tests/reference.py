@@ -62,7 +62,7 @@ def per_input_reference(
         axis = class_axis - 1 if class_axis > 0 else -1  # within one input's output
         return h.movedim(axis, -1).reshape(-1, h.shape[axis])
 
-    rows = {key: [] for key in ("exact", "v1", "v2", "mean_I1", "mean_I2")}
+    rows = {key: [] for key in SCALES}
     for n in range(len(inputs[0])):
         xn = tuple(a[n] for a in inputs)
         h = positions(flat, *xn).detach()
@@ -75,13 +75,29 @@ def per_input_reference(
             if observed[t]
         ]
         count = len(terms)
-        for key, scale in zip(rows, (count, count**2, count**2, count, count)):
-            rows[key].append(sum(t[key] for t in terms) / scale)
+        for key, power in SCALES.items():
+            rows[key].append(sum(t[key] for t in terms) / count**power)
     return {key: _unflatten(torch.stack(v), names, shapes, sizes) for key, v in rows.items()}
 
 
+#: Per-input quantities and the power of ``1/T`` with which positions enter them (§7c).
+SCALES = {
+    "exact": 1,
+    "v1": 2,
+    "v2": 2,
+    "mean_I1": 1,
+    "mean_I2": 1,
+    "exact_lower": 1,
+    "exact_upper": 1,
+    "v1_lower": 2,
+    "v1_upper": 2,
+    "v2_lower": 2,
+    "v2_upper": 2,
+}
+
+
 def _position_terms(name: str, h: Tensor, J: Tensor, H, sigma: float) -> dict:
-    """SPEC §3 quantities of one observation with output ``h [C]`` and ``J [C, P]``."""
+    """SPEC §3 and §7 quantities of one observation with output ``h [C]`` and ``J [C, P]``."""
     w = torch.zeros_like(J) if H is None else torch.diagonal(H, dim1=1, dim2=2)  # ∂²h_a/∂θ_i²
     probs, residuals = _label_distribution(name, h)
     if residuals is None:  # Gaussian: moments of ρ ~ N(0, I/σ²)
@@ -98,7 +114,50 @@ def _position_terms(name: str, h: Tensor, J: Tensor, H, sigma: float) -> dict:
         fourth = probs @ s**4
         v2 = probs @ r**2 - (probs @ r) ** 2
         mean_b = probs @ (g_direct - r)
-    return {"exact": g, "v1": fourth - g**2, "v2": v2, "mean_I1": g, "mean_I2": mean_b}
+    terms = {"exact": g, "v1": fourth - g**2, "v2": v2, "mean_I1": g, "mean_I2": mean_b}
+    return {**terms, **_bounds(name, h, J, w, sigma)}
+
+
+def _bounds(name: str, h: Tensor, J: Tensor, w: Tensor, sigma: float) -> dict:
+    """Thm 4.1 of Soen & Sun 2024 for one observation (SPEC §7), from its definitions.
+
+    ``λ(I_h)`` by ``eigvalsh``; ``λ̃`` of ``M = K − I_h⊗I_h``: Gaussian ``2/σ⁴``;
+    categorical ``0`` and ``2 min(max p, 1 − ‖p‖²)`` (Thm 5.2); Bernoulli, where
+    ``M·u⁴ = zᵀAz`` for ``z = u²`` on the simplex, the largest entry of ``A`` and the
+    minimum of its diagonal part, with ``A`` read off the enumerated 4th moment tensor.
+    A categorical observation's ``u``, ``w`` are centred (logits are defined up to a
+    common shift), and ``λ(I_h)`` are then its eigenvalues on ``1⊥``.
+    """
+    if name == "gaussian":
+        fisher_range, fourth_range = (sigma**-2, sigma**-2), (2 * sigma**-4, 2 * sigma**-4)
+    else:
+        eigenvalues = torch.linalg.eigvalsh(_fisher_h(name, h))
+        if name == "categorical":
+            J, w = J - J.mean(0), w - w.mean(0)
+            p = torch.softmax(h, 0)
+            m = min(p.max().item(), 1 - (p * p).sum().item())
+            fisher_range, fourth_range = (eigenvalues[1], eigenvalues[-1]), (0.0, 2 * m)
+        else:
+            fisher_range, fourth_range = (eigenvalues[0], eigenvalues[-1]), _simplex_range(h)
+    u2, w2 = (J**2).sum(0), (w**2).sum(0)
+    out = {}
+    for side, lam, kurt in zip(("lower", "upper"), fisher_range, fourth_range):
+        out["exact_" + side] = u2 * lam
+        out["v1_" + side] = u2 * u2 * kurt
+        out["v2_" + side] = w2 * lam
+    return out
+
+
+def _simplex_range(h: Tensor):
+    """Bernoulli: bounds on the extremes of ``M·u⁴`` over unit ``u`` (see ``_bounds``)."""
+    probs, residuals = _label_distribution("bernoulli", h)
+    fourth = torch.einsum("y,ya,yb,yc,yd->abcd", probs, *[residuals] * 4)
+    fisher = _fisher_h("bernoulli", h)
+    M = fourth - torch.einsum("ab,cd->abcd", fisher, fisher)
+    A = M.diagonal(0, 0, 1).diagonal(0, 0, 1)  # M_aabb
+    A = A + M.diagonal(0, 0, 2).diagonal(0, 0, 1) + M.diagonal(0, 0, 3).diagonal(0, 0, 1)
+    A = A - 2 * torch.diag(A.diagonal()) / 3  # M_aaaa counted once on the diagonal
+    return 1 / (1 / A.diagonal()).sum(), A.max()
 
 
 def estimator_reference(model, likelihood, x, mc_samples: int, sigma: float = 1.0, **options):
