@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from figures import save_small
 from torch import nn
 
 import fimhooks
@@ -54,7 +55,13 @@ def nll(likelihood, h, y):
 
 
 def train(likelihood, estimator, seed, epochs, n_train, n_test, batch, lr, damping):
-    """One run; returns test NLL per epoch, label-noise variance per epoch and the path."""
+    """One run.
+
+    Returns:
+        Test NLL per epoch (from epoch 0), the mean over each epoch's steps of the summed
+        label-noise variance of the step's estimate, θ per epoch, and the test NLL at
+        ``θ_true``.
+    """
     generator = torch.Generator().manual_seed(seed)
     x, y = make_data(likelihood, n_train, generator)
     x_test, y_test = make_data(likelihood, n_test, generator)
@@ -88,7 +95,9 @@ def train(likelihood, estimator, seed, epochs, n_train, n_test, batch, lr, dampi
         variances.append(statistics.fmean(epoch_variance))
         path.append(model.weight.detach().flatten().tolist())
     monitor.remove()
-    return losses, variances, path
+    with torch.no_grad():
+        best = nll(likelihood, x_test @ torch.tensor([THETA_TRUE]).double().T, y_test).item()
+    return losses, variances, path, best
 
 
 def run(args):
@@ -123,18 +132,19 @@ def table(results, epochs):
     half = max(epochs // 2, 1)
     lines = [
         f"| problem | estimator | test NLL, epoch {half} | test NLL, epoch {epochs} | "
-        "Σ variance, epoch 1 | Σ variance, last epoch |",
-        "|---|---|---:|---:|---:|---:|",
+        "test NLL at θ_true | Σ variance, epoch 1 | Σ variance, last epoch |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for (problem, estimator), runs in results.items():
         cells = [
             _mean_sd([r[0][half] for r in runs]),
             _mean_sd([r[0][-1] for r in runs]),
+            _mean_sd([r[3] for r in runs]),
             _mean_sd([r[1][0] for r in runs]),
             _mean_sd([r[1][-1] for r in runs]),
         ]
-        text = [f"{m:.4f} ± {s:.4f}" for m, s in cells[:2]]
-        text += [f"{m:.3g} ± {s:.2g}" for m, s in cells[2:]]
+        text = [f"{m:.4f} ± {s:.4f}" for m, s in cells[:3]]
+        text += [f"{m:.3g} ± {s:.2g}" for m, s in cells[3:]]
         lines.append(f"| {problem} | {NAMES[estimator]} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
 
@@ -164,15 +174,19 @@ def plot(results, out):
                 row[1].plot([], [], color=colors[estimator], label=f"{label}: 0 at every step")
             path = torch.tensor(runs[0][2])
             row[2].plot(path[:, 0], path[:, 1], color=colors[estimator], lw=1, label=label)
+        best = statistics.fmean(r[3] for r in results[problem, "I2"])
+        row[0].axhline(best, color="k", ls=":", lw=1, label="at θ_true")
+        start = losses[:, 0].max().item()
+        row[0].set_ylim(best - 0.05 * (start - best), start * 1.05)
         row[2].plot(*THETA_TRUE, "k*", ms=9, label="θ_true")
         row[2].plot(*THETA_START, "ko", ms=4)
-        row[0].set(title=f"{problem}: test NLL", xlabel="epoch")
+        row[0].set(title=f"{problem}: test NLL (mean ± sd)", xlabel="epoch", xscale="symlog")
         row[1].set(title="Σ label-noise variance per step", xlabel="epoch", yscale="log")
         row[2].set(title="θ (seed 0)", xlabel="θ₁", ylabel="θ₂")
         for ax in row:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "toy_natural_gradient.png", dpi=72)
+    save_small(fig, out / "toy_natural_gradient.png")
     plt.close(fig)
 
 
