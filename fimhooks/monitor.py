@@ -66,7 +66,7 @@ class FisherMonitor:
             closed-form variance of Î₁ and the data variance need ``"exact"`` or ``"I2"``.
         seed: Seed of the monitor's own label sampler (default: ``torch.initial_seed()``),
             so collecting never changes the user's random number stream.
-        bounds: Also collect the lower and upper bounds of SPEC §7 on the exact
+        bounds: Also collect the lower and upper bounds of docs/math.md §7 on the exact
             diagonal and on the variances of Î₁ and Î₂ (``FisherEstimates.bounds``); they
             cost a few extra per-input sums. Needs ``"exact"`` or ``"I2"``.
 
