@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fimhooks import jacobians
+from fimhooks.blocks import block_label_variance, gram
 from fimhooks.curvature import CurvatureSource
 from fimhooks.diagonal_terms import BatchSums, batch_sums, per_input_terms, rank_one_batch_sums
 from fimhooks.observations import LabelDraw
@@ -60,6 +61,11 @@ class ChainPass:
         terms: Which of ``exact, v1, v2, I1, I2`` to reduce.
         kronecker: Also reduce the Kronecker factors of Linear layers.
         factors: ``[N, 5]`` bound factors (``None`` without bounds).
+        data_weights: ``[N, K]`` marks the data's direction (``None`` without ``EF``).
+        gram_pairing: The likelihood's ``(α, β)`` when block errors are collected
+            (``blocks``), else ``None``.
+        grams: ``[N, K, K]`` Gram matrices of the current layer's block, summed over its
+            parameters.
         results: ``{id(parameter): BatchSums}``.
     """
 
@@ -70,6 +76,9 @@ class ChainPass:
     terms: FrozenSet[str]
     kronecker: bool = False
     factors: Optional[Tensor] = None
+    data_weights: Optional[Tensor] = None
+    gram_pairing: Optional[Tuple[float, float]] = None
+    grams: Optional[Tensor] = None
     saved: Dict[int, Backpropagated] = field(default_factory=dict)
     results: Dict[int, BatchSums] = field(default_factory=dict)
     _output_terms: Optional[tuple] = None
@@ -85,13 +94,15 @@ class ChainPass:
         def rows(x):
             return None if x is None else x[samples]
 
-        weights, fourth, coefficients, factors = (
+        weights, fourth, coefficients = (
             rows(self.weights),
             rows(self.fourth_weights),
             rows(self.coefficients),
-            rows(self.factors),
         )
-        return per_input_terms(U, W, weights, fourth, self.kappa, coefficients, self.terms, factors)
+        factors, data = rows(self.factors), rows(self.data_weights)
+        return per_input_terms(
+            U, W, weights, fourth, self.kappa, coefficients, self.terms, factors, data
+        )
 
     def layer_output_terms(self, module: nn.Module, bp: Backpropagated) -> dict:
         """Per-input terms of a Linear layer's output, computed once for weight and bias."""
@@ -99,6 +110,26 @@ class ChainPass:
             terms = self.output_terms(bp.first, _output_second_derivatives(bp))
             self._output_terms = (module, terms)
         return self._output_terms[1]
+
+    def add_gram(self, grams: Tensor, samples=slice(None)) -> None:
+        """Add a parameter's Gram matrices ``[n, K, K]`` of the inputs ``samples``."""
+        if self.grams is None:
+            n, k = self.weights.shape
+            self.grams = grams.new_zeros(n, k, k)
+        self.grams[samples] += grams
+
+    def finish_block(self, sums: BatchSums, second_order: bool) -> None:
+        """Put the layer's block error terms into one of its parameters' batch sums.
+
+        ``block_v1`` is ``Σ_n E_y‖s_B s_Bᵀ − I_B(x_n)‖²_F`` (``blocks``); ``block_v2``, that
+        of Î₂, is zero where nothing above the layer is curved (the block's Hessian
+        vanishes) and left out elsewhere: it would need the Hessian block itself.
+        """
+        v1 = block_label_variance(self.grams, self.weights, self.fourth_weights, self.gram_pairing)
+        sums.sums["block_v1"] = v1.sum()
+        if "I2" in self.terms and not second_order:
+            sums.sums["block_v2"] = torch.zeros_like(sums.sums["block_v1"])
+        self.grams = None
 
     def kronecker_sums(self, U: Tensor, module: nn.Module) -> Dict[str, Tensor]:
         """Batch sums of the Kronecker factors of a Linear layer (see ``preconditioning``).
@@ -110,6 +141,10 @@ class ChainPass:
         if module.bias is not None:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         sums = {"kron_A": x.T @ x}
+        if self.data_weights is not None:  # the data's direction is the last
+            U = U[:-1]
+        if not len(U):  # only the empirical Fisher is collected
+            return sums
         if self.weights is None:  # the directions are the sampled residuals
             sums["kron_G_sampled"] = torch.einsum("kno,knp->op", U, U) / U.shape[0]
             return sums
@@ -154,6 +189,8 @@ def chain_batch_sums(
         terms,
         kronecker,
         first_position(draw.bound_factors),
+        first_position(draw.data_weights),
+        draw.gram_pairing,
     )
     directions = draw.directions[:, :, 0]
     chain.saved[output.data_ptr()] = Backpropagated(
@@ -183,10 +220,14 @@ class PassThrough:
         """Reduce the layer's parameters and pass the quantity to its input."""
         # the next layer may have received a view of this output: restore its shape
         bp = chain.saved.pop(module.output.data_ptr()).shaped_like(module.output)
+        reduced = []
         for name in self.params:
             param = getattr(module, name, None)
             if param is not None and param.requires_grad:
                 chain.results[id(param)] = self.reduce(chain, module, name, bp)
+                reduced.append(chain.results[id(param)])
+        if reduced and chain.gram_pairing is not None:
+            chain.finish_block(reduced[0], bool(bp.sources))
         if module.input0.requires_grad:
             chain.saved[module.input0.data_ptr()] = self.backpropagate(chain, module, bp)
 
@@ -245,6 +286,10 @@ class Parameterized(PassThrough):
     def reduce(self, chain, module, name, bp: Backpropagated) -> BatchSums:  # noqa: D102
         if is_rank_one(module):
             terms = chain.layer_output_terms(module, bp)
+            if chain.gram_pairing is not None:  # U = Ū ⊗ x: Ĝ = ‖x‖² Ū Ūᵀ (bias: Ū Ūᵀ)
+                x = module.input0.detach()
+                scale = 1.0 if name == "bias" else (x * x).sum(1)[:, None, None]
+                chain.add_gram(scale * gram(bp.first))
             if name == "bias":
                 return batch_sums(terms)
             sums = rank_one_batch_sums(terms, module.input0.detach())
@@ -281,6 +326,8 @@ class Parameterized(PassThrough):
                     W += torch.einsum("kns,sn...->kn...", coefficients[:, :, rows], J * J)
             sums = batch_sums(chain.output_terms(U, W, samples))
             total = sums if total is None else total.add(sums)
+            if chain.gram_pairing is not None:
+                chain.add_gram(gram(U), samples)
         return total
 
     def per_input_products(self, name, module, mat, samples: slice, whole: bool) -> Tensor:

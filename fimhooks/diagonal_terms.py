@@ -8,10 +8,13 @@ Notation (per parameter entry ``i`` and input ``n``):
 * ``weights`` ``[N, K]``, ``fourth_weights`` ``[N, K]``, ``kappa``: see ``likelihoods``.
 * ``coefficients`` ``[N, M, K]``: sampled residuals in the directions' basis.
 * ``factors`` ``[N, 5]``: the observations' bound factors (``bounds.bound_factors``).
+* ``data_weights`` ``[N, K]``: 1 for the direction of the data's residual (the empirical
+  Fisher's), 0 for the others (``observations.with_data_residuals``).
 
 The terms are ``g`` (exact), ``v1``, ``v2`` (label-noise variances of one summand),
-``I1`` (``ā``: the score summand averaged over the M labels) and ``I2`` (``b̄``), and the
-bounds of ``g``, ``v1`` and ``v2`` (docs/math.md §7): ``exact_lower``, ``exact_upper``, ...
+``I1`` (``ā``: the score summand averaged over the M labels) and ``I2`` (``b̄``), ``EF``
+(the squared gradient at the data's label), and the bounds of ``g``, ``v1`` and ``v2``
+(docs/math.md §7): ``exact_lower``, ``exact_upper``, ...
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def per_input_terms(
     coefficients: Optional[Tensor],
     wanted: Iterable[str],
     factors: Optional[Tensor] = None,
+    data_weights: Optional[Tensor] = None,
 ) -> Dict[str, Tensor]:
     """Per-input diagonal terms.
 
@@ -44,14 +48,16 @@ def per_input_terms(
     left out: zero.
 
     Returns:
-        ``{term: [N, *P]}`` for each wanted term among ``exact, v1, v2, I1, I2`` and the
-        bound terms (these need ``factors``).
+        ``{term: [N, *P]}`` for each wanted term among ``exact, v1, v2, I1, I2``, ``EF``
+        (needs ``data_weights``) and the bound terms (need ``factors``).
     """
-    partial = direction_sums(U, W, weights, fourth_weights, coefficients, wanted)
+    partial = direction_sums(U, W, weights, fourth_weights, coefficients, wanted, data_weights)
     return finish_terms(partial, kappa, wanted, U.shape[0], factors)
 
 
-def direction_sums(U, W, weights, fourth_weights, coefficients, wanted) -> Dict[str, Tensor]:
+def direction_sums(
+    U, W, weights, fourth_weights, coefficients, wanted, data_weights=None
+) -> Dict[str, Tensor]:
     """Sums over some of the ``K`` directions, from which ``finish_terms`` makes the terms.
 
     Every term is a function of sums over directions, so directions can be taken a chunk
@@ -62,13 +68,21 @@ def direction_sums(U, W, weights, fourth_weights, coefficients, wanted) -> Dict[
         ``{"g": Σ w U², "fourth": Σ w4 U⁴, "scores": Σ R U [M, N, *P], "W2": Σ w W²,
         "residuals": Σ R W [M, N, *P]}``, those the wanted terms need; ``{"U2": Σ U²}``
         when the directions are the sampled residuals. For bounds also ``"sq_u": Σ U²``,
-        ``"sum_u": Σ U`` and, with curvature, ``"sq_w"``, ``"sum_w"``.
+        ``"sum_u": Σ U`` and, with curvature, ``"sq_w"``, ``"sum_w"`` (over the
+        likelihood's directions); for ``EF``, ``"ef": Σ d U²`` (``d = data_weights``).
     """
     wanted = set(wanted)
-    if weights is None:
-        return {"U2": (U * U).sum(0)}
     U2 = U * U
-    out = {"g": _weighted_sum(weights, U2)}
+
+    def over_basis(values):  # Σ over the likelihood's (or sampled) directions only
+        if data_weights is None:
+            return values.sum(0)
+        return _weighted_sum(1 - data_weights, values)
+
+    out = {"ef": _weighted_sum(data_weights, U2)} if "EF" in wanted else {}
+    if weights is None:
+        return {**out, "U2": over_basis(U2)} if "I1" in wanted else out
+    out["g"] = _weighted_sum(weights, U2)
     if "v1" in wanted:
         out["fourth"] = _weighted_sum(fourth_weights, U2 * U2)
     if "I1" in wanted:
@@ -77,9 +91,9 @@ def direction_sums(U, W, weights, fourth_weights, coefficients, wanted) -> Dict[
         out["W2"] = _weighted_sum(weights, W * W)
         out["residuals"] = torch.einsum("nmk,kn...->mn...", coefficients, W)
     if bound_terms(wanted):
-        out["sq_u"], out["sum_u"] = U2.sum(0), U.sum(0)
+        out["sq_u"], out["sum_u"] = over_basis(U2), over_basis(U)
         if W is not None:
-            out["sq_w"], out["sum_w"] = (W * W).sum(0), W.sum(0)
+            out["sq_w"], out["sum_w"] = over_basis(W * W), over_basis(W)
     return out
 
 
@@ -97,13 +111,17 @@ def finish_terms(
         sums: Direction sums over all ``K`` directions.
         kappa: The likelihood's ``κ``.
         wanted: The terms to return.
-        directions: ``K`` (the number of sampled residuals when ``"U2"`` is given).
+        directions: ``K`` (the number of sampled residuals when ``"U2"`` is given, the
+            data's direction included when ``"ef"`` is).
         factors: ``[N, 5]`` bound factors, needed when bound terms are wanted.
     """
-    if "U2" in sums:
-        return {"I1": sums["U2"] / directions}
+    out = {"EF": sums["ef"]} if "ef" in sums else {}
+    if "g" not in sums:  # the directions are the sampled residuals (and the data's)
+        if "U2" in sums:
+            out["I1"] = sums["U2"] / (directions - ("ef" in sums))
+        return out
     g = sums["g"]
-    out = {"exact": g}
+    out["exact"] = g
     if "fourth" in sums:
         out["v1"] = sums["fourth"] + kappa * g * g
     if "scores" in sums:

@@ -9,7 +9,13 @@ import torch
 from torch import Tensor
 
 from fimhooks.guidance import cost_per_input, draws_suggested, inputs_needed
-from fimhooks.quantities import BOUND_SIDES, ESTIMATOR_SPECS, ESTIMATORS, bound_term
+from fimhooks.quantities import (
+    BOUND_SIDES,
+    ESTIMATOR_SPECS,
+    ESTIMATORS,
+    bound_term,
+    label_sampled,
+)
 from fimhooks.running import RunningDiagonal
 
 #: Relative standard error that the guidance aims at by default.
@@ -30,6 +36,7 @@ class FisherEstimates:
         estimators: The estimators that were collected.
         exact_pass: Whether the closed-form (exact-pass) quantities were collected.
         bounds: Whether the bounds of docs/math.md §7 were collected.
+        block_errors: Whether the layers' full-block Frobenius errors were collected.
         num_outputs: Outputs ``C`` of the network (the exact pass backpropagates ``C``
             vectors per input).
         skipped: Collected batches skipped for non-finite statistics.
@@ -46,6 +53,7 @@ class FisherEstimates:
         layer_types: Optional[Dict[str, str]] = None,
         exact_pass: bool,
         bounds: bool = False,
+        block_errors: bool = False,
         num_outputs: int = 1,
         skipped: int = 0,
         generic_layers: tuple = (),
@@ -56,6 +64,7 @@ class FisherEstimates:
         self.estimators = tuple(estimators)
         self.exact_pass = exact_pass
         self.has_bounds = bounds
+        self.has_block_errors = block_errors
         self.num_outputs = num_outputs
         self.skipped = skipped
         self.generic_layers = tuple(generic_layers)
@@ -83,6 +92,7 @@ class FisherEstimates:
             layer_types=self._layer_types,
             exact_pass=self.exact_pass,
             bounds=self.has_bounds and other.has_bounds,
+            block_errors=self.has_block_errors and other.has_block_errors,
             num_outputs=self.num_outputs,
             skipped=self.skipped + other.skipped,
             generic_layers=tuple(dict.fromkeys(self.generic_layers + other.generic_layers)),
@@ -122,16 +132,84 @@ class FisherEstimates:
             ``(lower, upper)``, each ``{name: [*param.shape]}``.
         """
         self._check(estimator)
+        term = ESTIMATOR_SPECS[estimator].bounded
+        if term is None:
+            raise ValueError(f"{estimator!r} has no bounds; they are for 'exact', 'I1', 'I2'.")
         if not self.has_bounds:
             raise ValueError(
                 "bounds were not collected: create the FisherMonitor with bounds=True."
             )
-        term = ESTIMATOR_SPECS[estimator].bounded
         lower, upper = (
             {n: a.bound(bound_term(term, side)) for n, a in self._acc.items()}
             for side in BOUND_SIDES
         )
         return lower, upper
+
+    def frobenius_error(self, estimator: str, structure: str = "block") -> Dict[str, float]:
+        """Expected squared Frobenius error of each layer's running estimate (docs/math.md §6).
+
+        Label noise only, like ``variance``: ``structure="diag"`` gives ``Σ_i variance(e)_i``
+        over the layer's entries (its diagonal's error); ``structure="block"`` that of the
+        layer's full block (weight and bias together), ``E‖Î_B − I_B‖²_F``, per step
+        ``(1/(N²M)) Σ_n (E_y‖s_B‖⁴ − ‖I_B(x_n)‖²_F)`` and combined over steps with ``w_t²``.
+        The block needs ``block_errors=True`` on the monitor and the chain path; Î₂'s block
+        is known (zero) only where nothing above the layer is curved.
+
+        Returns:
+            ``{layer path: error}``.
+        """
+        self._check(estimator)
+        if not label_sampled(estimator) or not self.exact_pass:
+            raise ValueError(
+                "frobenius_error is the label noise of 'I1' or 'I2' and needs the exact pass "
+                f"('exact' or 'I2' in estimators); got {estimator!r} with {self.estimators}."
+            )
+        if structure == "diag":
+            return {
+                layer: sum(self._acc[n].label_variance(estimator).sum().item() for n in names)
+                for layer, names in self._layers().items()
+            }
+        if structure != "block":
+            raise ValueError(f"structure must be 'block' or 'diag', got {structure!r}.")
+        if not self.has_block_errors:
+            raise ValueError(
+                "block errors were not collected: create the FisherMonitor with block_errors=True."
+            )
+        return {
+            layer: self._block_error(estimator, layer, names)
+            for layer, names in self._layers().items()
+        }
+
+    def _block_error(self, estimator: str, layer: str, names: List[str]) -> float:
+        def found(term):
+            values = [self._acc[n].label_variance_term(term) for n in names]
+            return [value for value in values if value is not None]
+
+        values = found(ESTIMATOR_SPECS[estimator].block)
+        if not values:
+            reason = (
+                "block errors are collected on the chain path only (models that are a "
+                "chain of supported layers, one observation per input)"
+                if not found("block_v1")
+                else "Î₂'s block error needs the block's Hessian, known only where nothing "
+                "above the layer is curved (then it is zero)"
+            )
+            raise ValueError(
+                f"no block error of {estimator!r} for layer '{layer}': {reason}. "
+                "structure='diag' is available."
+            )
+        return values[0].item()
+
+    def empirical_fisher_bias(self) -> Diagonal:
+        """``EF − exact`` per entry: the bias of the empirical Fisher (docs/math.md §7b).
+
+        Both are running averages over the same inputs and steps; its noise is
+        ``empirical_variance("EF")`` (the empirical Fisher has no label noise).
+        """
+        self._check("EF")
+        if not self.exact_pass:
+            raise ValueError("the bias of 'EF' needs 'exact' or 'I2' in estimators.")
+        return {n: a.fisher("EF") - a.fisher("exact") for n, a in self._acc.items()}
 
     def data_variance(self) -> Diagonal:
         """Data-noise variance of the running exact estimate (docs/math.md §4)."""
@@ -155,9 +233,10 @@ class FisherEstimates:
         and ``draws_suggested`` (``guidance``); ``rse_histogram``, counts of the per-entry
         relative standard errors over ``RSE_BINS``; with bounds, ``bound_tightness`` and
         ``bound_lower``: the layer's sum of the upper (lower) bounds over the sum of what
-        they bound (``bounds``; ``inf``/``nan`` where that is zero). Per layer also ``params``,
-        ``zero_v2`` (entries of Î₂ without label noise) and ``recommended``: the estimator
-        reaching ``target`` with the fewest backpropagated vectors.
+        they bound (``bounds``; ``inf``/``nan`` where that is zero); for the empirical
+        Fisher with the exact pass, ``bias`` and ``trace_bias`` (``_bias``). Per layer also
+        ``params``, ``zero_v2`` (entries of Î₂ without label noise) and ``recommended``: the
+        unbiased estimator reaching ``target`` with the fewest backpropagated vectors.
         """
         self._check_collected()
         return {layer: self._layer_stats(names, target) for layer, names in self._layers().items()}
@@ -212,15 +291,18 @@ class FisherEstimates:
                 "data_share": None if share is None else 1.0 - share,
                 "inputs_needed": needed,
                 "draws_suggested": draws_suggested(label_noise, data_noise)
-                if self.exact_pass and e != "exact"
+                if self.exact_pass and label_sampled(e)
                 else None,
                 "rse_histogram": _rse_histogram(fisher, total),
             }
-            if self.has_bounds:
+            if self.has_bounds and ESTIMATOR_SPECS[e].bounded:
                 stats[e].update(_bound_ratios(e, accs))
+            if ESTIMATOR_SPECS[e].data_labels and self.exact_pass:
+                stats[e].update(_bias(fisher, _cat(a.fisher("exact") for a in accs)))
         if "I2" in self.estimators and self.exact_pass:
             stats["zero_v2"] = int(sum((a.label_variance("I2") == 0).sum() for a in accs))
-        stats["recommended"] = min(costs, key=lambda e: (costs[e], e != "exact"))
+        unbiased = [e for e in costs if not ESTIMATOR_SPECS[e].data_labels] or list(costs)
+        stats["recommended"] = min(unbiased, key=lambda e: (costs[e], e != "exact"))
         return stats
 
     def standard_errors(self, estimator: str) -> Diagonal:
@@ -235,7 +317,11 @@ class FisherEstimates:
         """``(label, label + data)`` variances of a parameter's running estimate (docs/math.md §4).
 
         Without the exact pass: ``(None, empirical variance)``, which holds both noises.
+        The empirical Fisher has no label noise: ``(0, its empirical variance)``.
         """
+        if ESTIMATOR_SPECS[estimator].data_labels:
+            empirical = acc.sample_variance(estimator)
+            return (torch.zeros_like(empirical) if self.exact_pass else None), empirical
         if not self.exact_pass:
             return None, acc.sample_variance(estimator)
         label = acc.label_variance(estimator)
@@ -265,10 +351,14 @@ class FisherEstimates:
         header = ["layer", "module", "params"]
         for e in self.estimators:
             header += [f"tr {e}", f"rse {e}", f"N@{target:.0%} {e}"]
-        sampled = [e for e in self.estimators if e != "exact"] if self.exact_pass else []
+        sampled = [e for e in self.estimators if label_sampled(e)] if self.exact_pass else []
         header += [f"label share {e}" for e in sampled] + [f"M {e}" for e in sampled]
+        bounded = [e for e in self.estimators if ESTIMATOR_SPECS[e].bounded]
+        biased = [e for e in self.estimators if ESTIMATOR_SPECS[e].data_labels]
+        biased = biased if self.exact_pass else []
+        header += [f"bias {e}" for e in biased]
         if self.has_bounds:
-            header += [f"tight {e}" for e in self.estimators]
+            header += [f"tight {e}" for e in bounded]
         if "zero_v2" in next(iter(layers.values())):
             header.append("zero v2")
         header.append("best")
@@ -280,8 +370,9 @@ class FisherEstimates:
                 row.append(_fmt_count(stats[e]["inputs_needed"]))
             row += [_fmt(stats[e]["label_share"]) for e in sampled]
             row += [str(stats[e]["draws_suggested"] or "n/a") for e in sampled]
+            row += [_fmt(stats[e]["bias"]) for e in biased]
             if self.has_bounds:
-                row += [_fmt(stats[e]["bound_tightness"]) for e in self.estimators]
+                row += [_fmt(stats[e]["bound_tightness"]) for e in bounded]
             if "zero_v2" in stats:
                 row.append(f"{stats['zero_v2']}/{stats['params']}")
             row.append(stats["recommended"])
@@ -295,6 +386,11 @@ class FisherEstimates:
             "M: label draws per input worth taking; best: fewest backpropagated vectors to "
             f"reach {target:.0%}."
         )
+        if biased:
+            legend += (
+                "\nbias EF: ‖EF − exact‖ / ‖exact‖ over the layer, the empirical Fisher's "
+                "relative bias; compare it with the rse of Î₁ and Î₂ (their noise)."
+            )
         if self.has_bounds:
             legend += (
                 "\ntight: the layer's upper bound (Soen & Sun 2024, Thm 4.1) over what it "
@@ -358,15 +454,28 @@ def _bound_ratios(estimator: str, accs: List[RunningDiagonal]) -> dict:
     def total(values) -> float:
         return sum(v.sum().item() for v in values)
 
-    if estimator == "exact":
-        actual = total(a.fisher("exact") for a in accs)
-    else:
+    if label_sampled(estimator):
         actual = total(a.label_variance(estimator) for a in accs)
+    else:
+        actual = total(a.fisher("exact") for a in accs)
     ratios = {}
     for key, side in (("bound_lower", "lower"), ("bound_tightness", "upper")):
         bound = total(a.bound(bound_term(term, side)) for a in accs)
         ratios[key] = bound / actual if actual > 0 else (math.nan if bound == 0 else math.inf)
     return ratios
+
+
+def _bias(empirical: Tensor, exact: Tensor) -> dict:
+    """The empirical Fisher's bias over a layer, relative to the exact diagonal.
+
+    ``bias``: ``‖EF − exact‖ / ‖exact‖`` (comparable with an ``rse``); ``trace_bias``:
+    ``(tr EF − tr exact) / tr exact``.
+    """
+    norm, trace = exact.norm().item(), exact.sum().item()
+    return {
+        "bias": (empirical - exact).norm().item() / norm if norm > 0 else math.inf,
+        "trace_bias": (empirical.sum().item() - trace) / trace if trace > 0 else math.inf,
+    }
 
 
 def _cat(tensors) -> Tensor:

@@ -182,7 +182,8 @@ def _direction_sums(U: Tensor, draw: LabelDraw, positions, directions, samples, 
         return None if x is None else _folded(x[..., chosen], samples, positions)
 
     weights, fourth, coefficients = at(draw.weights), at(draw.fourth_weights), at(draw.coefficients)
-    return direction_sums(U, None, weights, fourth, coefficients, terms)
+    data = at(draw.data_weights)
+    return direction_sums(U, None, weights, fourth, coefficients, terms, data)
 
 
 def _folded(x, samples, positions):

@@ -49,5 +49,8 @@ def draws_suggested(label_noise: float, data_noise: float) -> Optional[int]:
 
 
 def cost_per_input(estimator: str, draws: int, outputs: int) -> int:
-    """Vectors backpropagated per input: ``M`` for Î₁ alone, ``C`` for exact and Î₂."""
-    return draws if estimator == "I1" else outputs
+    """Vectors backpropagated per input: ``M`` for Î₁ alone, ``C`` for exact and Î₂.
+
+    The empirical Fisher backpropagates one (the data's residual).
+    """
+    return {"I1": draws, "EF": 1}.get(estimator, outputs)

@@ -13,6 +13,9 @@ Each likelihood describes, for a batch of network outputs ``h`` of shape ``[N, C
   ``s = Σ_k R_k U_k`` and the Hessian residual is ``r = Σ_k R_k W_k``.
 * ``sampled_residuals(h, M)``: ``[M, N, C]`` the residual vectors themselves, used when
   only Î₁ is collected (then ``M`` vectors are backpropagated instead of ``C``).
+* ``data_residuals(h, grad, scale)``: ``[N, C]`` the gradient ``η − t(y)`` of the negative
+  log-likelihood at the data's labels ``y``, read from the training loss's gradient
+  ``grad`` at ``h`` (for the empirical Fisher, docs/math.md §7b).
 
 All numbers are per observation: nothing here depends on a loss's reduction or scale.
 """
@@ -30,6 +33,8 @@ class Likelihood:
 
     name: str = ""
     kappa: float = 0.0
+    #: ``(α, β)`` of the block error's Gram form (``blocks``); ``α + β = κ``.
+    gram_pairing = (1.0, 1.0)
 
     def directions(self, h: Tensor) -> Tensor:
         """Backpropagated directions. Returns ``[K, N, C]``."""
@@ -62,6 +67,18 @@ class Likelihood:
         """``Σ_k R_k V_k`` for coefficients ``[N, M, K]`` (identity directions). ``[N, M, C]``."""
         return coefficients
 
+    def data_residuals(self, h: Tensor, grad: Tensor, scale: Optional[float]) -> Tensor:
+        """``η − t(y)`` at the data's labels, from the loss's gradient ``grad`` ``[N, C]``.
+
+        Args:
+            h: ``[N, C]`` outputs.
+            grad: ``[N, C]`` the training loss's gradient at ``h``, a positive multiple of
+                ``η − t(y)`` per observation.
+            scale: That multiple where the labels cannot be read from the gradient's signs
+                (Gaussian): ``grad = scale · σ² · (η − t(y))``.
+        """
+        raise NotImplementedError
+
 
 class Categorical(Likelihood):
     """Categorical likelihood on logits (``nn.CrossEntropyLoss``).
@@ -72,6 +89,7 @@ class Categorical(Likelihood):
 
     name = "categorical"
     kappa = -1.0
+    gram_pairing = (0.0, -1.0)
 
     def directions(self, h: Tensor) -> Tensor:  # noqa: D102
         p = torch.softmax(h, dim=1)
@@ -93,6 +111,11 @@ class Categorical(Likelihood):
         labels = torch.multinomial(p, mc_samples, replacement=True, generator=generator)
         return nn.functional.one_hot(labels, h.shape[1]).to(h.dtype)
 
+    def data_residuals(self, h, grad, scale=None):  # noqa: D102
+        # p − e_y: the label's entry is the only negative one, whatever the reduction
+        labels = nn.functional.one_hot(grad.argmin(1), h.shape[1]).to(h.dtype)
+        return torch.softmax(h, dim=1) - labels
+
 
 class Bernoulli(Likelihood):
     """Independent Bernoulli per output on logits (``nn.BCEWithLogitsLoss``)."""
@@ -113,6 +136,10 @@ class Bernoulli(Likelihood):
         probs = p.unsqueeze(1).expand(-1, mc_samples, -1)
         draws = torch.bernoulli(probs.detach(), generator=generator)
         return draws - probs
+
+    def data_residuals(self, h, grad, scale=None):  # noqa: D102
+        # p − y: negative exactly where the label is 1, whatever the reduction
+        return torch.sigmoid(h) - (grad < 0).to(h.dtype)
 
 
 class Gaussian(Likelihood):
@@ -136,6 +163,10 @@ class Gaussian(Likelihood):
         shape = (h.shape[0], mc_samples, h.shape[1])
         noise = torch.randn(shape, dtype=h.dtype, device=h.device, generator=generator)
         return noise / self.sigma
+
+    def data_residuals(self, h, grad, scale=None):  # noqa: D102
+        # (f − y)/σ²; the loss's gradient is scale · (f − y) (MSELoss: 2 or 2/numel)
+        return grad / (scale * self.sigma**2)
 
 
 #: Likelihood names accepted by ``FisherMonitor`` instead of a loss module.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 import weakref
@@ -25,9 +26,10 @@ from fimhooks.observations import (
     position_mask,
     read_positions,
     to_output_layout,
+    with_data_residuals,
 )
 from fimhooks.progress import progress
-from fimhooks.quantities import ESTIMATORS, exact_pass, terms_for
+from fimhooks.quantities import DEFAULT_ESTIMATORS, ESTIMATORS, exact_pass, terms_for
 from fimhooks.recording import ForwardRecord, chain_of
 from fimhooks.running import RunningDiagonal
 
@@ -64,11 +66,18 @@ class FisherMonitor:
             bias-corrected exponential moving average.
         estimators: Which of ``"I1", "I2", "exact"`` to compute; fewer is cheaper. The
             closed-form variance of Î₁ and the data variance need ``"exact"`` or ``"I2"``.
+            ``"EF"`` adds the empirical Fisher: squared gradients of the negative
+            log-likelihood at the data's labels, read from the training loss's gradient
+            (biased; docs/math.md §7b). With the Gaussian likelihood it needs the ``nn.MSELoss``
+            module (its reduction gives the gradient's scale).
         seed: Seed of the monitor's own label sampler (default: ``torch.initial_seed()``),
             so collecting never changes the user's random number stream.
         bounds: Also collect the lower and upper bounds of docs/math.md §7 on the exact
             diagonal and on the variances of Î₁ and Î₂ (``FisherEstimates.bounds``); they
             cost a few extra per-input sums. Needs ``"exact"`` or ``"I2"``.
+        block_errors: Also collect each layer's full-block expected squared Frobenius
+            error (``FisherEstimates.frobenius_error``), from per-input ``C × C`` Gram
+            matrices. Needs ``"exact"`` or ``"I2"``; chain path only.
 
     Raises:
         ValueError: for an unsupported likelihood, BatchNorm in training mode, or invalid
@@ -85,9 +94,10 @@ class FisherMonitor:
         mc_samples: int = 1,
         every: int = 1,
         ema_decay: Optional[float] = None,
-        estimators: Sequence[str] = ESTIMATORS,
+        estimators: Sequence[str] = DEFAULT_ESTIMATORS,
         seed: Optional[int] = None,
         bounds: bool = False,
+        block_errors: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -109,12 +119,21 @@ class FisherMonitor:
         self._read_structure()
         self._terms = terms_for(self.estimators, bounds)
         self._exact_pass = exact_pass(self._terms)
-        if bounds and not self._exact_pass:
-            raise ValueError(
-                "bounds=True needs the exact pass (the norms of the output Jacobian's "
-                f"columns): include 'exact' or 'I2' in estimators, got {self.estimators!r}."
-            )
-        self.bounds = bool(bounds)
+        for option, value in (("bounds", bounds), ("block_errors", block_errors)):
+            if value and not self._exact_pass:
+                raise ValueError(
+                    f"{option}=True needs the exact pass (the output Jacobian's C directions): "
+                    f"include 'exact' or 'I2' in estimators, got {self.estimators!r}."
+                )
+        self.bounds, self.block_errors = bool(bounds), bool(block_errors)
+        self._loss_reduction = getattr(likelihood, "reduction", None)
+        if "EF" in self.estimators and self.likelihood.name == "gaussian":
+            if self._loss_reduction not in ("mean", "sum"):
+                raise ValueError(
+                    "'EF' with the Gaussian likelihood reads (f − y) from the loss's gradient, "
+                    "whose scale depends on the loss: pass the nn.MSELoss module itself "
+                    "(reduction 'mean' or 'sum') as the likelihood."
+                )
         self._kronecker = False
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._accumulators: Dict[str, RunningDiagonal] = {}
@@ -294,19 +313,19 @@ class FisherMonitor:
             self._records = []
         self._records.append(record)
         monitor, weak_record = weakref.ref(self), weakref.ref(record)
-        h.register_hook(lambda grad: monitor() and monitor()._on_output_grad(weak_record()))
+        h.register_hook(lambda grad: monitor() and monitor()._on_output_grad(weak_record(), grad))
 
-    def _on_output_grad(self, record: Optional[ForwardRecord]) -> None:
+    def _on_output_grad(self, record: Optional[ForwardRecord], grad: Tensor) -> None:
         """The backward pass reached the model output: collect before it goes further."""
         if self._busy:
             return
         if self._started and not self._inside:  # start(): this backward is one block
             with self:
-                self._take(record)
+                self._take(record, grad)
             return
-        self._take(record)
+        self._take(record, grad)
 
-    def _take(self, record: Optional[ForwardRecord]) -> None:
+    def _take(self, record: Optional[ForwardRecord], grad: Tensor) -> None:
         if not self._collecting:
             return
         if record is None:
@@ -322,11 +341,11 @@ class FisherMonitor:
             return
         self._busy, record.consumed = True, True
         try:
-            self._collect(record)
+            self._collect(record, grad)
         finally:
             self._busy = False
 
-    def _collect(self, record: ForwardRecord) -> None:
+    def _collect(self, record: ForwardRecord, grad: Tensor) -> None:
         if record.batch_statistics is not None:
             raise ValueError(
                 f"BatchNorm layer '{record.batch_statistics}' was in training mode during the "
@@ -348,6 +367,11 @@ class FisherMonitor:
         draw = draw_labels(
             self.likelihood, positions, observed, M, generator, exact_pass, self.bounds
         )
+        if self.block_errors:
+            draw = dataclasses.replace(draw, gram_pairing=self.likelihood.gram_pairing)
+        if "EF" in self._terms:
+            residuals = self._data_residuals(grad, h, positions, observed)
+            draw = with_data_residuals(draw, residuals, sampled=self._terms != {"EF"})
         chain = None
         if self._chain_leaves is not None and positions.shape[1] == 1 and self._mask is None:
             chain = chain_of(record, h, self._chain_leaves)
@@ -357,6 +381,27 @@ class FisherMonitor:
             self._pending[name] = value if pending is None else pending.add(value)
         self._pending_inputs += draw.num_inputs
         self._num_outputs = positions.shape[2]
+
+    def _data_residuals(self, grad: Tensor, h: Tensor, positions: Tensor, observed) -> Tensor:
+        """``[N, T, C]`` NLL gradients at the data's labels, from the loss's gradient at ``h``.
+
+        Categorical and Bernoulli labels are read from the gradient's signs, whatever the
+        loss's reduction and weights; a Gaussian's residual is the gradient over the
+        ``nn.MSELoss``'s own scale (2, or 2/numel for ``reduction='mean'``).
+        """
+        grad = grad.detach().to(positions.dtype)
+        at = read_positions(grad, self.likelihood, self._class_axis)[observed]
+        if self.likelihood.name == "categorical" and (at == 0).all(-1).any():
+            raise RuntimeError(
+                "fimhooks: 'EF' reads the data's labels from the loss's gradient, but an "
+                "observed position has none (a label ignored by the loss, e.g. "
+                "ignore_index): pass a mask that leaves those positions out, "
+                "`with monitor(mask=...)`."
+            )
+        scale = 2.0 / h.numel() if self._loss_reduction == "mean" else 2.0
+        residuals = torch.zeros_like(positions)
+        residuals[observed] = self.likelihood.data_residuals(positions[observed], at, scale)
+        return residuals
 
     def _chain_sums(self, chain, h: Tensor, draw: LabelDraw) -> Dict[str, BatchSums]:
         """The fast path for chains of supported layers (BackPACK's module derivatives)."""
@@ -480,6 +525,7 @@ class FisherMonitor:
             layer_types={path: type(m).__name__ for path, m in self.model.named_modules()},
             exact_pass=self._exact_pass,
             bounds=self.bounds,
+            block_errors=self.block_errors,
             num_outputs=self._num_outputs,
             skipped=self.skipped,
             generic_layers=tuple(self._generic_layers),
@@ -636,6 +682,7 @@ class FisherMonitor:
             "ema_decay": self.ema_decay,
             "estimators": list(self.estimators),
             "bounds": self.bounds,
+            "block_errors": self.block_errors,
         }
 
 

@@ -14,8 +14,9 @@ weights and the sampled coefficients, per position.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -86,6 +87,10 @@ class LabelDraw:
         num_inputs: Inputs with at least one observed position.
         bound_factors: ``[N, T, 5]`` factors of the bounds (``bounds.bound_factors``), or
             ``None`` when no bounds are collected.
+        data_weights: ``[N, T, K]``, 1 at the direction of the data's residual (the last,
+            for the empirical Fisher; ``with_data_residuals``), else 0; ``None`` without it.
+        gram_pairing: The likelihood's ``(α, β)`` of ``blocks`` when block errors are
+            collected, else ``None``.
     """
 
     directions: Tensor
@@ -95,6 +100,8 @@ class LabelDraw:
     position_weights: Tensor
     num_inputs: int
     bound_factors: Optional[Tensor] = None
+    data_weights: Optional[Tensor] = None
+    gram_pairing: Optional[Tuple[float, float]] = None
 
     def to(self, dtype: torch.dtype) -> "LabelDraw":
         """The same draw in another precision."""
@@ -108,6 +115,8 @@ class LabelDraw:
             cast(self.position_weights),
             num_inputs=self.num_inputs,
             bound_factors=cast(self.bound_factors),
+            data_weights=cast(self.data_weights),
+            gram_pairing=self.gram_pairing,
         )
 
 
@@ -149,6 +158,37 @@ def draw_labels(
         position_weights=position_weights.to(positions.dtype),
         num_inputs=int((counts > 0).sum()),
         bound_factors=_scatter(bound_factors(likelihood, h), observed) if bounds else None,
+    )
+
+
+def with_data_residuals(draw: LabelDraw, residuals: Tensor, sampled: bool) -> LabelDraw:
+    """The draw with the data's residuals appended as its last direction (docs/math.md §7b).
+
+    The new direction has weight and coefficient 0 in every other term; ``data_weights``
+    marks it.
+
+    Args:
+        draw: The step's draw.
+        residuals: ``[N, T, C]`` gradients ``η − t(y)`` of the negative log-likelihood at
+            the data's labels, zero at masked positions.
+        sampled: Keep the draw's directions; ``False`` when they serve no other
+            estimator (only the empirical Fisher is collected).
+    """
+    directions = draw.directions if sampled else draw.directions[:0]
+    directions = torch.cat([directions, residuals.unsqueeze(0).to(directions.dtype)])
+
+    def padded(x):  # [..., K] -> [..., K + 1], zero for the data's direction
+        return None if x is None else torch.cat([x, torch.zeros_like(x[..., :1])], -1)
+
+    data_weights = directions.new_zeros(*residuals.shape[:2], len(directions))
+    data_weights[..., -1] = 1
+    return dataclasses.replace(
+        draw,
+        directions=directions,
+        weights=padded(draw.weights),
+        fourth_weights=padded(draw.fourth_weights),
+        coefficients=padded(draw.coefficients),
+        data_weights=data_weights,
     )
 
 

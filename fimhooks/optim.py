@@ -153,7 +153,9 @@ class FisherPreconditioner:
         for name, layer in self.monitor._layer_of.items():
             if layer in self._kronecker or not est.has(name):
                 continue
-            chosen = self.estimator if errors is None else min(errors[layer], key=errors[layer].get)
+            found = (errors or {}).get(layer, {})
+            unbiased = {e: v for e, v in found.items() if e != "EF"} or found
+            chosen = self.estimator if errors is None else min(unbiased, key=unbiased.get)
             self.choices[layer] = chosen
             names.setdefault(chosen, []).append(name)
         self._diagonal = {}

@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
-STYLES = {"I1": "-", "I2": "--", "exact": ":"}
+from fimhooks.quantities import label_sampled
+
+STYLES = {"I1": "-", "I2": "--", "exact": ":", "EF": "-."}
 
 
 def _pyplot():
@@ -78,7 +80,7 @@ def plot_noise_shares(records: List[dict], path: Path) -> Path:
     """Label-noise versus data-noise share of the variance per layer (last record)."""
     plt = _pyplot()
     last = records[-1]
-    sampled = [e for e in last["estimators"] if e != "exact"]
+    sampled = [e for e in last["estimators"] if label_sampled(e)]
     layers = list(last["layers"])
     fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(layers) * max(1, len(sampled))), 3.8))
     width = 0.8 / max(1, len(sampled))

@@ -42,19 +42,26 @@ class Estimator:
         needs_exact_pass: Whether it backpropagates the likelihood's ``C`` directions
             instead of the ``M`` sampled residuals.
         bounded: The term that ``FisherEstimates.bounds`` bounds for it (docs/math.md §7): its
-            summand's mean for ``exact``, its label-noise variance for Î₁ and Î₂.
+            summand's mean for ``exact``, its label-noise variance for Î₁ and Î₂; ``None``
+            for the empirical Fisher.
+        data_labels: Whether it uses the data's labels (the empirical Fisher, docs/math.md §7b)
+            instead of labels drawn from the model.
+        block: The term of its full-block expected squared Frobenius error, if any.
     """
 
     name: str
     variance: Optional[str]
     needs_exact_pass: bool
-    bounded: str
+    bounded: Optional[str]
+    data_labels: bool = False
+    block: Optional[str] = None
 
 
 _BASE_TERMS = (
     Term("exact", input_power=2, summand=True, label_variance=False),
     Term("I1", input_power=2, summand=True, label_variance=False),
     Term("I2", input_power=2, summand=True, label_variance=False),
+    Term("EF", input_power=2, summand=True, label_variance=False),
     Term("v1", input_power=4, summand=False, label_variance=True),
     Term("v2", input_power=4, summand=False, label_variance=True),
 )
@@ -67,9 +74,16 @@ def bound_term(term: str, side: str) -> str:
     return f"{term}_{side}"
 
 
+#: Per layer: ``Σ_n E_y‖Î_B − I_B(x_n)‖²_F`` of its full block (``blocks``), kept in the
+#: batch sums of the layer's first parameter (a scalar; no per-entry input power).
+_BLOCK_TERMS = tuple(
+    Term(f"block_{v}", input_power=0, summand=False, label_variance=True) for v in ("v1", "v2")
+)
+
 TERMS: Dict[str, Term] = {
     t.name: t
     for t in _BASE_TERMS
+    + _BLOCK_TERMS
     + tuple(
         Term(bound_term(t.name, side), t.input_power, False, t.label_variance, bounds=t.name)
         for t in _BASE_TERMS
@@ -80,13 +94,21 @@ TERMS: Dict[str, Term] = {
 ESTIMATOR_SPECS: Dict[str, Estimator] = {
     e.name: e
     for e in (
-        Estimator("I1", variance="v1", needs_exact_pass=False, bounded="v1"),
-        Estimator("I2", variance="v2", needs_exact_pass=True, bounded="v2"),
+        Estimator("I1", variance="v1", needs_exact_pass=False, bounded="v1", block="block_v1"),
+        Estimator("I2", variance="v2", needs_exact_pass=True, bounded="v2", block="block_v2"),
         Estimator("exact", variance=None, needs_exact_pass=True, bounded="exact"),
+        Estimator("EF", variance=None, needs_exact_pass=False, bounded=None, data_labels=True),
     )
 }
 #: The estimators' names, in the order tables show them.
 ESTIMATORS = tuple(ESTIMATOR_SPECS)
+#: What a monitor computes unless told otherwise (the empirical Fisher is asked for).
+DEFAULT_ESTIMATORS = ("I1", "I2", "exact")
+
+
+def label_sampled(estimator: str) -> bool:
+    """Whether ``estimator`` draws labels from the model (it has label noise)."""
+    return ESTIMATOR_SPECS[estimator].variance is not None
 
 
 def terms_for(estimators: Iterable[str], bounds: bool = False) -> FrozenSet[str]:
@@ -102,7 +124,7 @@ def terms_for(estimators: Iterable[str], bounds: bool = False) -> FrozenSet[str]
     terms = {"exact"}
     for spec in specs:
         terms |= {spec.name} | ({spec.variance} if spec.variance else set())
-        if bounds:
+        if bounds and spec.bounded:
             terms |= {bound_term(spec.bounded, side) for side in BOUND_SIDES}
     return frozenset(terms)
 

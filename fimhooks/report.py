@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List
 
 from fimhooks.plots import PLOTS
+from fimhooks.quantities import label_sampled
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -18,13 +19,15 @@ def layer_table(record: dict) -> List[List[str]]:
     """Header and rows of the per-layer table of one log record."""
     estimators = record["estimators"]
     target = record["target_rse"]
-    sampled = [e for e in estimators if e != "exact"]
+    sampled = [e for e in estimators if label_sampled(e)]
     header = ["layer", "module", "params"]
     for e in estimators:
         header += [f"trace {e}", f"rse {e}", f"inputs for {target:.0%} {e}"]
     header += [f"label share {e}" for e in sampled] + [f"draws {e}" for e in sampled]
-    bounded = "bound_tightness" in next(iter(record["layers"].values()))[estimators[0]]
-    header += [f"bound tightness {e}" for e in estimators] if bounded else []
+    first = next(iter(record["layers"].values()))
+    bounded = [e for e in estimators if "bound_tightness" in first[e]]
+    biased = [e for e in estimators if "bias" in first[e]]
+    header += [f"bias {e}" for e in biased] + [f"bound tightness {e}" for e in bounded]
     header += ["zero-variance I2", "recommended"]
     rows = [header]
     for layer, stats in record["layers"].items():
@@ -34,7 +37,8 @@ def layer_table(record: dict) -> List[List[str]]:
             row += [number(s["trace"]), number(s["rse"]), count(s["inputs_needed"])]
         row += [number(stats[e]["label_share"]) for e in sampled]
         row += [str(stats[e]["draws_suggested"] or "n/a") for e in sampled]
-        row += [number(stats[e]["bound_tightness"]) for e in estimators] if bounded else []
+        row += [number(stats[e]["bias"]) for e in biased]
+        row += [number(stats[e]["bound_tightness"]) for e in bounded]
         zero = stats.get("zero_v2")
         row += ["n/a" if zero is None else f"{zero}/{stats['params']}", stats["recommended"]]
         rows.append(row)
@@ -75,6 +79,11 @@ def write_report(records: List[dict], out_dir: Path, title: str = "fimhooks repo
         intro += (
             " 'bound tightness' = the layer's upper bound (Soen & Sun 2024, Thm 4.1) over "
             "what it bounds: the exact trace, the variance of Î₁ or Î₂."
+        )
+    if "EF" in last["estimators"] and last["layers"]:
+        intro += (
+            " 'bias EF' = ‖EF − exact‖ / ‖exact‖ over the layer: the empirical Fisher's "
+            "relative bias, to compare with the rse (the noise) of Î₁ and Î₂."
         )
     md = [f"# {title}", "", intro, "", _markdown_table(rows), ""]
     md += [f"![{name}]({name})" for name in files]

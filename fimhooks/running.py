@@ -195,10 +195,18 @@ class RunningDiagonal:
 
     def _label_variance_term(self, term: Optional[str], like: str) -> Tensor:
         """A label-noise variance term (zeros shaped like ``fisher(like)`` where absent)."""
+        value = None if term is None else self.label_variance_term(term)
+        return torch.zeros_like(self.fisher(like)) if value is None else value
+
+    def label_variance_term(self, term: str) -> Optional[Tensor]:
+        """A label-noise variance term of the running estimate (``None`` where absent).
+
+        Cumulative: ``Σ_n v(x_n) / (N² M)``; EMA: ``Σ_t w_t² Σ_n v / (N_t² M)``.
+        """
         self._fold()
         key = term if self.ema_decay is None else f"labelvar_{term}"
-        if term is None or key not in self.stats:  # 'exact', or v2 where σ'' = 0
-            return torch.zeros_like(self.fisher(like))
+        if key not in self.stats:  # 'exact', or v2 where σ'' = 0
+            return None
         if self.ema_decay is None:
             return self.stats[key] / (self.num_inputs**2 * self.mc_samples)
         return self.stats[key] / self._bias_correction() ** 2

@@ -198,3 +198,77 @@ def _fisher_h(name: str, h: Tensor) -> Tensor:
 
 def _unflatten(rows: Tensor, names, shapes, sizes) -> Dict[str, Tensor]:
     return {n: c.reshape(-1, *s) for n, c, s in zip(names, rows.split(sizes, dim=1), shapes)}
+
+
+def empirical_fisher_reference(model, likelihood, x, y, sigma=1.0, *, mask=None, output=None):
+    """Per-input empirical Fisher summands: squared NLL gradients at the data's labels.
+
+    Each observation's negative log-likelihood is its own loss (``F.cross_entropy``,
+    ``F.binary_cross_entropy_with_logits`` summed over outputs, or ``‖f − y‖²/(2σ²)``),
+    differentiated by ``torch.func.grad``; an input's summand is the mean over its
+    observed positions (categorical ``[N, T, C]`` outputs with labels ``[N, T]``).
+
+    Returns:
+        ``{param name: [N, *param.shape]}`` for the inputs with an observed position.
+    """
+    name = _NAMES.get(type(likelihood), likelihood if isinstance(likelihood, str) else "gaussian")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def nll(theta, xn, yn, t):
+        out = functional_call(model, {**params, **theta}, (xn.unsqueeze(0),))
+        h = (out if output is None else output(out))[0]
+        if name == "categorical":
+            logits = h.reshape(-1, h.shape[-1])[t]
+            return nn.functional.cross_entropy(logits.unsqueeze(0), yn.reshape(-1)[t : t + 1])
+        if name == "bernoulli":
+            return nn.functional.binary_cross_entropy_with_logits(h, yn, reduction="sum")
+        return ((h - yn) ** 2).sum() / (2 * sigma**2)
+
+    rows = []
+    for n in range(len(x)):
+        count = y[n].numel() if name == "categorical" else 1
+        observed = torch.ones(count, dtype=torch.bool) if mask is None else mask[n].flatten()
+        if not observed.any():
+            continue
+        squares = [
+            torch.func.grad(nll)({k: params[k] for k in trained}, x[n], y[n], t)
+            for t in range(count)
+            if observed[t]
+        ]
+        rows.append({k: sum(g[k] ** 2 for g in squares) / len(squares) for k in trained})
+    return {k: torch.stack([r[k] for r in rows]) for k in trained}
+
+
+def block_error_reference(model, likelihood, x, mc_samples: int, sigma: float = 1.0):
+    """``{layer: (1/(N²M)) Σ_n E_y‖s_B s_Bᵀ − I_B(x_n)‖²_F}`` for each layer's block.
+
+    The block ``B`` is a module's parameters (weight and bias). Labels are enumerated:
+    ``s_y = J_Bᵀ (t(y) − η)`` and ``I_B = Σ_y p_y s_y s_yᵀ`` as ``P_B × P_B`` matrices; for
+    the Gaussian, ``s ~ N(0, S)`` with ``S = J_Bᵀ J_B / σ²`` and ``E‖s‖⁴ = (tr S)² + 2‖S‖²_F``.
+    """
+    name = _NAMES.get(type(likelihood), likelihood if isinstance(likelihood, str) else "gaussian")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def h(theta, xn):
+        return functional_call(model, {**params, **theta}, (xn.unsqueeze(0),))[0].reshape(-1)
+
+    blocks: Dict[str, list] = {}
+    for n in names:
+        blocks.setdefault(n.rpartition(".")[0], []).append(n)
+    errors = dict.fromkeys(blocks, 0.0)
+    for xn in x:
+        jac = jacrev(h)({n: params[n] for n in names}, xn)  # {name: [C, *shape]}
+        probs, residuals = _label_distribution(name, h({}, xn).detach())
+        for layer, members in blocks.items():
+            J = torch.cat([jac[n].flatten(1) for n in members], dim=1)  # [C, P_B]
+            if residuals is None:
+                S = J.T @ J / sigma**2
+                errors[layer] += (torch.trace(S) ** 2 + (S * S).sum()).item()
+                continue
+            scores = residuals @ J  # [Y, P_B]
+            outer = scores.unsqueeze(2) * scores.unsqueeze(1)
+            fisher = torch.einsum("y,yab->ab", probs, outer)
+            errors[layer] += (probs @ ((outer - fisher) ** 2).sum((1, 2))).item()
+    return {layer: e / (len(x) ** 2 * mc_samples) for layer, e in errors.items()}
