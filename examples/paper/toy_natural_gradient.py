@@ -181,6 +181,7 @@ def plot(results, out):
         row[2].plot(*THETA_TRUE, "k*", ms=9, label="θ_true")
         row[2].plot(*THETA_START, "ko", ms=4)
         row[0].set(title=f"{problem}: test NLL (mean ± sd)", xlabel="epoch", xscale="symlog")
+        row[0].set_xlim(0, losses.shape[1] - 1)
         row[1].set(title="Σ label-noise variance per step", xlabel="epoch", yscale="log")
         row[2].set(title="θ (seed 0)", xlabel="θ₁", ylabel="θ₂")
         for ax in row:
