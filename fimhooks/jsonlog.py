@@ -117,6 +117,8 @@ def read_log(path: Union[str, Path]) -> List[dict]:
     return records
 
 
+#: Per-layer, per-estimator fields written as TensorBoard scalars (where present).
+SCALARS = ("trace", "rse", "label_share", "bias", "bound_tightness")
 #: Keys every record has (the report reads them).
 _REQUIRED = ("version", "step", "estimators", "layers")
 
@@ -135,8 +137,8 @@ def _finite(value):
 def _write_scalars(writer, record: dict) -> None:
     for layer, stats in record["layers"].items():
         for e in record["estimators"]:
-            for key in ("trace", "rse", "label_share"):
-                value = stats[e][key]
+            for key in SCALARS:
+                value = stats[e].get(key)
                 if value is not None:
                     writer.add_scalar(
                         f"fimhooks/{layer or 'model'}/{e}/{key}", value, record["step"]

@@ -112,7 +112,8 @@ class Categorical(Likelihood):
         return nn.functional.one_hot(labels, h.shape[1]).to(h.dtype)
 
     def data_residuals(self, h, grad, scale=None):  # noqa: D102
-        # p − e_y: the label's entry is the only negative one, whatever the reduction
+        # p − e_y: the label's entry is the only negative one (or 0 where p_y rounds to
+        # 1), whatever the reduction
         labels = nn.functional.one_hot(grad.argmin(1), h.shape[1]).to(h.dtype)
         return torch.softmax(h, dim=1) - labels
 

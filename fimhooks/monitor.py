@@ -73,8 +73,8 @@ class FisherMonitor:
         seed: Seed of the monitor's own label sampler (default: ``torch.initial_seed()``),
             so collecting never changes the user's random number stream.
         bounds: Also collect the lower and upper bounds of docs/math.md §7 on the exact
-            diagonal and on the variances of Î₁ and Î₂ (``FisherEstimates.bounds``); they
-            cost a few extra per-input sums. Needs ``"exact"`` or ``"I2"``.
+            diagonal and on the variances of Î₁ and Î₂ (``FisherEstimates.bounds``): two
+            more per-entry terms for each of them. Needs ``"exact"`` or ``"I2"``.
         block_errors: Also collect each layer's full-block expected squared Frobenius
             error (``FisherEstimates.frobenius_error``), from per-input ``C × C`` Gram
             matrices. Needs ``"exact"`` or ``"I2"``; chain path only.
@@ -391,12 +391,15 @@ class FisherMonitor:
         """
         grad = grad.detach().to(positions.dtype)
         at = read_positions(grad, self.likelihood, self._class_axis)[observed]
-        if self.likelihood.name == "categorical" and (at == 0).all(-1).any():
+        # the label's entry is the smallest (zero where the model is certain of it)
+        ambiguous = ((at < 0).sum(-1) > 1) | (at == 0).all(-1)
+        if self.likelihood.name == "categorical" and ambiguous.any():
             raise RuntimeError(
-                "fimhooks: 'EF' reads the data's labels from the loss's gradient, but an "
-                "observed position has none (a label ignored by the loss, e.g. "
-                "ignore_index): pass a mask that leaves those positions out, "
-                "`with monitor(mask=...)`."
+                "fimhooks: 'EF' reads the data's labels from the loss's gradient, which is "
+                "negative at the label only; at an observed position it singles out no "
+                "label. A label the loss ignores (ignore_index): leave those positions out "
+                "with `with monitor(mask=...)`. Label smoothing or soft targets: 'EF' "
+                "needs the plain loss at hard labels."
             )
         scale = 2.0 / h.numel() if self._loss_reduction == "mean" else 2.0
         residuals = torch.zeros_like(positions)

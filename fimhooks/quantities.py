@@ -102,7 +102,7 @@ ESTIMATOR_SPECS: Dict[str, Estimator] = {
 }
 #: The estimators' names, in the order tables show them.
 ESTIMATORS = tuple(ESTIMATOR_SPECS)
-#: What a monitor computes unless told otherwise (the empirical Fisher is asked for).
+#: What a monitor computes unless told otherwise (the empirical Fisher only when asked).
 DEFAULT_ESTIMATORS = ("I1", "I2", "exact")
 
 
@@ -114,9 +114,10 @@ def label_sampled(estimator: str) -> bool:
 def terms_for(estimators: Iterable[str], bounds: bool = False) -> FrozenSet[str]:
     """Terms to reduce for ``estimators``.
 
-    Without the exact pass (Î₁ alone) only ``I1`` itself. With it, ``exact`` (the data
-    variance's summand) and, for each estimator, its summand and its variance term; with
-    ``bounds``, also the two bound terms of each estimator's bounded term (docs/math.md §7).
+    Without the exact pass (Î₁, ``EF``) only the summands themselves. With it, ``exact``
+    (the data variance's summand) and, for each estimator, its summand and its variance
+    term; with ``bounds``, also the two bound terms of each estimator's bounded term
+    (docs/math.md §7).
     """
     specs = [ESTIMATOR_SPECS[e] for e in estimators]
     if not any(s.needs_exact_pass for s in specs):

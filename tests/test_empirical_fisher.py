@@ -116,12 +116,48 @@ def test_errors():
     model, x = make_model("tanh_mlp", 3), make_input("tanh_mlp")
     y = torch.tensor([0, 1, -100, 2, 1])
     monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=("EF",))
-    with pytest.raises(RuntimeError, match="pass a mask"):
+    with pytest.raises(RuntimeError, match="monitor\\(mask=...\\)"):
         with monitor:
             loss_fn(model(x), y).backward()
+    monitor.remove()
+    smoothed = nn.CrossEntropyLoss(label_smoothing=0.3)
+    confident = make_model("tanh_mlp", 3)
+    with torch.no_grad():
+        confident[2].bias.copy_(torch.tensor([40.0, 0.0, 0.0]))  # p ≈ e_0: many negatives
+    certain = fimhooks.FisherMonitor(confident, loss_fn, estimators=("EF",))
+    h = confident(x)
+    h.register_hook(lambda grad: seen.append(grad))
+    seen = []
+    with certain:  # in float32, p_0 rounds to 1: the gradient is 0 at the label
+        loss_fn(h.float(), torch.zeros(5, dtype=torch.long)).backward()
+    certain.remove()
+    assert (seen[0][:, 0] == 0).all() and (seen[0][:, 1:] > 0).all()
+    assert all(v.abs().max() < 1e-6 for v in certain.estimates().fisher("EF").values())
+    monitor = fimhooks.FisherMonitor(confident, smoothed, estimators=("EF",))
+    with pytest.raises(RuntimeError, match="Label smoothing"):
+        with monitor:
+            smoothed(confident(x), torch.zeros(5, dtype=torch.long)).backward()
     monitor.remove()
     with pytest.raises(ValueError, match="'EF' was not collected"):
         collect(model, loss_fn, x, y.clamp_min(0), None).empirical_fisher_bias()
     est = collect(model, loss_fn, x, y.clamp_min(0), None, estimators=("exact", "EF"), bounds=True)
     with pytest.raises(ValueError, match="'EF' has no bounds"):
         est.bounds("EF")
+
+
+def test_tensorboard_scalars_include_bias_and_tightness():
+    import io
+
+    from test_watching import FakeWriter
+
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=("I1", "exact", "EF"), bounds=True)
+    writer = FakeWriter()
+    log = monitor.log_to(io.StringIO(), writer)
+    output = model(x)
+    with monitor:
+        loss_fn(output, make_target(loss_fn, output)).backward()
+    log.close()
+    tags = {tag for tag, _, _ in writer.scalars}
+    assert {"fimhooks/0/EF/bias", "fimhooks/0/I1/bound_tightness"} <= tags
