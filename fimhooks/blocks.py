@@ -1,4 +1,4 @@
-"""Expected squared Frobenius error of a layer's full-block Î₁ (SPEC §6), from Gram matrices.
+"""Expected squared Frobenius error of a full-block Î₁ (docs/math.md §6), from Gram matrices.
 
 For one observation and a block ``B`` of parameters (a layer's weight and bias), write
 ``U_k = J_Bᵀ V_k`` for the likelihood's directions ``V_k`` and ``Ĝ_kl = U_k · U_l`` for
@@ -15,7 +15,7 @@ with the likelihood's weights ``w`` and fourth weights ``w4`` (``likelihoods``) 
   ``‖I_B‖²_F = Σ_ab p_a p_b Ĝ_ab²``: ``(0, −1)``;
 * Bernoulli and Gaussian (independent coordinates, Isserlis' pairings): ``(1, 1)``.
 
-For a single entry (``Ĝ = U Uᵀ``) this is ``v₁`` of SPEC §3 (``α + β = κ``).
+For a single entry (``Ĝ = U Uᵀ``) this is ``v₁`` of docs/math.md §3 (``α + β = κ``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-observation factors of the bounds of SPEC §7 (Soen & Sun 2024, Thm 4.1, 5.2, Prop 5.1).
+"""Per-observation bound factors of docs/math.md §7 (Soen & Sun 2024, Thm 4.1, 5.2, Prop 5.1).
 
 For one observation with natural parameters ``h [C]``, ``u = ∂ᵢh`` and ``w = ∂²ᵢh``:
 

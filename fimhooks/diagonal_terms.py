@@ -1,4 +1,4 @@
-"""Per-input diagonal terms of SPEC §2-§3 and their batch sums, as pure tensor functions.
+"""Per-input diagonal terms of docs/math.md §2-§3 and their batch sums, as pure tensor functions.
 
 Notation (per parameter entry ``i`` and input ``n``):
 
@@ -14,7 +14,7 @@ Notation (per parameter entry ``i`` and input ``n``):
 The terms are ``g`` (exact), ``v1``, ``v2`` (label-noise variances of one summand),
 ``I1`` (``ā``: the score summand averaged over the M labels) and ``I2`` (``b̄``), ``EF``
 (the squared gradient at the data's label), and the bounds of ``g``, ``v1`` and ``v2``
-(SPEC §7): ``exact_lower``, ``exact_upper``, ...
+(docs/math.md §7): ``exact_lower``, ``exact_upper``, ...
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def finish_terms(
 
 
 def bounds_from_norms(sums: Dict[str, Tensor], factors: Tensor, wanted) -> dict:
-    """Bound terms of SPEC §7 from the squared norms of ``∂ᵢh`` and ``∂²ᵢh`` (``bounds``).
+    """Bound terms of docs/math.md §7 from the squared norms of ``∂ᵢh`` and ``∂²ᵢh`` (``bounds``).
 
     Args:
         sums: Direction sums with ``sq_u, sum_u`` (and ``sq_w, sum_w`` with curvature),
@@ -173,7 +173,7 @@ def bounds_from_norms(sums: Dict[str, Tensor], factors: Tensor, wanted) -> dict:
 def add_positions(total: Dict[str, Tensor], terms: Dict[str, Tensor], weights: Tensor) -> dict:
     """``total + Σ_t weights[n, t] · terms[t, n]`` (``weights²`` for variances), aliases kept.
 
-    An input's summand is the mean over its positions (SPEC §7c), so a position of input
+    An input's summand is the mean over its positions (docs/math.md §7c), so a position of input
     ``n`` enters with ``weights[n, t] = 1/T_n`` and its label-noise variance with ``1/T_n²``.
 
     Args:

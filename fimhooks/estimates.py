@@ -27,7 +27,7 @@ Diagonal = Dict[str, Tensor]
 class FisherEstimates:
     """Running diagonal estimates and their variances, keyed by parameter name.
 
-    Every tensor is float64, shaped like its parameter, per observation (SPEC §1).
+    Every tensor is float64, shaped like its parameter, per observation (docs/math.md §1).
 
     Args:
         accumulators: ``{param name: RunningDiagonal}`` (owned by the snapshot).
@@ -35,7 +35,7 @@ class FisherEstimates:
         layer_types: ``{module path: class name}``, shown beside the paths.
         estimators: The estimators that were collected.
         exact_pass: Whether the closed-form (exact-pass) quantities were collected.
-        bounds: Whether the bounds of SPEC §7 were collected.
+        bounds: Whether the bounds of docs/math.md §7 were collected.
         block_errors: Whether the layers' full-block Frobenius errors were collected.
         num_outputs: Outputs ``C`` of the network (the exact pass backpropagates ``C``
             vectors per input).
@@ -75,7 +75,7 @@ class FisherEstimates:
         return max((a.num_inputs for a in self._acc.values()), default=0)
 
     def merge(self, other: "FisherEstimates") -> "FisherEstimates":
-        """Estimates over the inputs of both, e.g. from two processes (SPEC §5).
+        """Estimates over the inputs of both, e.g. from two processes (docs/math.md §5).
 
         Both must be cumulative averages (``ema_decay=None``) of the same model with the
         same options; the result equals what one monitor would report on all the inputs.
@@ -108,7 +108,7 @@ class FisherEstimates:
         return {n: a.fisher(estimator) for n, a in self._acc.items()}
 
     def variance(self, estimator: str) -> Diagonal:
-        """Closed-form label-noise variance of the running estimate (SPEC §3, §5).
+        """Closed-form label-noise variance of the running estimate (docs/math.md §3, §5).
 
         Zero for ``"exact"``, which has no label noise.
         """
@@ -121,7 +121,7 @@ class FisherEstimates:
         return {n: a.label_variance(estimator) for n, a in self._acc.items()}
 
     def bounds(self, estimator: str) -> Tuple[Diagonal, Diagonal]:
-        """Lower and upper bounds of SPEC §7 (Soen & Sun 2024, Thm 4.1).
+        """Lower and upper bounds of docs/math.md §7 (Soen & Sun 2024, Thm 4.1).
 
         For ``"exact"`` they bound ``fisher("exact")``, for ``"I1"`` and ``"I2"`` their
         ``variance``, entry by entry: per observation ``‖∂ᵢh‖²`` (``‖∂ᵢh‖⁴``,
@@ -146,7 +146,7 @@ class FisherEstimates:
         return lower, upper
 
     def frobenius_error(self, estimator: str, structure: str = "block") -> Dict[str, float]:
-        """Expected squared Frobenius error of each layer's running estimate (SPEC §6).
+        """Expected squared Frobenius error of each layer's running estimate (docs/math.md §6).
 
         Label noise only, like ``variance``: ``structure="diag"`` gives ``Σ_i variance(e)_i``
         over the layer's entries (its diagonal's error); ``structure="block"`` that of the
@@ -201,7 +201,7 @@ class FisherEstimates:
         return values[0].item()
 
     def empirical_fisher_bias(self) -> Diagonal:
-        """``EF − exact`` per entry: the bias of the empirical Fisher (SPEC §7b).
+        """``EF − exact`` per entry: the bias of the empirical Fisher (docs/math.md §7b).
 
         Both are running averages over the same inputs and steps; its noise is
         ``empirical_variance("EF")`` (the empirical Fisher has no label noise).
@@ -212,14 +212,14 @@ class FisherEstimates:
         return {n: a.fisher("EF") - a.fisher("exact") for n, a in self._acc.items()}
 
     def data_variance(self) -> Diagonal:
-        """Data-noise variance of the running exact estimate (SPEC §4)."""
+        """Data-noise variance of the running exact estimate (docs/math.md §4)."""
         if not self.exact_pass:
             raise ValueError("data_variance needs 'exact' or 'I2' in estimators.")
         self._check_collected()
         return {n: a.sample_variance("exact") for n, a in self._acc.items()}
 
     def empirical_variance(self, estimator: str) -> Diagonal:
-        """Sample variance of the per-input summands over ``N`` (SPEC §4)."""
+        """Sample variance of the per-input summands over ``N`` (docs/math.md §4)."""
         self._check(estimator)
         return {n: a.sample_variance(estimator) for n, a in self._acc.items()}
 
@@ -314,7 +314,7 @@ class FisherEstimates:
         return {n: self._variances(estimator, a)[1].sqrt() for n, a in self._acc.items()}
 
     def _variances(self, estimator: str, acc: RunningDiagonal):
-        """``(label, label + data)`` variances of one parameter's running estimate (SPEC §4).
+        """``(label, label + data)`` variances of a parameter's running estimate (docs/math.md §4).
 
         Without the exact pass: ``(None, empirical variance)``, which holds both noises.
         The empirical Fisher has no label noise: ``(0, its empirical variance)``.
@@ -328,7 +328,7 @@ class FisherEstimates:
         return label, label + acc.sample_variance("exact")
 
     def kronecker_factors(self, kind: str) -> Dict[str, tuple]:
-        """Running Kronecker factors ``(A, G)`` by Linear layer path (SPEC §6).
+        """Running Kronecker factors ``(A, G)`` by Linear layer path (docs/math.md §6).
 
         Args:
             kind: ``"sampled"`` (BackPACK's KFAC, Î₁-type) or ``"exact"`` (its KFLR, the

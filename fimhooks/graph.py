@@ -2,7 +2,7 @@
 
 ``∂²h/∂θᵢ² = 0`` for a parameter of a layer that is affine in its parameters when every
 operation between the layer's output and the model output is piecewise linear in that
-output: then Î₂ equals the exact diagonal and has no label noise (SPEC §3). This module
+output: then Î₂ equals the exact diagonal and has no label noise (docs/math.md §3). This module
 walks the graph from the model output down to each watched output and names the first
 operation that breaks the condition. Products of two tensors that both depend on layer
 outputs (attention scores, gates) count as curved.

@@ -1,4 +1,4 @@
-"""Sample-size guidance from the variance terms of SPEC §4, as pure functions.
+"""Sample-size guidance from the variance terms of docs/math.md §4, as pure functions.
 
 For a layer with diagonal estimate ``F`` (entries ``i``), the variance of an estimator over
 ``N`` inputs with ``M`` label draws each is ``Σ_i Var_i = (L / M + D) / N`` where, summed

@@ -1,10 +1,10 @@
-"""Exponential-family likelihoods of SPEC §1 as pure functions of the model output.
+"""Exponential-family likelihoods of docs/math.md §1 as pure functions of the model output.
 
 Each likelihood describes, for a batch of network outputs ``h`` of shape ``[N, C]``:
 
 * ``directions(h)``: ``K`` vectors per input in output space, ``[K, N, C]``, that are
   backpropagated through the network. Their Jacobian-transposed images ``U = Jᵀ V`` give
-  every diagonal quantity of SPEC §2-§3.
+  every diagonal quantity of docs/math.md §2-§3.
 * ``weights(h)``: ``[N, K]`` weights ``w`` with ``g = Σ_k w_k U_k²`` (exact diagonal) and
   ``v₂ = Σ_k w_k W_k²``, where ``W_k = ∂²(V_kᵀ h)/∂θ_i²``.
 * ``fourth_weights(h)`` and ``kappa``: ``v₁ = Σ_k w4_k U_k⁴ + κ g²``.
@@ -15,7 +15,7 @@ Each likelihood describes, for a batch of network outputs ``h`` of shape ``[N, C
   only Î₁ is collected (then ``M`` vectors are backpropagated instead of ``C``).
 * ``data_residuals(h, grad, scale)``: ``[N, C]`` the gradient ``η − t(y)`` of the negative
   log-likelihood at the data's labels ``y``, read from the training loss's gradient
-  ``grad`` at ``h`` (for the empirical Fisher, SPEC §7b).
+  ``grad`` at ``h`` (for the empirical Fisher, docs/math.md §7b).
 
 All numbers are per observation: nothing here depends on a loss's reduction or scale.
 """
@@ -176,7 +176,7 @@ SUPPORTED_LOSSES = "nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss"
 
 
 def likelihood_from(spec: Union[str, nn.Module], sigma: Optional[float] = None) -> Likelihood:
-    """The likelihood named by ``spec`` or encoded by a PyTorch loss module (SPEC §1).
+    """The likelihood named by ``spec`` or encoded by a PyTorch loss module (docs/math.md §1).
 
     Args:
         spec: ``"categorical"``, ``"bernoulli"``, ``"gaussian"``, or an

@@ -71,7 +71,7 @@ class FisherMonitor:
             closed-form variance of Î₁ and the data variance need ``"exact"`` or ``"I2"``.
             ``"EF"`` adds the empirical Fisher: squared gradients of the negative
             log-likelihood at the data's labels, read from the training loss's gradient
-            (biased; SPEC §7b). With the Gaussian likelihood it needs the ``nn.MSELoss``
+            (biased; docs/math.md §7b). With the Gaussian likelihood it needs the ``nn.MSELoss``
             module (its reduction gives the gradient's scale).
         seed: Seed of the monitor's own label sampler (default: ``torch.initial_seed()``),
             so collecting never changes the user's random number stream. Under
@@ -92,7 +92,7 @@ class FisherMonitor:
             names carry no ``module.`` prefix.
         process_group: The group to sum over (default: the DDP model's, else the default
             group).
-        bounds: Also collect the lower and upper bounds of SPEC §7 on the exact
+        bounds: Also collect the lower and upper bounds of docs/math.md §7 on the exact
             diagonal and on the variances of Î₁ and Î₂ (``FisherEstimates.bounds``): two
             more per-entry terms for each of them. Needs ``"exact"`` or ``"I2"``.
         block_errors: Also collect each layer's full-block expected squared Frobenius

@@ -1,4 +1,4 @@
-"""How a model output is read as observations, and where labels are drawn (SPEC §1, §7c).
+"""How a model output is read as observations, and where labels are drawn (docs/math.md §1, §7c).
 
 An output ``h`` is read as ``[N, T, C]``: ``N`` inputs, ``T`` positions per input, ``C``
 natural parameters per position. Each position is one observation with its own label
@@ -194,7 +194,7 @@ def draw_labels(
         mc_samples: Label draws per observation (``M``).
         generator: The monitor's generator.
         exact_pass: Backpropagate ``C`` directions per position (else the ``M`` residuals).
-        bounds: Also the factors of the bounds (SPEC §7; needs ``exact_pass``).
+        bounds: Also the factors of the bounds (docs/math.md §7; needs ``exact_pass``).
     """
     h = positions[observed]  # [P, C]
     counts = observed.sum(1)
@@ -220,7 +220,7 @@ def draw_labels(
 
 
 def with_data_residuals(draw: LabelDraw, residuals: Tensor, sampled: bool) -> LabelDraw:
-    """The draw with the data's residuals appended as its last direction (SPEC §7b).
+    """The draw with the data's residuals appended as its last direction (docs/math.md §7b).
 
     The new direction has weight and coefficient 0 in every other term; ``data_weights``
     marks it.

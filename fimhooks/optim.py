@@ -22,7 +22,7 @@ STRUCTURES = ("diag", "kfac")
 class FisherPreconditioner:
     """Rewrites ``p.grad`` into ``(Ī + λ I)⁻¹ p.grad`` before any ``torch.optim`` step.
 
-    ``Ī`` is the monitor's running Fisher estimate (SPEC §8), per observation. With
+    ``Ī`` is the monitor's running Fisher estimate (docs/math.md §8), per observation. With
     ``structure="diag"`` the solve is elementwise; ``estimator="auto"`` takes, per layer,
     the estimator with the smaller relative standard error at each refresh, and
     ``uncertainty_damping=κ`` adds ``κ ·`` (standard error of the entry) to its damping.

@@ -1,4 +1,4 @@
-"""Damped solves with diagonal and Kronecker-factored Fisher estimates (SPEC §6, §8).
+"""Damped solves with diagonal and Kronecker-factored Fisher estimates (docs/math.md §6, §8).
 
 Pure functions on tensors. A Kronecker-factored Fisher of a Linear layer with weight
 ``[out, in]`` (and bias, appended as a last input column of ones) is ``A ⊗ G`` with

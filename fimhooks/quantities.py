@@ -13,7 +13,7 @@ from typing import Dict, FrozenSet, Iterable, Optional
 
 @dataclass(frozen=True)
 class Term:
-    """A per-input quantity reduced to batch sums (SPEC §2-§3).
+    """A per-input quantity reduced to batch sums (docs/math.md §2-§3).
 
     Attributes:
         name: Its key in the batch sums.
@@ -22,7 +22,7 @@ class Term:
             is reported (its squares are summed too).
         label_variance: Whether it is the label-noise variance of one summand; across an
             input's positions it scales with the square of a position's weight.
-        bounds: For a bound term (SPEC §7), the term it bounds, else ``None``.
+        bounds: For a bound term (docs/math.md §7), the term it bounds, else ``None``.
     """
 
     name: str
@@ -41,10 +41,10 @@ class Estimator:
         variance: The term holding its closed-form label-noise variance (``None``: none).
         needs_exact_pass: Whether it backpropagates the likelihood's ``C`` directions
             instead of the ``M`` sampled residuals.
-        bounded: The term that ``FisherEstimates.bounds`` bounds for it (SPEC §7): its
+        bounded: The term that ``FisherEstimates.bounds`` bounds for it (docs/math.md §7): its
             summand's mean for ``exact``, its label-noise variance for Î₁ and Î₂; ``None``
             for the empirical Fisher.
-        data_labels: Whether it uses the data's labels (the empirical Fisher, SPEC §7b)
+        data_labels: Whether it uses the data's labels (the empirical Fisher, docs/math.md §7b)
             instead of labels drawn from the model.
         block: The term of its full-block expected squared Frobenius error, if any.
     """
@@ -117,7 +117,7 @@ def terms_for(estimators: Iterable[str], bounds: bool = False) -> FrozenSet[str]
     Without the exact pass (Î₁, ``EF``) only the summands themselves. With it, ``exact``
     (the data variance's summand) and, for each estimator, its summand and its variance
     term; with ``bounds``, also the two bound terms of each estimator's bounded term
-    (SPEC §7).
+    (docs/math.md §7).
     """
     specs = [ESTIMATOR_SPECS[e] for e in estimators]
     if not any(s.needs_exact_pass for s in specs):

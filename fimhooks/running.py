@@ -1,4 +1,4 @@
-"""Running (cumulative or EMA) diagonal estimates and their variances, SPEC §4-§5.
+"""Running (cumulative or EMA) diagonal estimates and their variances, docs/math.md §4-§5.
 
 ``RunningDiagonal`` holds, for one parameter, float64 statistics built from the batch sums
 of ``diagonal_terms``. It knows nothing of modules or hooks.
@@ -112,7 +112,7 @@ class RunningDiagonal:
                 self._staged[key] = value * self._gain(key)
 
     def _ema_step(self, sums: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
-        """Per-step means and variances of the step's estimates (SPEC §5)."""
+        """Per-step means and variances of the step's estimates (docs/math.md §5)."""
         step = {}
         for name in ESTIMATORS:
             if name in sums:
@@ -184,7 +184,7 @@ class RunningDiagonal:
         return self._label_variance_term(ESTIMATOR_SPECS[estimator].variance, estimator)
 
     def bound(self, term: str) -> Tensor:
-        """A bound term (SPEC §7) aggregated like the quantity it bounds, ``[*P]``.
+        """A bound term (docs/math.md §7) aggregated like the quantity it bounds, ``[*P]``.
 
         Bounds of ``exact`` are averaged like it; those of ``v1`` and ``v2`` like the
         label-noise variances (``1/(N²M)`` and ``w_t²``).
@@ -239,7 +239,7 @@ class RunningDiagonal:
         return variance * (every / defined)
 
     def effective_inputs(self) -> float:
-        """Inputs whose plain average has the running estimate's variance (SPEC §4-§5).
+        """Inputs whose plain average has the running estimate's variance (docs/math.md §4-§5).
 
         ``N`` for the cumulative average; for the EMA, the mean batch size over ``Σ_t w_t²``.
         """

@@ -1,4 +1,4 @@
-"""Tiny float64 models, likelihoods and inputs shared by the tests (SPEC §9)."""
+"""Tiny float64 models, likelihoods and inputs shared by the tests (docs/math.md §9)."""
 
 from __future__ import annotations
 

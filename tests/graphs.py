@@ -1,4 +1,4 @@
-"""Tiny float64 models beyond chains of layers (SPEC §9): branches, attention, tied weights."""
+"""Tiny float64 models beyond chains (docs/math.md §9): branches, attention, tied weights."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Brute-force reference of SPEC §9: torch.func Jacobians and Hessians, labels enumerated.
+"""Brute-force reference of docs/math.md §9: torch.func Jacobians and Hessians, labels enumerated.
 
 Nothing here uses BackPACK or fimhooks' code paths. For each input ``x_n`` it computes
 ``J = ∂h/∂θ`` and ``∂²h_a/∂θ²`` with ``torch.func``, enumerates the label distribution
 (all classes; all ``2^C`` Bernoulli patterns) or uses Gaussian moments (Isserlis), and
-returns the per-input diagonal quantities of SPEC §2-§3.
+returns the per-input diagonal quantities of docs/math.md §2-§3.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def per_input_reference(
         likelihood: A name or a loss module. Categorical outputs ``[N, *, C]`` (class axis
             last; axis 1 for an ``nn.CrossEntropyLoss`` module) have one observation per
             position: an input's quantity is the mean over its unmasked positions, its
-            label-noise variances ``(1/T²) Σ_t v_t`` (SPEC §7c).
+            label-noise variances ``(1/T²) Σ_t v_t`` (docs/math.md §7c).
         x: Inputs ``[N, ...]``, or a tuple of such tensors.
         output: Callable from the forward's return value to the output tensor.
         mask: ``[N, *positions]`` observed positions (categorical only).
@@ -97,7 +97,7 @@ SCALES = {
 
 
 def _position_terms(name: str, h: Tensor, J: Tensor, H, sigma: float) -> dict:
-    """SPEC §3 and §7 quantities of one observation with output ``h [C]`` and ``J [C, P]``."""
+    """docs/math.md §3, §7 quantities of one observation with output ``h [C]``, ``J [C, P]``."""
     w = torch.zeros_like(J) if H is None else torch.diagonal(H, dim1=1, dim2=2)  # ∂²h_a/∂θ_i²
     probs, residuals = _label_distribution(name, h)
     if residuals is None:  # Gaussian: moments of ρ ~ N(0, I/σ²)
@@ -119,7 +119,7 @@ def _position_terms(name: str, h: Tensor, J: Tensor, H, sigma: float) -> dict:
 
 
 def _bounds(name: str, h: Tensor, J: Tensor, w: Tensor, sigma: float) -> dict:
-    """Thm 4.1 of Soen & Sun 2024 for one observation (SPEC §7), from its definitions.
+    """Thm 4.1 of Soen & Sun 2024 for one observation (docs/math.md §7), from its definitions.
 
     ``λ(I_h)`` by ``eigvalsh``; ``λ̃`` of ``M = K − I_h⊗I_h``: Gaussian ``2/σ⁴``;
     categorical ``0`` and ``2 min(max p, 1 − ‖p‖²)`` (Thm 5.2); Bernoulli, where
@@ -161,7 +161,7 @@ def _simplex_range(h: Tensor):
 
 
 def estimator_reference(model, likelihood, x, mc_samples: int, sigma: float = 1.0, **options):
-    """Exact, closed-form variances and data variance of one batch (SPEC §3-§4)."""
+    """Exact, closed-form variances and data variance of one batch (docs/math.md §3-§4)."""
     per_input = per_input_reference(model, likelihood, x, sigma, **options)
     n = len(next(iter(per_input["exact"].values())))
     out = {
@@ -188,7 +188,7 @@ def _label_distribution(name: str, h: Tensor):
 
 
 def _fisher_h(name: str, h: Tensor) -> Tensor:
-    """``I_h``, the covariance of ``t(y)``, from its definition (SPEC §1 table)."""
+    """``I_h``, the covariance of ``t(y)``, from its definition (docs/math.md §1 table)."""
     if name == "categorical":
         p = torch.softmax(h, 0)
         return torch.diag(p) - torch.outer(p, p)

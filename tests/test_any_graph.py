@@ -1,4 +1,4 @@
-"""Any graph autograd can differentiate, against the torch.func brute force (SPEC §9)."""
+"""Any graph autograd can differentiate, against the torch.func brute force (docs/math.md §9)."""
 
 import graphs
 import pytest
@@ -182,7 +182,7 @@ def test_errors_for_outputs_and_options():
 @pytest.mark.parametrize("estimators", [("I1",), ("I1", "exact")], ids=["alone", "with exact"])
 @pytest.mark.parametrize("name", ["encoder_classifier", "tiny_lm"])
 def test_i1_is_unbiased_on_a_transformer(name, estimators):
-    """The running Î₁ over many label draws within a z-bound of exact (SPEC §3, §9)."""
+    """The running Î₁ over many label draws within a z-bound of exact (docs/math.md §3, §9)."""
     model, x = graphs.make(name, 3), graphs.inputs(name)
     steps = 200
     monitor = fimhooks.FisherMonitor(

@@ -1,4 +1,4 @@
-"""Full-block Frobenius errors (SPEC §6) against a label enumeration (SPEC §9)."""
+"""Full-block Frobenius errors (docs/math.md §6) against a label enumeration (docs/math.md §9)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Bounds of SPEC §7 (Soen & Sun 2024, Thm 4.1) against the torch.func brute force."""
+"""Bounds of docs/math.md §7 (Soen & Sun 2024, Thm 4.1) against the torch.func brute force."""
 
 import itertools
 
@@ -114,7 +114,7 @@ def test_general_path_bounds_equal_the_chain_path(likelihood, monkeypatch):
 
 
 def test_sequence_outputs_with_a_mask():
-    """Positions enter the bounds like the quantities: 1/T and 1/T² (SPEC §7c)."""
+    """Positions enter the bounds like the quantities: 1/T and 1/T² (docs/math.md §7c)."""
     model, x = graphs.make("tiny_lm", 5), graphs.inputs("tiny_lm")
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
     monitor = fimhooks.FisherMonitor(

@@ -1,4 +1,4 @@
-"""The empirical Fisher (SPEC §7b) against ``torch.func`` gradients at the data's labels."""
+"""The empirical Fisher (docs/math.md §7b) against ``torch.func`` gradients at the data's labels."""
 
 import graphs
 import pytest
@@ -73,7 +73,7 @@ def test_general_path_equals_the_chain_path(likelihood, monkeypatch):
 
 
 def test_sequence_outputs_with_a_mask():
-    """Per-token labels: each observed position is an observation (SPEC §7c)."""
+    """Per-token labels: each observed position is an observation (docs/math.md §7c)."""
     model, x = graphs.make("tiny_lm", 5), graphs.inputs("tiny_lm")
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
     monitor = fimhooks.FisherMonitor(model, "categorical", estimators=("I1", "exact", "EF"))

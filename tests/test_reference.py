@@ -1,4 +1,4 @@
-"""Monitor against the torch.func brute force of SPEC §9 (float64, 1e-8 relative)."""
+"""Monitor against the torch.func brute force of docs/math.md §9 (float64, 1e-8 relative)."""
 
 import pytest
 import torch
@@ -78,7 +78,7 @@ def test_numbers_do_not_depend_on_reduction_or_batch_size(reduction):
 
 
 def test_zero_variance_facts():
-    """v₂ = 0 on the last layer, and everywhere in a piecewise-linear network (SPEC §3)."""
+    """v₂ = 0 on the last layer, and everywhere in a piecewise-linear network (docs/math.md §3)."""
     loss_fn, out, _ = make_loss("categorical")
     for model_name in ["tanh_mlp", "relu_mlp"]:
         model, x = make_model(model_name, out), make_input(model_name)

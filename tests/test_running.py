@@ -1,4 +1,4 @@
-"""Running estimates (SPEC §5): EMA weights, cumulative merges, state round trips."""
+"""Running estimates (docs/math.md §5): EMA weights, cumulative merges, state round trips."""
 
 import math
 

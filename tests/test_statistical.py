@@ -1,6 +1,6 @@
 """Sampled estimators against closed forms, with z-bounds from the closed-form variance.
 
-The inputs are fixed, so the only randomness is the label draw (SPEC §3). Entries with
+The inputs are fixed, so the only randomness is the label draw (docs/math.md §3). Entries with
 zero closed-form variance must match exactly. Z_BOUND = 5 keeps the chance of a false
 failure below ~1e-4 over the few hundred entries tested (Bonferroni, normal tails).
 """
@@ -51,7 +51,7 @@ def test_sampled_means_within_z_bound_of_exact(likelihood):
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 def test_empirical_variance_matches_label_plus_data_noise(likelihood):
-    """E[empirical variance] = label-noise + data-noise variance (SPEC §4)."""
+    """E[empirical variance] = label-noise + data-noise variance (docs/math.md §4)."""
     loss_fn, out, sigma = make_loss(likelihood)
     model, x = make_model("tanh_mlp", out), make_input("tanh_mlp", n=6)
     monitor = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma, seed=1)

@@ -46,7 +46,7 @@ def test_guidance_matches_spec_section_4_decomposition():
             expected = (label_noise / 2 + data) / (target**2 * fisher.square().sum().item())
             got = stats[layer][estimator]["inputs_needed"]
             assert math.isclose(got, expected, rel_tol=1e-8), (layer, estimator)
-            # at that many inputs the SPEC §4 variance gives exactly the target rse
+            # at that many inputs the docs/math.md §4 variance gives exactly the target rse
             rse = math.sqrt((label_noise / 2 + data) / got) / fisher.norm().item()
             assert math.isclose(rse, target, rel_tol=1e-8)
         assert stats[layer]["I1"]["draws_suggested"] == max(1, math.ceil(label / data))
