@@ -1,7 +1,7 @@
 """BatchNorm in training mode with ``batchnorm="frozen-batch-stats"`` against the brute force.
 
 The semantics: exactly eval mode with the running statistics set to the batch's mean and
-biased variance (SPEC §9 brute force on such a copy), while training is unchanged.
+biased variance (the docs/math.md §9 brute force on such a copy), while training is unchanged.
 """
 
 import copy
