@@ -139,8 +139,10 @@ class Bernoulli(Likelihood):
         return draws - probs
 
     def data_residuals(self, h, grad, scale=None):  # noqa: D102
-        # p − y: negative exactly where the label is 1, whatever the reduction
-        return torch.sigmoid(h) - (grad < 0).to(h.dtype)
+        # p − y: negative exactly where the label is 1, whatever the reduction, or 0
+        # where p rounds to the label (then the label is the side p is on)
+        p = torch.sigmoid(h)
+        return p - ((grad < 0) | ((grad == 0) & (p > 0.5))).to(h.dtype)
 
 
 class Gaussian(Likelihood):

@@ -161,3 +161,18 @@ def test_tensorboard_scalars_include_bias_and_tightness():
     log.close()
     tags = {tag for tag, _, _ in writer.scalars}
     assert {"fimhooks/0/EF/bias", "fimhooks/0/I1/bound_tightness"} <= tags
+
+
+def test_bernoulli_label_where_the_probability_rounds_to_it():
+    """In float32 ``sigmoid(20)`` is 1: the loss's gradient is 0 there, and so is EF."""
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(10.0)
+        model.bias.zero_()
+    x = torch.ones(3, 2)
+    loss_fn = nn.BCEWithLogitsLoss()
+    monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=("EF",))
+    with monitor:
+        loss_fn(model(x), torch.ones(3, 1)).backward()
+    monitor.remove()
+    assert all(v.abs().max() < 1e-6 for v in monitor.estimates().fisher("EF").values())
