@@ -4,6 +4,7 @@ import pytest
 import torch
 from cases import make_input, make_loss, make_model, make_target
 from reference import block_error_reference, estimator_reference
+from test_reference import collect as reference_collect
 from torch.func import functional_call, hessian
 
 import fimhooks
@@ -91,12 +92,7 @@ def test_errors(monkeypatch):
     model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
     with pytest.raises(ValueError, match="block_errors=True needs the exact pass"):
         fimhooks.FisherMonitor(model, loss_fn, estimators=("I1",), block_errors=True)
-    plain = fimhooks.FisherMonitor(model, loss_fn)
-    output = model(x)
-    with plain:
-        loss_fn(output, make_target(loss_fn, output)).backward()
-    plain.remove()
-    est = plain.estimates()
+    est = reference_collect(model, loss_fn, x, None, 1)
     with pytest.raises(ValueError, match="block_errors=True"):
         est.frobenius_error("I1")
     with pytest.raises(ValueError, match="structure must be"):
