@@ -76,6 +76,8 @@ def curved_layer(output_node, layer_nodes: Dict[object, str]) -> Optional[Tuple[
 def _piecewise_linear(node, name: str, depends) -> bool:
     if name in _PIECEWISE_LINEAR or name == "AccumulateGrad":
         return True
+    if name == "NativeBatchNorm":  # affine in its input in eval mode (running statistics)
+        return not node._saved_training
     if name == "Div":  # linear in the numerator only
         children = [c for c, _ in node.next_functions]
         return len(children) < 2 or not depends(children[1])

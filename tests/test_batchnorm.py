@@ -129,3 +129,22 @@ def test_curvature_above_the_layer_is_refused_for_i2():
     model, x = make("mlp_sigmoid", out), inputs("mlp_sigmoid")
     with pytest.raises(RuntimeError, match="'I2' needs the network's curvature"):
         collect(model, loss_fn, x, None, ("I1", "I2", "exact"))
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_eval_mode_batchnorm_in_a_branching_graph_keeps_i2(likelihood):
+    """In eval mode BatchNorm is affine: Î₂ of a residual ReLU network equals exact."""
+    loss_fn, out, sigma = make_loss(likelihood)
+    model, x = make("residual", out).eval(), inputs("residual")
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    monitor = fimhooks.FisherMonitor(model, loss_fn, sigma=sigma, mc_samples=2)
+    output = model(x)
+    with monitor:
+        loss_fn(output, make_target(loss_fn, output)).backward()
+    monitor.remove()
+    est, ref = monitor.estimates(), estimator_reference(model, loss_fn, x, 2, sigma or 1.0)
+    assert_close(est.fisher("exact"), ref["exact"], "exact")
+    assert_close(est.variance("I2"), ref["v2"], "v2")
+    assert all((v == 0).all() for v in est.variance("I2").values())
