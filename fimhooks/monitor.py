@@ -25,6 +25,7 @@ from fimhooks.likelihoods import likelihood_from
 from fimhooks.memory import DEFAULT_MAX_MEMORY, Budget, check_max_memory
 from fimhooks.observations import (
     LabelDraw,
+    data_residuals,
     draw_labels,
     position_mask,
     read_positions,
@@ -447,7 +448,8 @@ class FisherMonitor:
         if self.block_errors:
             draw = dataclasses.replace(draw, gram_pairing=self.likelihood.gram_pairing)
         if "EF" in self._terms:
-            residuals = self._data_residuals(grad, h, positions, observed)
+            read = (self.likelihood, self._class_axis, self._loss_reduction)
+            residuals = data_residuals(grad, h, positions, observed, *read)
             draw = with_data_residuals(draw, residuals, sampled=self._terms != {"EF"})
         chain = None
         chained = positions.shape[1] == 1 and self._mask is None and not record.batch_statistics
@@ -459,30 +461,6 @@ class FisherMonitor:
             self._pending[name] = value if pending is None else pending.add(value)
         self._pending_inputs += draw.num_inputs
         self._num_outputs = positions.shape[2]
-
-    def _data_residuals(self, grad: Tensor, h: Tensor, positions: Tensor, observed) -> Tensor:
-        """``[N, T, C]`` NLL gradients at the data's labels, from the loss's gradient at ``h``.
-
-        Categorical and Bernoulli labels are read from the gradient's signs, whatever the
-        loss's reduction and weights; a Gaussian's residual is the gradient over the
-        ``nn.MSELoss``'s own scale (2, or 2/numel for ``reduction='mean'``).
-        """
-        grad = grad.detach().to(positions.dtype)
-        at = read_positions(grad, self.likelihood, self._class_axis)[observed]
-        # the label's entry is the smallest (zero where the model is certain of it)
-        ambiguous = ((at < 0).sum(-1) > 1) | (at == 0).all(-1)
-        if self.likelihood.name == "categorical" and ambiguous.any():
-            raise RuntimeError(
-                "fimhooks: 'EF' reads the data's labels from the loss's gradient, which is "
-                "negative at the label only; at an observed position it singles out no "
-                "label. A label the loss ignores (ignore_index): leave those positions out "
-                "with `with monitor(mask=...)`. Label smoothing or soft targets: 'EF' "
-                "needs the plain loss at hard labels."
-            )
-        scale = 2.0 / h.numel() if self._loss_reduction == "mean" else 2.0
-        residuals = torch.zeros_like(positions)
-        residuals[observed] = self.likelihood.data_residuals(positions[observed], at, scale)
-        return residuals
 
     def _chain_sums(self, chain, h: Tensor, draw: LabelDraw) -> Dict[str, BatchSums]:
         """The fast path for chains of supported layers (BackPACK's module derivatives)."""

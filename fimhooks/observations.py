@@ -219,6 +219,48 @@ def draw_labels(
     )
 
 
+def data_residuals(
+    grad: Tensor,
+    h: Tensor,
+    positions: Tensor,
+    observed: Tensor,
+    likelihood: Likelihood,
+    class_axis: int,
+    reduction: Optional[str],
+) -> Tensor:
+    """``[N, T, C]`` NLL gradients at the data's labels, from the loss's gradient at ``h``.
+
+    Categorical and Bernoulli labels are read from the gradient's signs, whatever the
+    loss's reduction and weights; a Gaussian's residual is the gradient over the
+    ``nn.MSELoss``'s own scale (2, or 2/numel for ``reduction='mean'``).
+
+    Args:
+        grad: The training loss's gradient at the model output ``h``.
+        h: The model output.
+        positions: ``h`` read as ``[N, T, C]``, detached.
+        observed: ``[N, T]`` boolean.
+        likelihood: The likelihood.
+        class_axis: ``h``'s class axis (``read_positions``).
+        reduction: The loss module's ``reduction`` (``None``: a likelihood name was given).
+    """
+    grad = grad.detach().to(positions.dtype)
+    at = read_positions(grad, likelihood, class_axis)[observed]
+    # the label's entry is the smallest (zero where the model is certain of it)
+    ambiguous = ((at < 0).sum(-1) > 1) | (at == 0).all(-1)
+    if likelihood.name == "categorical" and ambiguous.any():
+        raise RuntimeError(
+            "fimhooks: 'EF' reads the data's labels from the loss's gradient, which is "
+            "negative at the label only; at an observed position it singles out no "
+            "label. A label the loss ignores (ignore_index): leave those positions out "
+            "with `with monitor(mask=...)`. Label smoothing or soft targets: 'EF' "
+            "needs the plain loss at hard labels."
+        )
+    scale = 2.0 / h.numel() if reduction == "mean" else 2.0
+    residuals = torch.zeros_like(positions)
+    residuals[observed] = likelihood.data_residuals(positions[observed], at, scale)
+    return residuals
+
+
 def with_data_residuals(draw: LabelDraw, residuals: Tensor, sampled: bool) -> LabelDraw:
     """The draw with the data's residuals appended as its last direction (docs/math.md §7b).
 
