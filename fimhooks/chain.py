@@ -71,8 +71,9 @@ class ChainPass:
         layers: ``(module, rule, whether its input is backpropagated to)``, forward order.
         rows: Entries of a spilled source pulled down the chain at once.
         elements: Entries of a per-input tensor of a parameter's size formed at once.
-        curvature: Second derivatives of spilled sources, ``[K, n, out]`` at a rank-one
-            layer's output by ``id(module)``, ``[K, n, *P]`` by ``(id(module), name)``.
+        curvature: Second derivatives of spilled sources by ``(id(module), name)``:
+            ``[K, n, *P]`` of a parameter, or ``[K, n, out]`` at a rank-one layer's output
+            (name ``None``).
         factors: ``[N, 5]`` bound factors (``None`` without bounds).
         data_weights: ``[N, K]`` marks the data's direction (``None`` without ``EF``).
         gram_pairing: The likelihood's ``(α, β)`` when block errors are collected
@@ -124,7 +125,7 @@ class ChainPass:
     def layer_output_terms(self, module: nn.Module, bp: Backpropagated) -> dict:
         """Per-input terms of a Linear layer's output, computed once for weight and bias."""
         if self._output_terms is None or self._output_terms[0] is not module:
-            W = _add(_output_second_derivatives(bp), self.curvature.pop(id(module), None))
+            W = _add(_output_second_derivatives(bp), self.curvature.pop((id(module), None), None))
             self._output_terms = (module, self.output_terms(bp.first, W))
         return self._output_terms[1]
 
@@ -153,11 +154,7 @@ class ChainPass:
 
     def curved_at(self, module: nn.Module) -> bool:
         """Whether spilled sources left second derivatives at ``module``."""
-        return any(
-            key in (id(module), (id(module), name))
-            for key in self.curvature
-            for name in ("weight", "bias")
-        )
+        return any(key[0] == id(module) for key in self.curvature)
 
     def add_gram(self, grams: Tensor, samples=slice(None)) -> None:
         """Add a parameter's Gram matrices ``[n, K, K]`` of the inputs ``samples``."""
@@ -411,7 +408,8 @@ class Parameterized(PassThrough):
 
     def add_curvature(self, chain, module, jac, coefficients) -> None:  # noqa: D102
         if is_rank_one(module):
-            chain.add_curvature(id(module), _squared_contraction(coefficients, jac.flatten(2)))
+            output = _squared_contraction(coefficients, jac.flatten(2))
+            chain.add_curvature((id(module), None), output)
             return
         n = jac.shape[1]
         for name in self.params:

@@ -93,9 +93,9 @@ class Directions:
         self.positions, self.observed = positions, observed
         self.likelihood, self.held = likelihood, held
         self.dtype = positions.dtype if dtype is None else dtype
-        basis = positions.shape[2] if likelihood is not None else 0
-        self.basis = basis
-        self.shape = torch.Size((basis + (0 if held is None else len(held)), *positions.shape))
+        self.basis = positions.shape[2] if likelihood is not None else 0
+        given = 0 if held is None else len(held)
+        self.shape = torch.Size((self.basis + given, *positions.shape))
 
     def __getitem__(self, index) -> Tensor:
         index = index if isinstance(index, tuple) else (index,)
