@@ -135,7 +135,12 @@ def worker(rank: int, world_size: int, init_file: str, args, queue) -> None:
         queue.put(
             {
                 "parameters (gradient floats)": gradients.numel(),
-                "sync floats": reducer._buffer.numel(),
+                "sync floats per rank": reducer.layout.size,
+                "sync collective": "all_gather" if reducer.layout.gather else "all_reduce",
+                "floats sent, gradients": round(
+                    2 * (args.processes - 1) / args.processes * gradients.numel()
+                ),
+                "floats sent, sync": round(reducer.layout.traffic()),
                 "gradient all-reduce ms": 1e3 * statistics.median(grad_times[args.warmup :]),
                 "fimhooks sync ms": 1e3 * statistics.median(sync_times[args.warmup :]),
                 **{f"step {k} ms": 1e3 * v for k, v in rows.items()},

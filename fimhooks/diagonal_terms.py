@@ -194,51 +194,104 @@ def add_positions(total: Dict[str, Tensor], terms: Dict[str, Tensor], weights: T
 
 
 @dataclass
+class RankOne:
+    """Batch sums of a weight ``z = θ x`` whose per-input Jacobians are outer products.
+
+    Entry ``(j, k)`` of a term's batch sum is ``Σ_n t[n, j] x[n, k]^p``, ``p`` the term's
+    input power (``quantities.Term``); a summand's sum of squares ``{key}_sq`` is
+    ``Σ_n t[n, j]² x[n, k]⁴``. Only the output terms and the inputs are kept, O(batch ×
+    width) instead of the weight's size; the products are formed where they are absorbed.
+
+    Attributes:
+        keys: The terms, those of input power 2 first.
+        outputs: ``[N, len(keys)·out]`` per-input output terms, one block per key.
+        inputs: ``[N, in]`` the layer's inputs.
+    """
+
+    keys: Tuple[str, ...]
+    outputs: Tensor
+    inputs: Tensor
+
+    def products(self) -> List[Tuple[Tuple[str, ...], Tensor, Tensor]]:
+        """``(keys, left, right)``: ``left.T @ right`` are the sums of ``keys``, one block each.
+
+        The terms of input power 2 with ``x²``; those of power 4 and the summands' squares
+        with ``x⁴``.
+        """
+        width = self.outputs.shape[1] // len(self.keys)
+        blocks = dict(zip(self.keys, self.outputs.split(width, dim=1)))
+        second = tuple(k for k in self.keys if TERMS[k].input_power == 2)
+        fourth = self.keys[len(second) :]
+        squared = tuple(k for k in second if TERMS[k].summand)
+        x2 = self.inputs * self.inputs
+        out = [(second, self.outputs[:, : len(second) * width], x2)] if second else []
+        if fourth or squared:
+            left = [blocks[k] for k in fourth] + [blocks[k] * blocks[k] for k in squared]
+            keys = fourth + tuple(k + "_sq" for k in squared)
+            out.append((keys, torch.cat(left, dim=1), x2 * x2))
+        return out
+
+
+@dataclass
 class BatchSums:
     """Batch sums of one parameter's terms (``{name}`` and ``{name}_sq``), ``[*P]`` each.
 
     Attributes:
         sums: Sums already formed, by key.
-        products: Rank-one sums not yet multiplied out: ``(keys, left [N, len(keys)·out],
-            right [N, in])`` stands for ``left.T @ right``, split into one ``[out, in]``
-            block per key. Keeping the factors, O(batch × width), instead of the
-            parameter-sized products lets the running sums absorb them in one ``addmm``.
+        rank_ones: Sums of a rank-one weight not yet multiplied out (several passes or
+            chunks of inputs: one each); the running sums absorb them in one ``addmm``.
         aliases: Keys whose sums are those of another key (``I2`` is ``exact`` where
             the network is piecewise linear).
     """
 
     sums: Dict[str, Tensor] = field(default_factory=dict)
-    products: List[Tuple[Tuple[str, ...], Tensor, Tensor]] = field(default_factory=list)
+    rank_ones: List[RankOne] = field(default_factory=list)
     aliases: Dict[str, str] = field(default_factory=dict)
+
+    def products(self) -> List[Tuple[Tuple[str, ...], Tensor, Tensor]]:
+        """The rank-one sums as ``(keys, left, right)`` (``RankOne.products``)."""
+        return [p for rank_one in self.rank_ones for p in rank_one.products()]
 
     def dense(self) -> Dict[str, Tensor]:
         """All sums by key, aliases included, with the products multiplied out."""
         sums = dict(self.sums)
-        for keys, left, right in self.products:
-            sums.update(zip(keys, (left.T @ right).split(left.shape[1] // len(keys))))
+        for keys, left, right in self.products():
+            for key, block in zip(keys, (left.T @ right).split(left.shape[1] // len(keys))):
+                sums[key] = sums[key] + block if key in sums else block
         sums.update({key: sums[twin] for key, twin in self.aliases.items()})
         return sums
 
     def add(self, other: "BatchSums") -> "BatchSums":
         """Sums over the inputs of both (same parameter and terms)."""
         sums = {key: value + other.sums[key] for key, value in self.sums.items()}
-        return BatchSums(sums, self.products + other.products, self.aliases)
+        return BatchSums(sums, self.rank_ones + other.rank_ones, self.aliases)
 
     def dtype(self) -> torch.dtype:
         """The precision the sums arrive in."""
         first = next(iter(self.sums.values()), None)
-        return first.dtype if first is not None else self.products[0][1].dtype
+        return first.dtype if first is not None else self.rank_ones[0].outputs.dtype
 
     def totals(self) -> List[Tensor]:
-        """Scalars that are finite iff every sum is (sums of finite factors are finite)."""
+        """Scalars that are finite iff every sum and every factor of a product is.
+
+        The factors of a rank-one sum hold squared output terms and the inputs' fourth
+        powers: finite iff the largest output term squared and input to the fourth are.
+        """
         totals = [t.sum() for t in self.sums.values()]
-        return totals + [f.sum() for _, left, right in self.products for f in (left, right)]
+        for r in self.rank_ones:
+            totals += [r.outputs.abs().amax() ** 2, r.inputs.abs().amax() ** 4]
+        return totals
+
+
+def rank_one_sum_keys(keys: Tuple[str, ...]) -> Tuple[str, ...]:
+    """Keys of a ``RankOne``'s batch sums: its terms, then the summands' squares."""
+    return keys + tuple(k + "_sq" for k in keys if TERMS[k].summand)
 
 
 def batch_sums(terms: Dict[str, Tensor]) -> BatchSums:
     """Sums over the batch axis of per-input terms ``{term: [N, *P]}``, squares included."""
     summands, aliases = _summands(terms)
-    return BatchSums({key: t.sum(0) for key, (t, _) in summands.items()}, aliases=aliases)
+    return BatchSums({key: t.sum(0) for key, t in summands.items()}, aliases=aliases)
 
 
 def rank_one_batch_sums(output_terms: Dict[str, Tensor], inputs: Tensor) -> BatchSums:
@@ -247,38 +300,41 @@ def rank_one_batch_sums(output_terms: Dict[str, Tensor], inputs: Tensor) -> Batc
     For ``z = θ x`` (a Linear layer without extra dimensions) every term of entry
     ``(j, k)`` is the term of output ``j`` times ``x_k²`` (``exact, I1, I2``) or ``x_k⁴``
     (``v1, v2`` and squared terms), so batch sums are two matrix products and no
-    per-input tensor of the weight's size is formed.
+    per-input tensor of the weight's size is formed (``RankOne``).
 
     Args:
         output_terms: ``{term: [N, out]}`` per-input terms of the layer output.
         inputs: ``[N, in]`` the layer input.
-
-    Returns:
-        The weight's batch sums, ``[out, in]`` each, as products of factors.
     """
-    summands, aliases = _summands(output_terms)
-    x2 = inputs * inputs
-    products = []
-    for power, x_power in ((2, x2), (4, x2 * x2)):
-        keys = tuple(k for k, (_, p) in summands.items() if p == power)
-        if keys:
-            products.append((keys, torch.cat([summands[k][0] for k in keys], dim=1), x_power))
-    return BatchSums(products=products, aliases=aliases)
+    distinct, aliases = _distinct(output_terms)
+    if not distinct:
+        return BatchSums(aliases=aliases)
+    keys = tuple(sorted(distinct, key=lambda k: TERMS[k].input_power))
+    outputs = torch.cat([distinct[k] for k in keys], dim=1)
+    return BatchSums(rank_ones=[RankOne(keys, outputs, inputs)], aliases=aliases)
+
+
+def _distinct(terms: Dict[str, Tensor]):
+    """Terms that are distinct tensors ``{key: tensor}`` and the keys aliased to them."""
+    distinct, aliases = {}, {}
+    for name, t in terms.items():
+        twin = next((k for k, other in distinct.items() if other is t), None)
+        if twin is None:
+            distinct[name] = t
+            continue
+        aliases[name] = twin
+        if TERMS[name].summand:
+            aliases[name + "_sq"] = twin + "_sq"
+    return distinct, aliases
 
 
 def _summands(terms: Dict[str, Tensor]):
-    """Distinct per-input summands ``{key: (tensor, input power)}`` and aliased keys."""
-    summands, aliases = {}, {}
-    for name, t in terms.items():
-        twin = next((k for k, (other, _) in summands.items() if other is t), None)
-        if twin is not None:
-            aliases[name] = twin
-            if TERMS[name].summand:
-                aliases[name + "_sq"] = twin + "_sq"
-            continue
-        summands[name] = (t, TERMS[name].input_power)
+    """Distinct per-input summands ``{key: tensor}``, squares included, and aliased keys."""
+    distinct, aliases = _distinct(terms)
+    summands = dict(distinct)
+    for name, t in distinct.items():
         if TERMS[name].summand:
-            summands[name + "_sq"] = (t * t, 4)
+            summands[name + "_sq"] = t * t
     return summands, aliases
 
 

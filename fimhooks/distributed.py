@@ -6,20 +6,23 @@ one process on the union of all ranks' inputs are therefore the sums of the rank
 summing them before the running average is updated makes the cumulative average and the EMA
 of every rank those of that one process, identical on every rank.
 
-One step is one ``all_reduce(SUM)`` of one flat buffer: a header (which ranks failed inside
-the block, the input count, whether a batch was not finite, ...) and then, per parameter in
+One step is one collective of one flat buffer per rank: a header (which ranks failed inside
+the block, the input count, whether a batch was not finite, ...), then per parameter, in
 the model's order, a flag that the rank saw it and its dense sums, each ``[*P]`` or the
-shape of a Kronecker factor; then the rank-one products of wide Linear layers as their
-factors: each rank writes its rows of a ``[ranks, rows, columns]`` block and zeros elsewhere,
-so the sum gathers all ranks' rows, and the product of the gathered factors is the sum over
-ranks (zero rows add nothing). That is smaller than the dense sums where a rank holds fewer
-inputs than about ``in / (ranks · terms)``. A product's sums of squares follow from another
-product's factors by squaring and are not sent.
+shape of a Kronecker factor, then the rank-one sums of wide Linear layers as their factors
+(``RankOne``: output terms and inputs, ``rows`` per rank, zero-padded), from which every
+rank forms the products of all ranks' rows. Those are smaller than the dense sums where a
+rank holds fewer inputs than about ``in / ranks``.
+
+The collective is the one that moves fewer numbers for the layout: an ``all_gather`` of the
+ranks' buffers, whose dense parts every rank then adds up, or an ``all_reduce`` in which
+each rank writes its factors into a slot of its own and zeros into the others' (the sum
+gathers them). With two ranks, or mostly factors, the gather moves half as much.
 
 Ranks must pack the same keys and shapes: the buffer follows a ``Layout`` agreed by all
 ranks. A rank whose sums do not fit it (the first step; a parameter, a term or more inputs
 seen for the first time) says so in the header; the ranks then exchange what they hold
-(``all_gather_object``), agree on the union and reduce again. The layout only grows, so
+(``all_gather_object``), agree on the union and sum again. The layout only grows, so
 after the first step this is rare and a step costs one collective.
 """
 
@@ -28,137 +31,326 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cached_property
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fimhooks.diagonal_terms import BatchSums
+from fimhooks.diagonal_terms import BatchSums, RankOne, rank_one_sum_keys
 
 #: How long a rank that raised inside its block waits for the others to hear of it.
 FAILURE_NOTICE_SECONDS = 10.0
 
 #: Header entries after the per-rank failure flags.
 _INPUTS, _NONFINITE, _MISFIT, _WITH_OUTPUTS, _OUTPUTS = range(5)
+#: Descriptions of steps remembered as fitting the layout or not (batch sizes vary).
+_REMEMBERED_FITS = 16
 
 Shape = Tuple[int, ...]
-#: A product's keys and the columns of its two factors (``BatchSums.products``).
-Factors = Tuple[Tuple[str, ...], int, int]
-#: How a product follows from another of the same parameter: ``(source, keys)``, where its
-#: right factor is the source's squared, and so are its columns of ``keys`` (``{k}_sq``)
-#: those of the source's ``k``.
-Derivation = Tuple[Factors, Tuple[str, ...]]
+#: A rank-one sum's terms and the widths of its output and input (``RankOne``).
+Signature = Tuple[Tuple[str, ...], int, int]
 
 
-@dataclass
+def signature(rank_one: RankOne) -> Signature:
+    """The terms and widths of ``rank_one``: what ranks must agree on to send its factors."""
+    keys, outputs, inputs = rank_one.keys, rank_one.outputs, rank_one.inputs
+    return keys, outputs.shape[1] // len(keys), inputs.shape[1]
+
+
+def _columns(sig: Signature) -> int:
+    """Numbers per input of a rank-one sum's factors: its output terms and its input."""
+    keys, width_out, width_in = sig
+    return len(keys) * width_out + width_in
+
+
+@dataclass(frozen=True)
 class Held:
     """What one rank holds of one parameter's sums, as it tells the others.
 
     Attributes:
-        shapes: ``{key: shape}`` of every sum, products counted as their dense blocks.
-        aliases: ``{key: twin}``.
-        products: ``{(keys, left columns, right columns): rows}`` of its products.
-        derived: ``{product: Derivation}`` of those that follow from another.
+        sums: ``((key, shape), ...)`` of its dense sums.
+        aliases: ``((key, twin), ...)``.
+        rank_ones: ``((signature, rows), ...)`` of its rank-one sums, rows over all passes.
     """
 
-    shapes: Dict[str, Shape] = field(default_factory=dict)
-    aliases: Dict[str, str] = field(default_factory=dict)
-    products: Dict[Factors, int] = field(default_factory=dict)
-    derived: Dict[Factors, Derivation] = field(default_factory=dict)
+    sums: Tuple[Tuple[str, Shape], ...] = ()
+    aliases: Tuple[Tuple[str, str], ...] = ()
+    rank_ones: Tuple[Tuple[Signature, int], ...] = ()
+
+    def shapes(self) -> Dict[str, Shape]:
+        """``{key: shape}`` of every sum, rank-one sums counted as their dense blocks."""
+        out = dict(self.sums)
+        for (keys, width_out, width_in), _ in self.rank_ones:
+            out.update((k, (width_out, width_in)) for k in rank_one_sum_keys(keys))
+        return out
+
+
+#: What a rank holds, by parameter name, hashable: a step like the last needs no new check.
+Description = Tuple[Tuple[str, Held], ...]
+
+
+def describe(pending: Dict[str, BatchSums]) -> Description:
+    """What a rank holds, by parameter name."""
+    out = []
+    for name, batch in pending.items():
+        rows: Dict[Signature, int] = {}
+        for rank_one in batch.rank_ones:
+            sig = signature(rank_one)
+            rows[sig] = rows.get(sig, 0) + len(rank_one.inputs)
+        sums = tuple((k, tuple(v.shape)) for k, v in batch.sums.items())
+        out.append((name, Held(sums, tuple(batch.aliases.items()), tuple(rows.items()))))
+    return tuple(out)
 
 
 @dataclass
 class Layout:
     """What every rank packs, in this order, agreed by all ranks.
 
+    A rank's buffer holds the header, one flag per parameter (the rank saw it), the dense
+    sums, then the factors: per rank-one sum, ``slots`` blocks of ``rows`` rows of output
+    terms and inputs.
+
     Attributes:
+        header: Numbers before the flags.
+        world_size: Ranks in the group.
         keys: ``{name: {key: shape}}`` of the dense sums, in the model's parameter order.
         aliases: ``{name: {key: twin}}``: keys whose sums are those of ``twin`` on every
             rank that holds them (``I2`` where the network is piecewise linear).
-        factors: ``{name: {(keys, left columns, right columns): Derivation or None}}``:
-            products sent as their factors, ``rows`` rows per rank (zero-padded), where
-            that is smaller; of a derived one only the columns that do not follow.
+        factors: ``{name: signatures}`` of the rank-one sums sent as their factors.
         rows: Rows of each rank's factors.
+        gather: The collective: every rank's buffer to every rank (``True``), or their sum.
         dtype: Precision of the buffer (at least float32, so that counts stay exact).
     """
 
+    header: int
+    world_size: int
     keys: Dict[str, Dict[str, Shape]] = field(default_factory=dict)
     aliases: Dict[str, Dict[str, str]] = field(default_factory=dict)
-    factors: Dict[str, Dict[Factors, Optional[Derivation]]] = field(default_factory=dict)
+    factors: Dict[str, Tuple[Signature, ...]] = field(default_factory=dict)
     rows: int = 0
+    gather: bool = False
     dtype: torch.dtype = torch.float32
 
-    def offsets(self, start: int) -> Dict[str, Tuple[int, Dict[str, int]]]:
-        """``{name: (offset of its flag, {key: offset})}`` after a header of ``start``."""
-        out, offset = {}, start
+    @property
+    def slots(self) -> int:
+        """Ranks' factors in one rank's buffer: its own when gathered, all when summed."""
+        return 1 if self.gather else self.world_size
+
+    @cached_property
+    def dense_size(self) -> int:
+        """End of the header, the flags and the dense sums."""
+        sums = sum(math.prod(shape) for keys in self.keys.values() for shape in keys.values())
+        return self.header + len(self.keys) + sums
+
+    @cached_property
+    def size(self) -> int:
+        """Numbers in one rank's buffer."""
+        columns = sum(_columns(sig) for signatures in self.factors.values() for sig in signatures)
+        return self.dense_size + self.slots * self.rows * columns
+
+    def traffic(self) -> float:
+        """Numbers each rank sends in the collective (all-to-all or ring all-reduce)."""
+        world = self.world_size
+        return (world - 1) * self.size if self.gather else 2 * (world - 1) / world * self.size
+
+    def places(self, buffer: Tensor) -> "Places":
+        """Views of ``buffer`` (``[size]``, or ``[dense_size]``: no factors) at their places."""
+        head = buffer[: self.header + len(self.keys)]
+        sums, spans, offset = {}, {}, len(head)
         for name, keys in self.keys.items():
-            flag, offset = offset, offset + 1
-            positions = {}
+            sums[name], start = {}, offset
             for key, shape in keys.items():
-                positions[key], offset = offset, offset + math.prod(shape)
-            out[name] = (flag, positions)
-        return out
-
-    def dense_size(self, start: int) -> int:
-        """End of the dense part of a buffer with a header of ``start``."""
-        return start + sum(1 + sum(map(math.prod, k.values())) for k in self.keys.values())
-
-    def factor_offsets(self, start: int, world_size: int) -> Dict[Tuple[str, Factors], int]:
-        """Where each product's factors begin: ``[world, rows, left]``, then the right's."""
-        out, offset = {}, start
-        for name, products in self.factors.items():
-            for product, derivation in products.items():
-                out[name, product] = offset
-                offset += world_size * self.rows * sum(sent_columns(product, derivation))
-        return out
-
-    def size(self, start: int, world_size: int) -> int:
-        """Numbers in a buffer with a header of ``start``."""
-        columns = sum(sum(sent_columns(*f)) for p in self.factors.values() for f in p.items())
-        return self.dense_size(start) + world_size * self.rows * columns
+                sums[name][key], offset = _place(buffer, offset, shape), offset + math.prod(shape)
+            spans[name] = buffer[start:offset]
+        factors = {}
+        if len(buffer) > self.dense_size:
+            for name, signatures in self.factors.items():
+                for sig in signatures:
+                    factors[name, sig] = []
+                    for _ in range(self.slots):
+                        outputs = _place(buffer, offset, (self.rows, len(sig[0]) * sig[1]))
+                        inputs = _place(buffer, offset + outputs.numel(), (self.rows, sig[2]))
+                        factors[name, sig].append((outputs, inputs))
+                        offset += outputs.numel() + inputs.numel()
+        return Places(head, sums, spans, factors, buffer[self.dense_size :])
 
 
-def sent_columns(product: Factors, derivation: Optional[Derivation]) -> Tuple[int, int]:
-    """Columns of the left and right factors that are sent (not derived)."""
-    keys, left, right = product
-    if derivation is None:
-        return left, right
-    return left // len(keys) * (len(keys) - len(derivation[1])), 0
+@dataclass
+class Places:
+    """Views of one buffer at a layout's places.
 
-
-def squared_from(products: Dict[Factors, Tuple[Tensor, Tensor]]) -> Dict[Factors, Derivation]:
-    """The products that follow from another by squaring (checked exactly).
-
-    A rank-one layer's sums of squared summands are the product of the squared output
-    terms and the squared inputs (``rank_one_batch_sums``): they need not be sent.
+    Attributes:
+        head: ``[header + parameters]`` the header and the parameters' flags.
+        sums: ``{name: {key: [*shape]}}`` the dense sums.
+        spans: ``{name: [numbers]}`` all of a parameter's dense sums, flat.
+        factors: ``{(name, signature): [(outputs, inputs)] per slot}``.
+        factor_part: Everything after the dense sums.
     """
-    out = {}
-    for target, (left, right) in products.items():
-        if not any(k.endswith("_sq") for k in target[0]):
-            continue
-        for source, (left2, right2) in products.items():
-            if any(k.endswith("_sq") for k in source[0]) or right2.shape != right.shape:
-                continue
-            if left2.shape[1] // len(source[0]) != left.shape[1] // len(target[0]):
-                continue
-            if not torch.equal(right2 * right2, right):
-                continue
-            derived = tuple(
-                k
-                for k, block in zip(target[0], _blocks(left, len(target[0])))
-                if k[:-3] in source[0]
-                and torch.equal(_blocks(left2, len(source[0]))[source[0].index(k[:-3])] ** 2, block)
-            )
-            if derived:
-                out[target] = (source, derived)
-                break
-    return out
+
+    head: Tensor
+    sums: Dict[str, Dict[str, Tensor]]
+    spans: Dict[str, Tensor]
+    factors: Dict[Tuple[str, Signature], List[Tuple[Tensor, Tensor]]]
+    factor_part: Tensor
 
 
-def _blocks(left: Tensor, keys: int) -> Tuple[Tensor, ...]:
-    """A left factor's column blocks, one per key."""
-    return left.split(left.shape[1] // keys, dim=1)
+def fits(description: Description, dtype: torch.dtype, layout: Layout) -> bool:
+    """Whether ``layout`` has a place of the right shape and precision for every sum."""
+    if torch.promote_types(dtype, layout.dtype) != layout.dtype:
+        return False
+    for name, held in description:
+        keys, twins = layout.keys.get(name), layout.aliases.get(name, {})
+        if keys is None:
+            return False
+        if any(keys.get(k) != shape for k, shape in held.sums):
+            return False
+        for sig, rows in held.rank_ones:
+            if sig in layout.factors[name]:
+                if rows > layout.rows:
+                    return False
+            elif any(keys.get(k) != sig[1:] for k in rank_one_sum_keys(sig[0])):
+                return False
+        if any(key not in keys and twins.get(key) != twin for key, twin in held.aliases):
+            return False
+    return True
+
+
+def agree(descriptions: Sequence[Description], dtypes, order, world_size: int, header: int):
+    """The layout of the union of what the ranks hold; the same on every rank.
+
+    A rank-one sum is sent as its factors when every rank holding its keys holds it
+    in that form and the factors are smaller than its dense sums; the collective is the
+    one that moves fewer numbers.
+
+    Args:
+        descriptions: Every rank's ``describe``, in rank order.
+        dtypes: Every rank's precision (``str(dtype)``).
+        order: Parameter names in the model's order; others follow, sorted.
+        world_size: Ranks in the group.
+        header: Numbers before the sums.
+    """
+    held = [dict(d) for d in descriptions]
+    names = {name for d in held for name in d}
+    ordered = [n for n in order if n in names] + sorted(names - set(order))
+    rows = max((r for d in held for h in d.values() for _, r in h.rank_ones), default=0)
+    dtype = torch.float32
+    for name in dtypes:
+        dtype = torch.promote_types(dtype, getattr(torch, name.split(".")[-1]))
+    layouts = []
+    for gather in (False, True) if world_size > 1 else (False,):
+        layout = Layout(header, world_size, rows=rows, gather=gather, dtype=dtype)
+        for name in ordered:
+            _place_parameter(layout, name, [d[name] for d in held if name in d])
+        layouts.append(layout)
+    return min(layouts, key=Layout.traffic)  # the reduce where both move as much
+
+
+def _place_parameter(layout: Layout, name: str, held: Sequence[Held]) -> None:
+    """Add one parameter's sums, as some ranks hold them, to ``layout``."""
+    keys: Dict[str, Shape] = {}
+    for h in held:
+        keys.update(h.shapes())
+    factors = []
+    for sig in dict.fromkeys(sig for h in held for sig, _ in h.rank_ones):
+        sum_keys = rank_one_sum_keys(sig[0])
+        same = all(sig in dict(h.rank_ones) or not set(sum_keys) & h.shapes().keys() for h in held)
+        if same and layout.slots * layout.rows * _columns(sig) < len(sum_keys) * sig[1] * sig[2]:
+            factors.append(sig)
+            for key in sum_keys:
+                del keys[key]
+    layout.keys[name] = keys  # the first holder's order: a rank-one sum's keys stay together
+    layout.factors[name] = tuple(factors)
+    layout.aliases[name] = {k: t for h in held for k, t in h.aliases if k not in keys}
+
+
+def pack(places: Places, header: List[float], pending, layout: Layout, slot: int) -> None:
+    """Write one rank's header and sums into a buffer's ``places``; absent ones are 0.
+
+    A rank-one sum sent dense is multiplied out straight into the buffer; one sent as
+    factors fills the rows of ``slot``, this rank's.
+    """
+    flags = [float(name in pending) for name in layout.keys]
+    places.head.copy_(torch.tensor(header + flags, dtype=places.head.dtype))
+    places.factor_part.zero_()
+    for name, keys in places.sums.items():
+        batch, written = pending.get(name), set()
+        if batch is not None:
+            for key, value in batch.sums.items():
+                keys[key].copy_(value)
+                written.add(key)
+            filled: Dict[Signature, int] = {}
+            for rank_one in batch.rank_ones:
+                sig = signature(rank_one)
+                if sig in layout.factors[name]:
+                    outputs, inputs = places.factors[name, sig][slot]
+                    start, n = filled.get(sig, 0), len(rank_one.inputs)
+                    outputs[start : start + n] = rank_one.outputs
+                    inputs[start : start + n] = rank_one.inputs
+                    filled[sig] = start + n
+                else:
+                    for product in rank_one.products():
+                        _write_product(keys, places.spans[name], *product, written)
+            for key, twin in batch.aliases.items():
+                if key in keys:  # dense here: another rank holds it apart from its twin
+                    keys[key].copy_(keys[twin] if twin in keys else batch.dense()[key])
+                    written.add(key)
+        for key in keys.keys() - written:
+            keys[key].zero_()
+
+
+def _place(buffer: Tensor, offset: int, shape: Shape) -> Tensor:
+    return buffer[offset : offset + math.prod(shape)].view(shape)
+
+
+def _write_product(sums: Dict[str, Tensor], span: Tensor, keys, left, right, written) -> None:
+    """``left.T @ right`` split into one block per key, accumulated into ``sums``' views.
+
+    ``span`` is the flat view of all of ``sums``, in order: where the keys lie side by
+    side, the product is formed straight into it.
+    """
+    order, fresh = list(sums), keys[0] not in written
+    first = order.index(keys[0])
+    if tuple(order[first : first + len(keys)]) == keys and left.dtype == span.dtype:
+        start = sum(sums[k].numel() for k in order[:first])
+        shape = (left.shape[1], right.shape[1])
+        target = span[start : start + math.prod(shape)].view(shape)
+        torch.mm(left.T, right, out=target) if fresh else target.addmm_(left.T, right)
+    else:
+        parts = (left.T @ right).split(left.shape[1] // len(keys))
+        for key, part in zip(keys, parts):
+            sums[key].copy_(part) if fresh else sums[key].add_(part)
+    written.update(keys)
+
+
+def unpack(dense: Places, factors: Sequence[Places], layout: Layout) -> Dict[str, BatchSums]:
+    """``{name: BatchSums}`` of the parameters some rank saw, views into the buffers.
+
+    A rank-one sum sent as factors comes back as one ``RankOne`` per rank (zero rows
+    add nothing).
+
+    Args:
+        dense: The places of the header and dense sums of all ranks, summed.
+        factors: The places of each rank's factors: every rank's buffer when gathered,
+            the summed buffer (one slot per rank) when summed.
+        layout: The layout all ranks packed.
+    """
+    pending = {}
+    flags = dense.head[layout.header :].tolist()
+    if layout.gather:
+        parts = [(places, 0) for places in factors]
+    else:
+        parts = [(factors[0], slot) for slot in range(layout.world_size)]
+    for (name, sums), flag in zip(dense.sums.items(), flags):
+        if flag > 0:
+            rank_ones = [
+                RankOne(sig[0], *places.factors[name, sig][slot])
+                for sig in layout.factors[name]
+                for places, slot in parts
+            ]
+            pending[name] = BatchSums(dict(sums), rank_ones, dict(layout.aliases[name]))
+    return pending
 
 
 @dataclass
@@ -178,221 +370,47 @@ class StepSums:
     num_outputs: Optional[int]
 
 
-def merged_products(batch: BatchSums) -> Dict[Factors, Tuple[Tensor, Tensor]]:
-    """A parameter's products with the same keys joined by rows (several passes a block)."""
-    out: Dict[Factors, list] = {}
-    for keys, left, right in batch.products:
-        out.setdefault((keys, left.shape[1], right.shape[1]), []).append((left, right))
-    return {
-        spec: (torch.cat([f[0] for f in parts]), torch.cat([f[1] for f in parts]))
-        if len(parts) > 1
-        else parts[0]
-        for spec, parts in out.items()
-    }
+class Buffers:
+    """What one rank sends and receives in a layout's collective, and its places.
 
-
-def describe(pending: Dict[str, BatchSums]) -> Dict[str, Held]:
-    """What a rank holds, by parameter name."""
-    out = {}
-    for name, batch in pending.items():
-        held = Held({k: tuple(v.shape) for k, v in batch.sums.items()}, dict(batch.aliases))
-        products = merged_products(batch)
-        for (keys, left, right), (factor, _) in products.items():
-            held.shapes.update((k, (left // len(keys), right)) for k in keys)
-            held.products[keys, left, right] = factor.shape[0]
-        held.derived = squared_from(products)
-        out[name] = held
-    return out
-
-
-def fits(description: Dict[str, Held], dtype: torch.dtype, layout: Layout) -> bool:
-    """Whether ``layout`` has a place of the right shape and precision for every sum."""
-    if torch.promote_types(dtype, layout.dtype) != layout.dtype:
-        return False
-    for name, held in description.items():
-        keys, twins = layout.keys.get(name), layout.aliases.get(name, {})
-        if keys is None:
-            return False
-        in_products = {k for product in held.products for k in product[0]}
-        if any(keys.get(k) != v for k, v in held.shapes.items() if k not in in_products):
-            return False
-        for product, rows in held.products.items():
-            if product in layout.factors[name]:
-                derivation = layout.factors[name][product]
-                if rows > layout.rows or derivation not in (None, held.derived.get(product)):
-                    return False
-            elif any(keys.get(k) != held.shapes[k] for k in product[0]):
-                return False
-        if any(key not in keys and twins.get(key) != twin for key, twin in held.aliases.items()):
-            return False
-    return True
-
-
-def agree(descriptions, dtypes: Sequence[str], order: Sequence[str], world_size: int):
-    """The layout of the union of what the ranks hold; the same on every rank.
-
-    A product is sent as its factors when every rank holding its keys holds that same
-    product and its zero-padded factors of all ranks are smaller than the dense sums.
+    Summed (``all_reduce``), the sent buffer is the received one. Gathered, a rank packs
+    one buffer and sends it to each other rank (one row each, all the same); the others'
+    arrive in rows of their own, and the header and dense sums of all ranks are added up,
+    in rank order on every rank so that every rank gets the same bits.
 
     Args:
-        descriptions: Every rank's ``describe``, in rank order.
-        dtypes: Every rank's precision (``str(dtype)``).
-        order: Parameter names in the model's order; others follow, sorted.
-        world_size: Ranks in the group.
+        layout: The layout.
+        rank: This rank.
+        device: Where the buffers live.
+
+    Attributes:
+        sent: ``[1 or world - 1, size]``.
+        received: ``[1 or world - 1, size]``.
+        packed: Places of the buffer a rank packs (``sent[0]``).
+        summed: Places of the header and dense sums of all ranks.
+        factors: Places of the buffers holding the ranks' factors.
     """
-    names = {name for d in descriptions for name in d}
-    ordered = [n for n in order if n in names] + sorted(names - set(order))
-    layout = Layout()
-    layout.rows = max(
-        (r for d in descriptions for h in d.values() for r in h.products.values()), default=0
-    )
-    for name in ordered:
-        held = [d[name] for d in descriptions if name in d]
-        keys: Dict[str, Shape] = {}
-        for h in held:
-            keys.update(h.shapes)
-        factors: Dict[Factors, Optional[Derivation]] = {}
-        products = dict.fromkeys(p for h in held for p in h.products)
-        by_derivation = sorted(products, key=lambda p: _common_derivation(p, held) is not None)
-        for product in by_derivation:
-            same = all(product in h.products or not set(product[0]) & h.shapes.keys() for h in held)
-            derivation = _common_derivation(product, held)
-            if derivation is not None and derivation[0] not in factors:
-                derivation = None
-            _, left, right = product
-            sent = sum(sent_columns(product, derivation))
-            if same and world_size * layout.rows * sent < left * right:
-                factors[product] = derivation
-                for key in product[0]:
-                    del keys[key]
-        layout.keys[name] = keys  # the first holder's order: a product's keys stay together
-        layout.factors[name] = factors
-        layout.aliases[name] = {k: t for h in held for k, t in h.aliases.items() if k not in keys}
-    for dtype in dtypes:
-        layout.dtype = torch.promote_types(layout.dtype, getattr(torch, dtype.split(".")[-1]))
-    return layout
 
+    def __init__(self, layout: Layout, rank: int, device: torch.device):
+        rows = layout.world_size - 1 if layout.gather else 1
+        self.sent = torch.empty(rows, layout.size, dtype=layout.dtype, device=device)
+        self.packed = layout.places(self.sent[0])
+        if layout.gather:
+            self.received = torch.empty_like(self.sent)
+            others = list(self.received)
+            self.ranks = others[:rank] + [self.sent[0]] + others[rank:]  # in rank order
+            self.dense = torch.empty(layout.dense_size, dtype=layout.dtype, device=device)
+            self.summed = layout.places(self.dense)
+            self.factors = [layout.places(row) for row in self.ranks]
+        else:
+            self.received, self.summed, self.factors = self.sent, self.packed, [self.packed]
 
-def _common_derivation(product: Factors, held: Sequence[Held]) -> Optional[Derivation]:
-    """The derivation of ``product`` if every rank holding it has the same one."""
-    derivations = {h.derived.get(product) for h in held if product in h.products}
-    return derivations.pop() if len(derivations) == 1 else None
-
-
-def pack(buffer: Tensor, header: List[float], pending, layout: Layout, rank: int, world: int):
-    """Write one rank's header and sums into ``buffer`` (``layout.size``); absent ones are 0.
-
-    A product sent dense and whose keys lie side by side is multiplied out straight into
-    the buffer; one sent as factors fills this rank's rows of them.
-    """
-    dense_end = layout.dense_size(len(header))
-    buffer[: len(header)] = torch.tensor(header, dtype=buffer.dtype)
-    buffer[dense_end:].zero_()
-    starts = layout.factor_offsets(dense_end, world)
-    for name, (flag, positions) in layout.offsets(len(header)).items():
-        batch, keys = pending.get(name), layout.keys[name]
-        buffer[flag] = float(batch is not None)
-        written = set()
-        if batch is not None:
-            for key, value in batch.sums.items():
-                _place(buffer, positions[key], keys[key]).copy_(value)
-                written.add(key)
-            for product, (left, right) in merged_products(batch).items():
-                if product in layout.factors[name]:
-                    derivation = layout.factors[name][product]
-                    if derivation is not None:
-                        left, right = _sent_left(product, derivation, left), right[:, :0]
-                    _write_factors(
-                        buffer, starts[name, product], layout.rows, rank, world, left, right
-                    )
-                else:
-                    _write_product(buffer, positions, keys, product[0], left, right, written)
-            for key, twin in batch.aliases.items():
-                if key in keys:  # dense here: another rank holds it apart from its twin
-                    value = (
-                        _place(buffer, positions[twin], keys[twin])
-                        if twin in positions
-                        else batch.dense()[key]
-                    )
-                    _place(buffer, positions[key], keys[key]).copy_(value)
-                    written.add(key)
-        for key in keys.keys() - written:
-            _place(buffer, positions[key], keys[key]).zero_()
-
-
-def _place(buffer: Tensor, offset: int, shape: Shape) -> Tensor:
-    return buffer[offset : offset + math.prod(shape)].view(shape)
-
-
-def _write_factors(buffer, start, rows, rank, world, left, right) -> None:
-    lefts = _place(buffer, start, (world, rows, left.shape[1]))
-    rights = _place(buffer, start + lefts.numel(), (world, rows, right.shape[1]))
-    lefts[rank, : len(left)] = left
-    rights[rank, : len(right)] = right
-
-
-def _sent_left(product: Factors, derivation: Derivation, left: Tensor) -> Tensor:
-    """The columns of a derived product's left factor that do not follow from its source."""
-    blocks = _blocks(left, len(product[0]))
-    return torch.cat([b for k, b in zip(product[0], blocks) if k not in derivation[1]], dim=1)
-
-
-def _derived_left(product: Factors, derivation: Derivation, sent: Tensor, source: Tensor):
-    """A derived product's left factor from its sent columns and its source's left factor."""
-    (source_keys, _, _), derived = derivation
-    sent_blocks = iter(_blocks(sent, len(product[0]) - len(derived)) if sent.shape[1] else ())
-    source_blocks = _blocks(source, len(source_keys))
-    return torch.cat(
-        [
-            source_blocks[source_keys.index(k[:-3])] ** 2 if k in derived else next(sent_blocks)
-            for k in product[0]
-        ],
-        dim=1,
-    )
-
-
-def _write_product(buffer, positions, keys, product_keys, left, right, written) -> None:
-    """``left.T @ right`` split into one block per key, accumulated into the buffer."""
-    first, rows = positions[product_keys[0]], left.shape[1]
-    side_by_side = all(
-        positions[k] == first + i * math.prod(keys[k]) for i, k in enumerate(product_keys)
-    )
-    blocks = [_place(buffer, positions[k], keys[k]) for k in product_keys]
-    if side_by_side and left.dtype == buffer.dtype:
-        target = _place(buffer, first, (rows, right.shape[1]))
-        fresh = product_keys[0] not in written
-        torch.mm(left.T, right, out=target) if fresh else target.addmm_(left.T, right)
-    else:
-        for block, part in zip(blocks, (left.T @ right).split(rows // len(product_keys))):
-            block.copy_(part) if product_keys[0] not in written else block.add_(part)
-    written.update(product_keys)
-
-
-def unpack(buffer: Tensor, layout: Layout, header_size: int, world: int) -> Dict[str, BatchSums]:
-    """``{name: BatchSums}`` of the parameters some rank saw (views into ``buffer``).
-
-    Products sent as factors stay products of all ranks' rows (zero rows add nothing).
-    """
-    pending = {}
-    starts = layout.factor_offsets(layout.dense_size(header_size), world)
-    for name, (flag, positions) in layout.offsets(header_size).items():
-        if buffer[flag] > 0:
-            keys = layout.keys[name]
-            sums = {key: _place(buffer, positions[key], shape) for key, shape in keys.items()}
-            factors = {}
-            for product, derivation in layout.factors[name].items():
-                left, right = sent_columns(product, derivation)
-                rows = world * layout.rows
-                lefts = _place(buffer, starts[name, product], (rows, left))
-                rights = _place(buffer, starts[name, product] + lefts.numel(), (rows, right))
-                if derivation is not None:  # sources come first (``agree``)
-                    source_left, source_right = factors[derivation[0]]
-                    lefts = _derived_left(product, derivation, lefts, source_left)
-                    rights = source_right * source_right
-                factors[product] = (lefts, rights)
-            products = [(p[0], left, right) for p, (left, right) in factors.items()]
-            pending[name] = BatchSums(sums, products, dict(layout.aliases[name]))
-    return pending
+    def add_dense(self, layout: Layout) -> None:
+        """Gathered: the header and dense sums of all ranks into ``dense``, in rank order."""
+        end = layout.dense_size
+        torch.add(self.ranks[0][:end], self.ranks[1][:end], out=self.dense)
+        for row in self.ranks[2:]:
+            self.dense += row[:end]
 
 
 class StepReducer:
@@ -416,8 +434,9 @@ class StepReducer:
         self.world_size = dist.get_world_size(self.group)
         self.order = list(order)
         self.device = device
-        self.layout = Layout()
-        self._buffer: Optional[Tensor] = None
+        self.layout = Layout(self.world_size + 5, self.world_size)
+        self._buffers = Buffers(self.layout, self.rank, device)
+        self._fitting: Dict[Tuple[Description, torch.dtype], bool] = {}
 
     def reduce(self, step: StepSums, failed: bool = False) -> Optional[StepSums]:
         """The step's sums over all ranks; every rank must call it on every collected step.
@@ -428,7 +447,7 @@ class StepReducer:
 
         Returns:
             The step of all ranks' inputs (``None`` on a rank that failed), its sums views
-            into a buffer that the next step overwrites.
+            into buffers that the next step overwrites.
 
         Raises:
             RuntimeError: naming the ranks that raised inside their block.
@@ -438,19 +457,22 @@ class StepReducer:
         dtype = self.layout.dtype
         for batch in pending.values():
             dtype = torch.promote_types(dtype, batch.dtype())
-        header = [0.0] * self.world_size + [0.0] * 5
+        if (description, dtype) not in self._fitting:
+            if len(self._fitting) == _REMEMBERED_FITS:
+                self._fitting.clear()
+            self._fitting[description, dtype] = fits(description, dtype, self.layout)
+        header = [0.0] * self.layout.header
         header[self.rank] = float(failed)
         extra = self.world_size
         header[extra + _INPUTS] = 0 if failed else step.num_inputs
         header[extra + _NONFINITE] = float(step.nonfinite)
-        header[extra + _MISFIT] = float(not fits(description, dtype, self.layout))
+        header[extra + _MISFIT] = float(not self._fitting[description, dtype])
         header[extra + _WITH_OUTPUTS] = float(step.num_outputs is not None)
         header[extra + _OUTPUTS] = step.num_outputs or 0
         if failed:
             self._tell_failure(header)
             return None
-        buffer = self._all_reduce(header, pending)
-        head = buffer[: len(header)].tolist()
+        head = self._sum(header, pending)
         failed_ranks = [r for r in range(self.world_size) if head[r] > 0]
         if failed_ranks:
             raise RuntimeError(
@@ -461,27 +483,42 @@ class StepReducer:
         if head[extra + _MISFIT] > 0:
             self._agree(description, dtype)
             header[extra + _MISFIT] = 0.0
-            buffer = self._all_reduce(header, pending)
-            head = buffer[: len(header)].tolist()
+            head = self._sum(header, pending)
         with_outputs = head[extra + _WITH_OUTPUTS]
+        buffers = self._buffers
         return StepSums(
-            unpack(buffer, self.layout, len(header), self.world_size),
+            unpack(buffers.summed, buffers.factors, self.layout),
             int(round(head[extra + _INPUTS])),
             head[extra + _NONFINITE] > 0,
             int(round(head[extra + _OUTPUTS] / with_outputs)) if with_outputs else None,
         )
 
-    def _all_reduce(self, header: List[float], pending: Dict[str, BatchSums]) -> Tensor:
-        size, dtype = self.layout.size(len(header), self.world_size), self.layout.dtype
-        if self._buffer is None or (self._buffer.numel(), self._buffer.dtype) != (size, dtype):
-            self._buffer = torch.empty(size, dtype=dtype, device=self.device)
+    def _sum(self, header: List[float], pending: Dict[str, BatchSums]) -> List[float]:
+        """This step's collective; the summed header."""
+        layout, buffers = self.layout, self._buffers
         if header[self.world_size + _MISFIT] == 0:
-            pack(self._buffer, header, pending, self.layout, self.rank, self.world_size)
+            pack(buffers.packed, header, pending, layout, 0 if layout.gather else self.rank)
         else:  # a misfit rank sends its header alone
-            self._buffer.zero_()
-            self._buffer[: len(header)] = torch.tensor(header, dtype=self._buffer.dtype)
-        dist.all_reduce(self._buffer, op=dist.ReduceOp.SUM, group=self.group)
-        return self._buffer
+            buffers.sent.zero_()
+            buffers.packed.head[: len(header)] = torch.tensor(header, dtype=layout.dtype)
+        self._collective().wait()
+        if layout.gather:
+            buffers.add_dense(layout)
+        return buffers.summed.head[: len(header)].tolist()
+
+    def _collective(self):
+        """Start the layout's collective of the packed buffer; its work handle.
+
+        Gathered, the buffer goes to every other rank in one all-to-all: as many numbers
+        as a ring all-gather, and gloo's all-to-all takes half the time of its all-gather.
+        """
+        buffers = self._buffers
+        if not self.layout.gather:
+            return dist.all_reduce(buffers.sent, group=self.group, async_op=True)
+        buffers.sent[1:] = buffers.sent[0]
+        splits = [0 if r == self.rank else self.layout.size for r in range(self.world_size)]
+        received, sent = buffers.received.view(-1), buffers.sent.view(-1)
+        return dist.all_to_all_single(received, sent, splits, splits, self.group, async_op=True)
 
     def _tell_failure(self, header: List[float]) -> None:
         """Tell ranks waiting in this step's sum that this one failed; wait a while only.
@@ -489,46 +526,39 @@ class StepReducer:
         Ranks still inside their own block (in DDP's backward, waiting for this rank's
         gradients) never come: then this rank goes on raising its own error.
         """
-        buffer = torch.zeros(self.layout.size(len(header), self.world_size), device=self.device)
-        buffer = buffer.to(self.layout.dtype)
-        buffer[: len(header)] = torch.tensor(header, dtype=buffer.dtype)
-        work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        self._buffers.sent.zero_()
+        self._buffers.packed.head[: len(header)] = torch.tensor(header, dtype=self.layout.dtype)
+        work = self._collective()
         try:
             work.wait(timeout=timedelta(seconds=FAILURE_NOTICE_SECONDS))
         except RuntimeError:  # the others are elsewhere; this rank's own error follows
             pass
 
-    def _agree(self, description: Dict[str, Held], dtype: torch.dtype) -> None:
+    def _agree(self, description: Description, dtype: torch.dtype) -> None:
         """All ranks exchange what they hold and take the union as the new layout."""
         mine = (self._with_layout(description), str(torch.promote_types(dtype, self.layout.dtype)))
         everyone: List[Optional[tuple]] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.group)
         descriptions, dtypes = [d for d, _ in everyone], [t for _, t in everyone]
-        self.layout = agree(descriptions, dtypes, self.order, self.world_size)
+        self.layout = agree(descriptions, dtypes, self.order, self.world_size, self.layout.header)
+        self._buffers = Buffers(self.layout, self.rank, self.device)
+        self._fitting = {}
 
-    def _with_layout(self, description: Dict[str, Held]) -> Dict[str, Held]:
+    def _with_layout(self, description: Description) -> Description:
         """A rank's description joined with the current layout, so that it only grows."""
         layout, joined = self.layout, {}
         for name, keys in layout.keys.items():
-            held = Held(dict(keys), dict(layout.aliases[name]))
-            for product, derivation in layout.factors[name].items():
-                keys_, left, right = product
-                held.shapes.update((k, (left // len(keys_), right)) for k in keys_)
-                held.products[product] = layout.rows
-                if derivation is not None:
-                    held.derived[product] = derivation
-            joined[name] = held
-        for name, held in description.items():
-            mine = joined.setdefault(name, Held())
-            mine.shapes.update(held.shapes)
-            mine.aliases.update(held.aliases)
-            for product, rows in held.products.items():
-                if product not in mine.products and product in held.derived:
-                    mine.derived[product] = held.derived[product]
-                elif mine.derived.get(product) != held.derived.get(product):
-                    mine.derived.pop(product, None)  # derived only where both say so
-                mine.products[product] = max(rows, mine.products.get(product, 0))
-        return joined
+            rank_ones = tuple((sig, layout.rows) for sig in layout.factors[name])
+            joined[name] = Held(tuple(keys.items()), tuple(layout.aliases[name].items()), rank_ones)
+        for name, held in description:
+            old = joined.get(name, Held())
+            rows = dict(old.rank_ones)
+            for sig, n in held.rank_ones:
+                rows[sig] = max(n, rows.get(sig, 0))
+            sums = {**dict(old.sums), **dict(held.sums)}
+            aliases = {**dict(old.aliases), **dict(held.aliases)}
+            joined[name] = Held(tuple(sums.items()), tuple(aliases.items()), tuple(rows.items()))
+        return tuple(joined.items())
 
 
 def rank_seed(seed: int, rank: int, *counters: int) -> int:

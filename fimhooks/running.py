@@ -96,7 +96,7 @@ class RunningDiagonal:
                 self._staged[key] += value
             else:
                 self._staged[key] = value.clone()
-        for keys, left, right in batch.products:
+        for keys, left, right in batch.products():
             if keys in self._staged_products:
                 self._staged_products[keys].addmm_(left.T, right)
             else:

@@ -232,3 +232,27 @@ def test_a_parameter_frozen_mid_run_keeps_its_own_count_in_the_guidance():
     )
     sq_norm = sum((acc.fisher("exact") ** 2).sum().item() for acc in (weight, bias))
     assert math.isclose(stats["inputs_needed"], per_input / (0.05**2 * sq_norm), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("split", ["two passes", "chunks of inputs"])
+def test_ema_of_a_step_in_parts_is_that_of_the_step_in_one_pass(split):
+    """A block's rank-one sums in several parts (passes, or chunks under a memory budget)
+    add up before the EMA step instead of the last part replacing the others."""
+    loss_fn, out, _ = make_loss("categorical")
+    x = make_input("deep_tanh_mlp")
+    results = []
+    for parts in (1, 2):
+        model = make_model("deep_tanh_mlp", out)
+        budget = {"max_memory": 1} if split == "chunks of inputs" and parts == 2 else {}
+        monitor = fimhooks.FisherMonitor(model, loss_fn, ema_decay=0.5, **budget)
+        passes = parts if split == "two passes" else 1
+        with monitor:
+            for rows in x.chunk(passes):
+                out_ = model(rows)
+                loss_fn(out_, make_target(loss_fn, out_)).backward()
+        results.append(monitor.estimates())
+        monitor.remove()
+    for name, value in results[0].fisher("exact").items():
+        torch.testing.assert_close(results[1].fisher("exact")[name], value, rtol=1e-10, atol=0)
+    for name, value in results[0].variance("I1").items():
+        torch.testing.assert_close(results[1].variance("I1")[name], value, rtol=1e-10, atol=0)
