@@ -7,17 +7,18 @@ summing them before the running average is updated makes the cumulative average 
 of every rank those of that one process, identical on every rank.
 
 One step is one collective of one flat buffer per rank: a header (which ranks failed inside
-the block, the input count, whether a batch was not finite, ...), then per parameter, in
-the model's order, a flag that the rank saw it and its dense sums, each ``[*P]`` or the
-shape of a Kronecker factor, then the rank-one sums of wide Linear layers as their factors
+the block, the input count, whether a batch was not finite, ...), a flag per parameter that
+the rank saw it, the dense sums, each ``[*P]`` or the shape of a Kronecker factor, in the
+model's parameter order, then the rank-one sums of Linear layers as their factors
 (``RankOne``: output terms and inputs, ``rows`` per rank, zero-padded), from which every
-rank forms the products of all ranks' rows. Those are smaller than the dense sums where a
-rank holds fewer inputs than about ``in / ranks``.
+rank forms the products of all ranks' rows. Those are far fewer numbers than the dense
+sums where a rank holds fewer inputs than about ``in / ranks``.
 
-The collective is the one that moves fewer numbers for the layout: an ``all_gather`` of the
-ranks' buffers, whose dense parts every rank then adds up, or an ``all_reduce`` in which
-each rank writes its factors into a slot of its own and zeros into the others' (the sum
-gathers them). With two ranks, or mostly factors, the gather moves half as much.
+The collective is the one that moves fewer numbers for the layout: the ranks' buffers
+gathered, each sent to every other rank in one ``all_to_all`` and their dense parts then
+added up by every rank, or an ``all_reduce`` in which each rank writes its factors into a
+slot of its own and zeros into the others' (the sum gathers them). With two ranks, or
+mostly factors, the gather moves half as much.
 
 Ranks must pack the same keys and shapes: the buffer follows a ``Layout`` agreed by all
 ranks. A rank whose sums do not fit it (the first step; a parameter, a term or more inputs
@@ -45,6 +46,10 @@ FAILURE_NOTICE_SECONDS = 10.0
 
 #: Header entries after the per-rank failure flags.
 _INPUTS, _NONFINITE, _MISFIT, _WITH_OUTPUTS, _OUTPUTS = range(5)
+#: Rank-one sums are sent dense only where that moves this many times fewer numbers than
+#: their factors: the sender forms dense sums with a dozen operations, which take longer
+#: than moving the factors of a narrow layer (``benchmarks/bench_sync.py``).
+DENSE_SAVING = 2
 #: Descriptions of steps remembered as fitting the layout or not (batch sizes vary).
 _REMEMBERED_FITS = 16
 
@@ -221,8 +226,8 @@ def agree(descriptions: Sequence[Description], dtypes, order, world_size: int, h
     """The layout of the union of what the ranks hold; the same on every rank.
 
     A rank-one sum is sent as its factors when every rank holding its keys holds it
-    in that form and the factors are smaller than its dense sums; the collective is the
-    one that moves fewer numbers.
+    in that form, unless its dense sums are ``DENSE_SAVING`` times fewer numbers; the
+    collective is the one that moves fewer numbers.
 
     Args:
         descriptions: Every rank's ``describe``, in rank order.
@@ -256,7 +261,8 @@ def _place_parameter(layout: Layout, name: str, held: Sequence[Held]) -> None:
     for sig in dict.fromkeys(sig for h in held for sig, _ in h.rank_ones):
         sum_keys = rank_one_sum_keys(sig[0])
         same = all(sig in dict(h.rank_ones) or not set(sum_keys) & h.shapes().keys() for h in held)
-        if same and layout.slots * layout.rows * _columns(sig) < len(sum_keys) * sig[1] * sig[2]:
+        dense = len(sum_keys) * sig[1] * sig[2]
+        if same and layout.slots * layout.rows * _columns(sig) < DENSE_SAVING * dense:
             factors.append(sig)
             for key in sum_keys:
                 del keys[key]
@@ -269,26 +275,27 @@ def pack(places: Places, header: List[float], pending, layout: Layout, slot: int
     """Write one rank's header and sums into a buffer's ``places``; absent ones are 0.
 
     A rank-one sum sent dense is multiplied out straight into the buffer; one sent as
-    factors fills the rows of ``slot``, this rank's.
+    factors fills the rows of ``slot``, this rank's (the other slots are zeros).
     """
     flags = [float(name in pending) for name in layout.keys]
     places.head.copy_(torch.tensor(header + flags, dtype=places.head.dtype))
-    places.factor_part.zero_()
+    if not layout.gather:
+        places.factor_part.zero_()
+    filled: Dict[Tuple[str, Signature], int] = {}
     for name, keys in places.sums.items():
         batch, written = pending.get(name), set()
         if batch is not None:
             for key, value in batch.sums.items():
                 keys[key].copy_(value)
                 written.add(key)
-            filled: Dict[Signature, int] = {}
             for rank_one in batch.rank_ones:
                 sig = signature(rank_one)
                 if sig in layout.factors[name]:
                     outputs, inputs = places.factors[name, sig][slot]
-                    start, n = filled.get(sig, 0), len(rank_one.inputs)
+                    start, n = filled.get((name, sig), 0), len(rank_one.inputs)
                     outputs[start : start + n] = rank_one.outputs
                     inputs[start : start + n] = rank_one.inputs
-                    filled[sig] = start + n
+                    filled[name, sig] = start + n
                 else:
                     for product in rank_one.products():
                         _write_product(keys, places.spans[name], *product, written)
@@ -298,6 +305,12 @@ def pack(places: Places, header: List[float], pending, layout: Layout, slot: int
                     written.add(key)
         for key in keys.keys() - written:
             keys[key].zero_()
+    if layout.gather:  # rows this rank did not fill
+        for (name, sig), slots in places.factors.items():
+            start = filled.get((name, sig), 0)
+            if start < layout.rows:
+                for factor in slots[slot]:
+                    factor[start:].zero_()
 
 
 def _place(buffer: Tensor, offset: int, shape: Shape) -> Tensor:
