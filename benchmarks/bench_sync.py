@@ -5,8 +5,8 @@ ReLU, float32) under ``DistributedDataParallel`` with a ``FisherMonitor`` (all e
 on every step; each holds half of the batch. Reported, as medians over the timed steps:
 
     gradient all-reduce   one all_reduce of all gradients, flat (what DDP's buckets send)
-    fimhooks sync         the monitor's per-step sync: packing, all_reduce, unpacking
-    sync floats           numbers in the sync's buffer
+    fimhooks sync         the monitor's per-step sync: packing, the collective, unpacking
+    floats sent           numbers each rank puts on the wire, for each of them
 
 Both are timed after a barrier, so that neither waits for the other rank, at the same point
 of each step (where the monitor syncs, after the backward pass), taking turns to go first. Also reported:
@@ -136,7 +136,7 @@ def worker(rank: int, world_size: int, init_file: str, args, queue) -> None:
             {
                 "parameters (gradient floats)": gradients.numel(),
                 "sync floats per rank": reducer.layout.size,
-                "sync collective": "all_gather" if reducer.layout.gather else "all_reduce",
+                "sync collective": "all_to_all (gather)" if reducer.layout.gather else "all_reduce",
                 "floats sent, gradients": round(
                     2 * (args.processes - 1) / args.processes * gradients.numel()
                 ),
