@@ -279,7 +279,8 @@ class BatchSums:
         """
         totals = [t.sum() for t in self.sums.values()]
         for r in self.rank_ones:
-            totals += [r.outputs.abs().amax() ** 2, r.inputs.abs().amax() ** 4]
+            if r.outputs.numel() and r.inputs.numel():  # empty factors are finite
+                totals += [r.outputs.abs().amax() ** 2, r.inputs.abs().amax() ** 4]
         return totals
 
 

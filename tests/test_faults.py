@@ -104,3 +104,19 @@ def test_non_finite_batches(value):
         step(monitor, model, loss_fn, bad)
     assert monitor.estimates().skipped == 1
     assert_unchanged_then_collects(monitor, model, loss_fn, x, before)
+
+
+def test_a_statistic_that_overflows_skips_the_batch():
+    """Finite outputs, but an input's fourth power (the variances' factor) overflows float32."""
+    loss_fn, out, _ = make_loss("bernoulli")
+    model, x = make_model("sigmoid_mlp", out).float(), make_input("sigmoid_mlp").float()
+    monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=("I1", "exact"))
+    step(monitor, model, loss_fn, x)
+    before = monitor.estimates()
+    bad = x.clone()
+    bad[0, 0] = 1e12
+    assert torch.isfinite(model(bad)).all()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        step(monitor, model, loss_fn, bad)
+    assert monitor.estimates().skipped == 1
+    assert_unchanged_then_collects(monitor, model, loss_fn, x, before)
