@@ -282,11 +282,11 @@ def pack(places: Places, header: List[float], pending, layout: Layout, slot: int
     if not layout.gather:
         places.factor_part.zero_()
     filled: Dict[Tuple[str, Signature], int] = {}
-    for name, keys in places.sums.items():
+    for name, sums in places.sums.items():
         batch, written = pending.get(name), set()
         if batch is not None:
             for key, value in batch.sums.items():
-                keys[key].copy_(value)
+                sums[key].copy_(value)
                 written.add(key)
             for rank_one in batch.rank_ones:
                 sig = signature(rank_one)
@@ -298,13 +298,13 @@ def pack(places: Places, header: List[float], pending, layout: Layout, slot: int
                     filled[name, sig] = start + n
                 else:
                     for product in rank_one.products():
-                        _write_product(keys, places.spans[name], *product, written)
+                        _write_product(sums, places.spans[name], *product, written)
             for key, twin in batch.aliases.items():
-                if key in keys:  # dense here: another rank holds it apart from its twin
-                    keys[key].copy_(keys[twin] if twin in keys else batch.dense()[key])
+                if key in sums:  # dense here: another rank holds it apart from its twin
+                    sums[key].copy_(sums[twin] if twin in sums else batch.dense()[key])
                     written.add(key)
-        for key in keys.keys() - written:
-            keys[key].zero_()
+        for key in sums.keys() - written:
+            sums[key].zero_()
     if layout.gather:  # rows this rank did not fill
         for (name, sig), slots in places.factors.items():
             start = filled.get((name, sig), 0)
