@@ -402,9 +402,12 @@ class Buffers:
         packed: Places of the buffer a rank packs (``sent[0]``).
         summed: Places of the header and dense sums of all ranks.
         factors: Places of the buffers holding the ranks' factors.
+        ranks: Gathered, every rank's buffer (``[size]``), in rank order.
+        dense: Gathered, ``[dense_size]`` the ranks' headers and dense sums added up.
     """
 
     def __init__(self, layout: Layout, rank: int, device: torch.device):
+        self.dense_size = layout.dense_size
         rows = layout.world_size - 1 if layout.gather else 1
         self.sent = torch.empty(rows, layout.size, dtype=layout.dtype, device=device)
         self.packed = layout.places(self.sent[0])
@@ -418,9 +421,9 @@ class Buffers:
         else:
             self.received, self.summed, self.factors = self.sent, self.packed, [self.packed]
 
-    def add_dense(self, layout: Layout) -> None:
+    def add_dense(self) -> None:
         """Gathered: the header and dense sums of all ranks into ``dense``, in rank order."""
-        end = layout.dense_size
+        end = self.dense_size
         torch.add(self.ranks[0][:end], self.ranks[1][:end], out=self.dense)
         for row in self.ranks[2:]:
             self.dense += row[:end]
@@ -516,7 +519,7 @@ class StepReducer:
             buffers.packed.head[: len(header)] = torch.tensor(header, dtype=layout.dtype)
         self._collective().wait()
         if layout.gather:
-            buffers.add_dense(layout)
+            buffers.add_dense()
         return buffers.summed.head[: len(header)].tolist()
 
     def _collective(self):

@@ -47,7 +47,7 @@ def _collective(sent: list, layout, rank: int) -> Buffers:
     if layout.gather:
         buffers.sent[0] = sent[rank]
         buffers.received.copy_(torch.stack(sent[:rank] + sent[rank + 1 :]))
-        buffers.add_dense(layout)
+        buffers.add_dense()
     else:
         buffers.received.copy_(sum(sent))
     return buffers
