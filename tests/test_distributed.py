@@ -86,10 +86,10 @@ def _max_difference(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).abs().max() / (1 + b[k].abs().max())).item() for k in a)
 
 
-def _statistics(rank: int, world_size: int) -> dict:
+def _statistics(rank: int, world_size: int, models=MODELS) -> dict:
     """Deterministic statistics against one process; sampled ones identical on all ranks."""
     results = {}
-    for name, build, make_x, wrap in MODELS:
+    for name, build, make_x, wrap in models:
         for ema in (None, 0.7):
             model = build()
             reference = fimhooks.FisherMonitor(
@@ -115,8 +115,23 @@ def _statistics(rank: int, world_size: int) -> dict:
             results[key + "/I1 finite"] = bool(torch.isfinite(sampled).all())
             factors = monitor._reducer.layout.factors
             results[key + "/factors"] = sorted(name for name, sent in factors.items() if sent)
+            results[key + "/gathered"] = monitor._reducer.layout.gather
             monitor.remove()
     return results
+
+
+def _summed_factors(rank: int, world_size: int) -> dict:
+    """Factors in each rank's slot of a summed buffer: the collective where dense sums
+    dominate (with three ranks or more), here chosen for the wide MLP."""
+    from fimhooks.distributed import Layout
+
+    traffic = Layout.traffic
+    Layout.traffic = lambda layout: float(layout.gather)  # prefer the sum
+    try:
+        results = _statistics(rank, world_size, MODELS[:1])
+    finally:
+        Layout.traffic = traffic
+    return {f"summed {key}": value for key, value in results.items()}
 
 
 def _draws(rank: int, world_size: int) -> dict:
@@ -251,6 +266,7 @@ def _worker(rank: int, world_size: int, init_file: str, directory: str, queue) -
         )
         results = {}
         results.update(_statistics(rank, world_size))
+        results.update(_summed_factors(rank, world_size))
         results.update(_draws(rank, world_size))
         results.update(_gradients(rank, world_size))
         results.update(_kronecker(rank, world_size))
@@ -311,6 +327,11 @@ def test_every_deterministic_statistic_is_that_of_one_process_on_all_inputs(rank
         for name, _, _, _ in MODELS:
             for ema in (None, 0.7):
                 assert results[f"{name}/ema={ema}"] < 1e-10, (name, ema)
+                if name == "wide_tanh_mlp":  # its factors gathered, and summed in slots
+                    assert results[f"{name}/ema={ema}/gathered"]
+                    assert not results[f"summed {name}/ema={ema}/gathered"]
+                    assert results[f"summed {name}/ema={ema}/factors"]
+                    assert results[f"summed {name}/ema={ema}"] < 1e-10, (name, ema)
 
 
 def test_wide_layers_send_factors_and_small_ones_dense_sums(ranks):
