@@ -431,6 +431,12 @@ class FisherMonitor:
                 "to treat each batch's statistics as constants."
             )
         h = record.output
+        if h.dim() == 0:
+            raise ValueError(
+                "fimhooks: the watched model's output is a scalar, not one output per input "
+                "[N, ...]: is it a loss? Watch the network that computes the outputs (with "
+                "Lightning: FisherCallback(..., model='net')), or select them with output=."
+            )
         if h.shape[0] == 0:  # a batch without inputs adds nothing
             return
         values = h.detach()  # labels are drawn in float32 at least (mixed precision)

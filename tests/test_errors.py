@@ -114,3 +114,21 @@ def test_removed_monitor_and_estimates_before_collection():
     with pytest.raises(RuntimeError, match="removed"):
         with monitor:
             pass
+
+
+def test_a_scalar_model_output_is_refused_naming_the_fix():
+    """A module whose forward returns its loss (Lightning's under DDP runs training_step)."""
+
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.net(x).pow(2).mean()
+
+    model = WithLoss()
+    monitor = fimhooks.FisherMonitor(model, "categorical")
+    with pytest.raises(ValueError, match="output is a scalar.*model='net'"):
+        with monitor:
+            model(torch.randn(4, 3)).backward()
