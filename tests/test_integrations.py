@@ -1,4 +1,9 @@
-"""Training loops the user does not own: the Hugging Face Trainer."""
+"""Training loops the user does not own: the Hugging Face Trainer, alone and under DDP."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +110,24 @@ def test_lightning_fit_collects_every_step_and_logs(tmp_path):
     assert callback.monitor.collected_steps == 4
     assert callback.monitor.estimates().num_inputs == 4 * 6
     assert any("fisher/0/I1/trace" in metrics for metrics in logged)
+
+
+def test_hugging_face_trainer_under_ddp_holds_the_estimates_of_one_process(tmp_path):
+    """Two gloo processes launched by torchrun (``hf_trainer_ddp.py``): every rank holds the
+    estimates of one process on all sequences, the same on every rank."""
+    with socket.socket() as free:
+        free.bind(("localhost", 0))
+        port = free.getsockname()[1]
+    worker = Path(__file__).with_name("hf_trainer_ddp.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--master-port", str(port), str(worker), str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    one = torch.load(tmp_path / "one_process.pt")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for saved in ranks:
+        assert saved["num_inputs"] == one["num_inputs"] == 16
+        for key in ("exact", "var_I1"):  # float32, summed in another order
+            for name, value in one[key].items():
+                torch.testing.assert_close(saved[key][name], value, rtol=1e-5, atol=0)
+                assert torch.equal(saved[key][name], ranks[0][key][name])
