@@ -1,4 +1,5 @@
-"""One rank of the Hugging Face Trainer under DDP (``test_integrations``), run by torchrun.
+"""One rank of the Hugging Face Trainer under DDP (``test_integrations``), run by torchrun;
+also the token dataset of that module's tests.
 
 Each rank trains a tiny GPT-2 for one epoch with learning rate 0 (the parameters stay, so
 one process can be compared) and saves its estimates and, on rank 0, those of one process

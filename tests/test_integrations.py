@@ -11,17 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=12, length=4):
-        generator = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(0, 7, (n, length), generator=generator)
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.tokens[i], "labels": self.tokens[i]}
+from hf_trainer_ddp import Tokens  # noqa: E402
 
 
 def test_hugging_face_trainer_collects_every_step(tmp_path):
@@ -49,7 +39,7 @@ def test_hugging_face_trainer_collects_every_step(tmp_path):
             self.logs.append(dict(logs))
 
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=Tokens(), callbacks=[Reporter()]
+        model=model, args=args, train_dataset=Tokens(12), callbacks=[Reporter()]
     )
     callback = FisherCallback("categorical", estimators=("I1", "exact")).attach(trainer)
     trainer.train()
