@@ -53,7 +53,7 @@ def _collective(sent: list, layout, rank: int) -> Buffers:
     return buffers
 
 
-@pytest.mark.parametrize("gather", [False, True], ids=["all_reduce", "all_gather"])
+@pytest.mark.parametrize("gather", [False, True], ids=["summed", "gathered"])
 @pytest.mark.parametrize("alias", [False, True], ids=["curved", "piecewise_linear"])
 @pytest.mark.parametrize("width_in", [2, 40], ids=["dense", "factors"])
 def test_collected_buffers_unpack_to_the_sums_over_all_inputs(alias, width_in, gather):
@@ -70,8 +70,7 @@ def test_collected_buffers_unpack_to_the_sums_over_all_inputs(alias, width_in, g
         buffer = torch.full((layout.size,), float("nan"), dtype=torch.float64)
         pack(layout.places(buffer), [1.0] * HEADER, step, layout, 0 if gather else rank)
         sent.append(buffer)  # every number is written
-    expected = _together(parts, alias)
-    first = None
+    expected, first_rank = _together(parts, alias), {}
     for rank in range(len(sizes)):
         buffers = _collective(sent, layout, rank)
         got = unpack(buffers.summed, buffers.factors, layout)
@@ -81,8 +80,7 @@ def test_collected_buffers_unpack_to_the_sums_over_all_inputs(alias, width_in, g
             assert got_dense.keys() == sums.keys()
             for key, value in sums.items():
                 torch.testing.assert_close(got_dense[key], value, rtol=1e-12, atol=0)
-                first = first or {}
-                same = first.setdefault((name, key), got_dense[key])
+                same = first_rank.setdefault((name, key), got_dense[key])
                 assert torch.equal(same, got_dense[key])  # the same bits on every rank
 
 
