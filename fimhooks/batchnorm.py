@@ -21,8 +21,10 @@ OPTIONS = (REFUSE, FROZEN_BATCH_STATS)
 
 
 def normalises_with_batch(module: nn.Module) -> bool:
-    """Whether a BatchNorm layer normalises with the batch's statistics right now."""
-    return module.training or module.running_mean is None
+    """Whether ``module`` is a BatchNorm layer (or a subclass) using the batch's statistics now."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        module.training or module.running_mean is None
+    )
 
 
 def batch_statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -50,13 +52,17 @@ def frozen(module: nn.Module, x: Tensor, y: Tensor, statistics, active: Callable
 
 
 class _FrozenStatistics(torch.autograd.Function):
-    """Identity on ``y``, except in the monitor's backward: ``x ↦ scale · x`` instead."""
+    """Identity on ``y``, except in the monitor's backward: ``x ↦ scale · x`` instead.
+
+    The output is a copy, not a view of ``y``, so that in-place operations after the layer
+    (``nn.ReLU(inplace=True)``) keep this backward.
+    """
 
     @staticmethod
     def forward(ctx, x, y, scale, active):  # noqa: D102
         ctx.save_for_backward(scale)
         ctx.active = active
-        return y.view_as(y)
+        return y.clone()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102

@@ -284,6 +284,8 @@ def _run(chain: ChainPass, layers, output: Tensor, draw: LabelDraw, samples: sli
         for module, x, y in layers:
             module.input0, module.output = x[samples], y[samples]
         for module, rule, backpropagated in reversed(chain.layers):
+            if module.output.data_ptr() not in chain.saved:  # below a detach or no_grad
+                break
             rule(chain, module, backpropagated)
     finally:
         for module, _, _ in layers:
@@ -448,7 +450,7 @@ class Parameterized(PassThrough):
 
     def per_input_products(self, name, module, mat, samples: slice, whole: bool) -> Tensor:
         """``[V, n, *param.shape]`` per-input transposed Jacobian products of ``mat``."""
-        if name == "weight" and jacobians.unfoldable(module):
+        if name == "weight" and jacobians.unfold_unsupported(module) is None:
             return jacobians.conv_weight(mat, module.input0[samples].detach(), module)
         indices = None if whole else list(range(module.input0.shape[0])[samples])
         return self.derivatives.param_mjp(

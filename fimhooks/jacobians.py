@@ -8,6 +8,7 @@ output vector times the input.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from backpack.utils.conv import unfold_by_conv
 from torch import Tensor, einsum, nn
@@ -62,11 +63,15 @@ def scale_and_shift(vectors: Tensor, normalized: Tensor, start: int, dims: int) 
     return weight, g.sum((2, 4)).reshape(*vectors.shape[:2], *covered)
 
 
-def unfoldable(module: nn.Module) -> bool:
-    """A convolution whose per-input weight products ``conv_weight`` computes."""
-    return (
-        isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    )
+def unfold_unsupported(module: nn.Module) -> Optional[str]:
+    """Why ``conv_weight`` does not compute ``module``'s products, or ``None``.
+
+    It unfolds ungrouped convolutions padded with zeros by explicit amounts.
+    """
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return f"{type(module).__name__} is not a convolution"
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}"
+    if isinstance(module.padding, str):
+        return f"padding={module.padding!r}"
+    return f"groups={module.groups}" if module.groups != 1 else None

@@ -14,8 +14,18 @@ A ``LayerSpec`` says, for one ``nn.Module`` type:
   curvature of the layer itself;
 * ``rank_one``: per-input weight Jacobians are outer products on ``[N, in]`` inputs;
 * ``kfac``: it has Kronecker factors (``FisherPreconditioner(structure="kfac")``);
-* ``batch_statistics``: in training mode each output depends on the whole batch, so
-  per-input quantities are undefined there (BatchNorm).
+* ``chain_unsupported``, ``grads_unsupported``: the options of a module that the chain
+  rule, or the per-input rule, does not implement (a reason, or ``None``), such as a
+  convolution's ``padding_mode``; such a module takes the general path, or the generic
+  rule.
+
+A declaration covers a module only where it is proven to apply: the module's type is the
+declared one, or a subclass that overrides none of the methods its forward pass runs
+(``forward``, a convolution's ``_conv_forward``), and is not parametrized
+(``torch.nn.utils.parametrize``: its parameters are then the parametrization's). Any
+other module (timm's norm-act layers, weight-standardised convolutions, ...) takes the
+generic rule, never its parent's. Whether a module normalises with the batch's statistics
+(``normalises_with_batch``) is read from its class, subclasses included: refusing is safe.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from backpack.core.derivatives.tanh import TanhDerivatives
 from backpack.core.derivatives.zeropad2d import ZeroPad2dDerivatives
 from torch import Tensor, nn
 from torch.func import functional_call, vjp
+from torch.nn.utils import parametrize
 
 from fimhooks import jacobians
 from fimhooks.chain import Elementwise, LinearOpDerivatives, Parameterized, PassThrough
@@ -65,7 +76,14 @@ class LayerSpec:
     affine: bool = False
     rank_one: bool = False
     kfac: bool = False
-    batch_statistics: bool = False
+    chain_unsupported: Optional[Callable[[nn.Module], Optional[str]]] = None
+    grads_unsupported: Optional[Callable[[nn.Module], Optional[str]]] = None
+
+    def chain_rule(self, module: nn.Module) -> Optional[PassThrough]:
+        """The chain rule where it implements ``module``'s options, else ``None``."""
+        if self.chain is None or (self.chain_unsupported and self.chain_unsupported(module)):
+            return None
+        return self.chain
 
 
 def _linear_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
@@ -100,8 +118,6 @@ def _embedding_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
 
 def _conv_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
     module = call.module
-    if not jacobians.unfoldable(module):
-        return generic_grads(call, names, grad_out, samples)
     out = {}
     if "weight" in names:
         out["weight"] = jacobians.conv_weight(grad_out, call.args[0][samples], module)
@@ -189,7 +205,31 @@ def _weighted(derivatives, grads=None, **flags) -> LayerSpec:
     return LayerSpec(chain=Parameterized(derivatives()), grads=grads, affine=True, **flags)
 
 
+def _conv_options(module) -> Optional[str]:
+    """BackPACK's convolutions pad with zeros, by explicit amounts."""
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}"
+    if isinstance(module.padding, str):
+        return f"padding={module.padding!r}"
+    if any(getattr(module, "output_padding", (0,))):
+        return f"output_padding={module.output_padding}"
+    return None
+
+
+def _batchnorm_options(module) -> Optional[str]:
+    return None if module.affine else "affine=False"
+
+
+def _flatten_options(module) -> Optional[str]:
+    return None if module.start_dim >= 1 else f"start_dim={module.start_dim}"  # keeps the batch
+
+
 _AFFINE = LayerSpec(affine=True)
+_batchnorm = _weighted(BatchNormNdDerivatives, _norm_grads, chain_unsupported=_batchnorm_options)
+_CONV_OPTIONS = {
+    "chain_unsupported": _conv_options,
+    "grads_unsupported": jacobians.unfold_unsupported,
+}
 LAYERS: Dict[type, LayerSpec] = {
     nn.Dropout: _activation(DropoutDerivatives),
     nn.ReLU: _activation(ReLUDerivatives),
@@ -210,17 +250,17 @@ LAYERS: Dict[type, LayerSpec] = {
     nn.AdaptiveAvgPool3d: _linear_op(LinearOpDerivatives),
     nn.Identity: _linear_op(LinearOpDerivatives),
     nn.ZeroPad2d: _linear_op(ZeroPad2dDerivatives),
-    nn.Flatten: _linear_op(FlattenDerivatives),
+    nn.Flatten: LayerSpec(PassThrough(FlattenDerivatives()), chain_unsupported=_flatten_options),
     nn.Linear: _weighted(LinearDerivatives, _linear_grads, rank_one=True, kfac=True),
-    nn.Conv1d: _weighted(Conv1DDerivatives, _conv_grads),
-    nn.Conv2d: _weighted(Conv2DDerivatives, _conv_grads),
-    nn.Conv3d: _weighted(Conv3DDerivatives, _conv_grads),
-    nn.ConvTranspose1d: _weighted(ConvTranspose1DDerivatives),
-    nn.ConvTranspose2d: _weighted(ConvTranspose2DDerivatives),
-    nn.ConvTranspose3d: _weighted(ConvTranspose3DDerivatives),
-    nn.BatchNorm1d: _weighted(BatchNormNdDerivatives, _norm_grads, batch_statistics=True),
-    nn.BatchNorm2d: _weighted(BatchNormNdDerivatives, _norm_grads, batch_statistics=True),
-    nn.BatchNorm3d: _weighted(BatchNormNdDerivatives, _norm_grads, batch_statistics=True),
+    nn.Conv1d: _weighted(Conv1DDerivatives, _conv_grads, **_CONV_OPTIONS),
+    nn.Conv2d: _weighted(Conv2DDerivatives, _conv_grads, **_CONV_OPTIONS),
+    nn.Conv3d: _weighted(Conv3DDerivatives, _conv_grads, **_CONV_OPTIONS),
+    nn.ConvTranspose1d: _weighted(ConvTranspose1DDerivatives, **_CONV_OPTIONS),
+    nn.ConvTranspose2d: _weighted(ConvTranspose2DDerivatives, **_CONV_OPTIONS),
+    nn.ConvTranspose3d: _weighted(ConvTranspose3DDerivatives, **_CONV_OPTIONS),
+    nn.BatchNorm1d: _batchnorm,
+    nn.BatchNorm2d: _batchnorm,
+    nn.BatchNorm3d: _batchnorm,
     nn.Embedding: LayerSpec(grads=_embedding_grads, affine=True),
     nn.EmbeddingBag: _AFFINE,
     nn.LayerNorm: LayerSpec(grads=_norm_grads, affine=True),
@@ -235,12 +275,24 @@ LAYERS_BY_NAME: Dict[str, LayerSpec] = {
 _UNDECLARED = LayerSpec()
 
 
+#: Methods a declared layer's forward pass runs: a subclass overriding one is not covered.
+_FORWARD_METHODS = ("forward", "_conv_forward")
+
+
 def spec_for(module: nn.Module) -> LayerSpec:
-    """The declaration of a module's type (or of its nearest declared base class)."""
-    declared = next((LAYERS[c] for c in type(module).__mro__ if c in LAYERS), None)
-    if declared is None and type(module).__module__.startswith("transformers."):
-        declared = LAYERS_BY_NAME.get(type(module).__name__)
-    return declared or _UNDECLARED
+    """The declaration that covers ``module`` (see the module docstring), or an empty one."""
+    kind = type(module)
+    declared = next((c for c in kind.__mro__ if c in LAYERS), None)
+    if declared is None:
+        if kind.__module__.startswith("transformers.") and kind.__name__ in LAYERS_BY_NAME:
+            return LAYERS_BY_NAME[kind.__name__]
+        return _UNDECLARED
+    same_forward = all(
+        getattr(kind, name, None) is getattr(declared, name, None) for name in _FORWARD_METHODS
+    )
+    if not same_forward or parametrize.is_parametrized(module):
+        return _UNDECLARED
+    return LAYERS[declared]
 
 
 def per_input_rule(module: nn.Module, names: Sequence[str]) -> Callable:
@@ -250,8 +302,12 @@ def per_input_rule(module: nn.Module, names: Sequence[str]) -> Callable:
     inside its forward (``nn.MultiheadAttention.out_proj``) take the generic rule.
     """
     own = {n for n, _ in module.named_parameters(recurse=False)}
-    grads = spec_for(module).grads
-    return grads if grads is not None and set(names) <= own else generic_grads
+    spec = spec_for(module)
+    if spec.grads is None or not set(names) <= own:
+        return generic_grads
+    if spec.grads_unsupported is not None and spec.grads_unsupported(module):
+        return generic_grads
+    return spec.grads
 
 
 def affine_in(module: nn.Module, names: Sequence[str]) -> bool:

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fimhooks import batchnorm as bn
 from fimhooks.chain import chain_batch_sums
@@ -287,18 +288,27 @@ class FisherMonitor:
             listener(self)
 
     def _check_batchnorm(self) -> None:
-        if self.batchnorm == bn.FROZEN_BATCH_STATS:
-            return
         for path, module in self.model.named_modules():
-            if spec_for(module).batch_statistics and bn.normalises_with_batch(module):
-                mode = "is in training mode" if module.training else "tracks no running statistics"
+            if not bn.normalises_with_batch(module):
+                continue
+            if self.batchnorm == bn.FROZEN_BATCH_STATS:
+                if spec_for(module).grads is not None:
+                    continue
                 raise ValueError(
-                    f"BatchNorm layer '{path}' {mode}, so it normalises with the batch's "
-                    "statistics: per-input quantities are undefined there because each "
-                    "output depends on the whole batch. Put it in eval mode (module.eval()) "
-                    "while monitoring, or pass batchnorm='frozen-batch-stats' to treat each "
-                    "batch's statistics as constants of every input's map."
+                    f"BatchNorm layer '{path}' ({type(module).__name__}) overrides the "
+                    "forward pass of torch's BatchNorm (timm's BatchNormAct2d also applies "
+                    "its activation), so batchnorm='frozen-batch-stats', which holds the "
+                    "statistics of torch's own BatchNorm layers, does not apply to it. Put "
+                    "it in eval mode (module.eval()) while monitoring."
                 )
+            mode = "is in training mode" if module.training else "tracks no running statistics"
+            raise ValueError(
+                f"BatchNorm layer '{path}' {mode}, so it normalises with the batch's "
+                "statistics: per-input quantities are undefined there because each "
+                "output depends on the whole batch. Put it in eval mode (module.eval()) "
+                "while monitoring, or pass batchnorm='frozen-batch-stats' to treat each "
+                "batch's statistics as constants of every input's map."
+            )
 
     # --- hooks: they only move data -------------------------------------------------
 
@@ -319,9 +329,7 @@ class FisherMonitor:
         self._layer_of = {name: self._declared[id(p)][0][0] for name, p in model.named_parameters()}
         self._leaves = {path: m for path, m in model.named_modules() if not list(m.children())}
         self._chain_leaves = _chain_leaves(model, self._leaves, self._declared)
-        self._watched = [
-            m for m in model.modules() if _has_params(m) or spec_for(m).batch_statistics
-        ]
+        self._watched = [m for m in model.modules() if _has_params(m) or isinstance(m, _BatchNorm)]
         if self._chain_leaves is not None:  # the chain check needs every layer's call
             self._watched += [m for m in self._leaves.values() if not _has_params(m)]
         if self._handles:
@@ -358,7 +366,7 @@ class FisherMonitor:
         path = self._paths.get(id(module))  # None: a layer taken out of the model
         if self._recording is None or path is None:
             return
-        if not (spec_for(module).batch_statistics and bn.normalises_with_batch(module)):
+        if not bn.normalises_with_batch(module):
             self._recording.add(module, path, args, kwargs, output)
             return None
         self._recording.batch_statistics = path
@@ -471,7 +479,7 @@ class FisherMonitor:
     def _chain_sums(self, chain, h: Tensor, draw: LabelDraw) -> Dict[str, BatchSums]:
         """The fast path for chains of supported layers (BackPACK's module derivatives)."""
         layers = [(c.module, c.inputs[0], c.output) for c in chain]
-        rules = [spec_for(c.module).chain for c in chain]
+        rules = [spec_for(c.module).chain_rule(c.module) for c in chain]
         draw = draw.to(h.dtype)  # the chain computes in the model's precision
         kappa, kronecker = self.likelihood.kappa, self._kronecker
         terms, budget = self._terms, self._budget
@@ -870,7 +878,7 @@ def _chain_leaves(model, leaves: dict, declared: dict) -> Optional[Dict[int, nn.
     It needs supported layers only, each parameter declared once, and no module holding
     parameters of its own besides the leaves.
     """
-    if not all(spec_for(m).chain is not None for m in leaves.values()):
+    if not all(spec_for(m).chain_rule(m) is not None for m in leaves.values()):
         return None
     if any(len(d) > 1 for d in declared.values()):
         return None
