@@ -208,6 +208,7 @@ def chain_batch_sums(
     terms: FrozenSet[str],
     kronecker: bool,
     budget: Budget,
+    rows: Optional[int] = None,
 ) -> Dict[int, BatchSums]:
     """Batch sums of every parameter of a chain, for one collected step.
 
@@ -220,6 +221,7 @@ def chain_batch_sums(
         terms: The terms to reduce.
         kronecker: Also reduce Kronecker factors of Linear layers.
         budget: Memory for the pass's tensors; inputs are taken a chunk at a time.
+        rows: Reduce the first ``rows`` inputs only (default: all).
 
     Returns:
         ``{id(parameter): BatchSums}``.
@@ -240,8 +242,9 @@ def chain_batch_sums(
     step = budget.count(per_input, itemsize, share=0.5)
     elements = budget.count(COPIES, itemsize, share=0.25)
     results: Dict[int, BatchSums] = {}
+    N = N if rows is None else rows
     for start in range(0, N, step):
-        samples = slice(start, start + step)
+        samples = slice(start, min(N, start + step))
         n = len(range(N)[samples])
         rows = budget.count(COPIES * n * max(width, param_width), itemsize, share=0.25)
         sizes = (rows, elements)

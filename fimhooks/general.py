@@ -16,7 +16,7 @@ positions or inputs.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -50,6 +50,7 @@ def general_batch_sums(
     kappa: float,
     terms: frozenset,
     budget: Budget,
+    rows: Optional[int] = None,
 ) -> Dict[str, BatchSums]:
     """Batch sums of every parameter in ``uses`` for one collected step.
 
@@ -61,6 +62,7 @@ def general_batch_sums(
         kappa: The likelihood's ``κ`` (``v₁ = Σ w4 U⁴ + κ g²``).
         terms: The terms to reduce (``diagonal_terms``).
         budget: Memory for the step's extra tensors.
+        rows: Reduce the first ``rows`` inputs only (default: all).
 
     Returns:
         ``{parameter name: BatchSums}``.
@@ -87,6 +89,7 @@ def general_batch_sums(
             for k in range(0, K, per_backward)
         ]
     totals: Dict[str, BatchSums] = {}
+    N = N if rows is None else rows
     for start in range(0, N, step):
         samples = slice(start, min(N, start + step))
         sums = _input_chunk_sums(
@@ -170,7 +173,7 @@ def _backward(output, to_output, draw, positions, directions, samples, calls) ->
 
 
 def _use_grads(call: Call, local: str, grad_out: Tensor, samples: slice) -> Tensor:
-    return per_input_rule(call.module, [local])(call, [local], grad_out, samples)[local]
+    return per_input_rule(call, [local])(call, [local], grad_out, samples)[local]
 
 
 def _direction_sums(U: Tensor, draw: LabelDraw, positions, directions, samples, terms):
@@ -211,7 +214,7 @@ def _is_rank_one(param_uses: List[Use], draw: LabelDraw) -> bool:
     if len(param_uses) != 1 or draw.directions.shape[2] != 1:
         return False
     call, _ = param_uses[0]
-    return spec_for(call.module).rank_one and call.inputs[0].dim() == 2
+    return spec_for(call.module).rank_one and not call.generic and call.inputs[0].dim() == 2
 
 
 def _parameters(uses: Dict[str, List[Use]]) -> Dict[str, Tensor]:

@@ -295,15 +295,17 @@ def spec_for(module: nn.Module) -> LayerSpec:
     return LAYERS[declared]
 
 
-def per_input_rule(module: nn.Module, names: Sequence[str]) -> Callable:
-    """The general path's rule for the parameters ``names`` of ``module``.
+def per_input_rule(call, names: Sequence[str]) -> Callable:
+    """The general path's rule for the parameters ``names`` of a call's module.
 
     A module's own rule covers the parameters it declares; parameters of submodules used
-    inside its forward (``nn.MultiheadAttention.out_proj``) take the generic rule.
+    inside its forward (``nn.MultiheadAttention.out_proj``) take the generic rule, and so
+    does a call whose own rule failed a verification (``Call.generic``).
     """
+    module = call.module
     own = {n for n, _ in module.named_parameters(recurse=False)}
     spec = spec_for(module)
-    if spec.grads is None or not set(names) <= own:
+    if call.generic or spec.grads is None or not set(names) <= own:
         return generic_grads
     if spec.grads_unsupported is not None and spec.grads_unsupported(module):
         return generic_grads

@@ -25,7 +25,6 @@ from fimhooks.layers import affine_in, generic_grads, per_input_rule, random_ins
 from fimhooks.likelihoods import likelihood_from
 from fimhooks.memory import DEFAULT_MAX_MEMORY, Budget, check_max_memory
 from fimhooks.observations import (
-    LabelDraw,
     data_residuals,
     draw_labels,
     position_mask,
@@ -37,6 +36,14 @@ from fimhooks.progress import progress
 from fimhooks.quantities import DEFAULT_ESTIMATORS, ESTIMATORS, exact_pass, terms_for
 from fimhooks.recording import ForwardRecord, chain_of
 from fimhooks.running import RunningDiagonal
+from fimhooks.verification import OPTIONS as VERIFY_OPTIONS
+from fimhooks.verification import (
+    autograd_squares,
+    describe,
+    disagreements,
+    tolerance,
+    verification_draw,
+)
 
 
 class FisherMonitor:
@@ -71,6 +78,9 @@ class FisherMonitor:
             bias-corrected exponential moving average.
         estimators: Which of ``"I1", "I2", "exact"`` to compute; fewer is cheaper. The
             closed-form variance of Î₁ and the data variance need ``"exact"`` or ``"I2"``.
+            Default: all three, where the model allows: a model on which ``"I2"`` cannot be
+            computed gets the others and one notice saying why (asked for explicitly,
+            ``"I2"`` raises the error instead).
             ``"EF"`` adds the empirical Fisher: squared gradients of the negative
             log-likelihood at the data's labels, read from the training loss's gradient
             (biased; docs/math.md §7b). With the Gaussian likelihood it needs the ``nn.MSELoss``
@@ -100,6 +110,11 @@ class FisherMonitor:
         block_errors: Also collect each layer's full-block expected squared Frobenius
             error (``FisherEstimates.frobenius_error``), from per-input ``C × C`` Gram
             matrices. Needs ``"exact"`` or ``"I2"``; chain path only.
+        verify: When to check the per-input gradients that the rules produce against
+            autograd on a few inputs (``verification``): ``"first"`` (default) on the first
+            collected step of each model structure, ``"always"`` on every collected step,
+            ``"off"`` never. A layer whose rule disagrees is replayed by the generic rule
+            (with one warning); where that disagrees too, the step is refused.
 
     Raises:
         ValueError: for an unsupported likelihood, BatchNorm in training mode, or invalid
@@ -116,7 +131,7 @@ class FisherMonitor:
         mc_samples: int = 1,
         every: int = 1,
         ema_decay: Optional[float] = None,
-        estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+        estimators: Optional[Sequence[str]] = None,
         seed: Optional[int] = None,
         batchnorm: str = bn.REFUSE,
         max_memory: Optional[float] = DEFAULT_MAX_MEMORY,
@@ -124,15 +139,21 @@ class FisherMonitor:
         process_group=None,
         bounds: bool = False,
         block_errors: bool = False,
+        verify: str = "first",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
         model, process_group = unwrap(model, process_group)
         self.likelihood = likelihood_from(likelihood, sigma)
         self._class_axis = 1 if isinstance(likelihood, nn.CrossEntropyLoss) else -1
-        self.estimators = _check_estimators(estimators)
+        self._default_estimators = estimators is None
+        self.estimators = _check_estimators(
+            DEFAULT_ESTIMATORS if estimators is None else estimators
+        )
         _check_options(mc_samples, every, ema_decay, output)
         check_max_memory(max_memory)
+        if verify not in VERIFY_OPTIONS:
+            raise ValueError(f"verify must be one of {VERIFY_OPTIONS}, got {verify!r}.")
         if batchnorm not in bn.OPTIONS:
             raise ValueError(f"batchnorm must be one of {bn.OPTIONS}, got {batchnorm!r}.")
         self.batchnorm = batchnorm
@@ -186,6 +207,9 @@ class FisherMonitor:
         self._mask = self._next_mask = None
         self._started = False
         self._generic_layers: Dict[str, None] = {}  # an ordered set
+        self.verify = verify
+        self._verified, self._unchained = set(), set()  # signatures of forward passes
+        self._generic_paths: Dict[str, nn.Module] = {}  # layers whose own rule disagreed
         self._warned = set()
         self._set_hooks(True)
         self._rank, world_size = process_group_of(process_group)
@@ -467,32 +491,113 @@ class FisherMonitor:
             draw = with_data_residuals(draw, residuals, sampled=self._terms != {"EF"})
         chain = None
         chained = positions.shape[1] == 1 and self._mask is None and not record.batch_statistics
-        if self._chain_leaves is not None and chained:
+        signature = _signature(record)
+        if self._chain_leaves is not None and chained and signature not in self._unchained:
             chain = chain_of(record, h, self._chain_leaves)
-        sums = self._chain_sums(chain, h, draw) if chain else self._general_sums(record, draw)
+        if self.verify == "always" or (self.verify == "first" and signature not in self._verified):
+            chain = self._verified_chain(record, positions, observed, chain, signature)
+        if chain:
+            sums = self._chain_sums(chain, h, draw)
+        else:
+            uses = self._uses(record)
+            if "I2" in self.estimators:
+                self._check_no_curvature(record, uses)
+            sums = self._general_sums(record, uses, draw, self._terms)
         for name, value in sums.items():
             pending = self._pending.get(name)
             self._pending[name] = value if pending is None else pending.add(value)
         self._pending_inputs += draw.num_inputs
         self._num_outputs = positions.shape[2]
 
-    def _chain_sums(self, chain, h: Tensor, draw: LabelDraw) -> Dict[str, BatchSums]:
+    def _verified_chain(self, record, positions, observed, chain, signature):
+        """Check the rules of the path in use against autograd (``verification``).
+
+        A chain whose rules disagree hands the structure to the general path; a layer of
+        the general path whose rule disagrees is replayed by the generic rule from then
+        on, each with one warning naming it. Where the generic rule disagrees too, the
+        step is refused.
+
+        Returns:
+            The chain to use (``None``: the general path).
+        """
+        h = record.output
+        generator = torch.Generator(h.device).manual_seed(self.seed + _VERIFICATION_SEED)
+        draw, rows = verification_draw(positions, observed, generator)
+        if not rows:
+            return chain
+        # autograd reaches no parameter of a BatchNorm layer with frozen statistics: its
+        # monitor's backward takes the input branch only
+        frozen = {id(p) for c in record.calls if c.statistics for p in c.module.parameters()}
+        params = {
+            n: p
+            for n, p in self.model.named_parameters()
+            if p.requires_grad and id(p) not in frozen
+        }
+        truth = autograd_squares(h, self._to_output(h), draw, params)
+        limit = tolerance([h.dtype] + [c.output.dtype for c in record.calls])
+        terms = frozenset({"I1"})
+        if chain:
+            errors = disagreements(self._chain_sums(chain, h, draw, terms, rows), truth, limit)
+            if not errors:
+                self._verified.add(signature)
+                return chain
+            self._unchained.add(signature)
+            self._warn_once(
+                ("chain", signature),
+                "the chain rules' per-input gradients disagree with autograd at "
+                f"{describe(errors, self._layer_of.get)}; this model takes the general path.",
+            )
+        uses = self._uses(record)
+        errors = disagreements(self._general_sums(record, uses, draw, terms, rows), truth, limit)
+        own_rules = {
+            c.path: c.module
+            for name in errors
+            for c, local in uses.get(name, ())
+            if per_input_rule(c, [local]) is not generic_grads
+        }
+        if own_rules:
+            self._generic_paths.update(own_rules)
+            named = ", ".join(f"'{p}' ({type(m).__name__})" for p, m in own_rules.items())
+            self._warn_once(
+                ("generic", tuple(own_rules)),
+                f"the per-input gradients of layer {named} disagree with autograd "
+                f"({describe(errors, self._layer_of.get)}); the generic rule replays it.",
+            )
+            uses = self._uses(record)
+            sums = self._general_sums(record, uses, draw, terms, rows)
+            errors = disagreements(sums, truth, limit)
+        if errors:
+            raise RuntimeError(
+                "fimhooks: the per-input gradients of "
+                f"{describe(errors, self._layer_of.get)} (relative errors) disagree with "
+                "autograd on the same inputs, so their Fisher estimates would be wrong. "
+                "fimhooks needs every input's output to depend on that input only, with "
+                "the batch as the first axis of the model's inputs and outputs; leave "
+                "these parameters out (requires_grad=False) or restructure the model."
+            )
+        self._verified.add(signature)
+        return None
+
+    def _to_output(self, h: Tensor) -> Callable:
+        """``[D, N, T, C]`` vectors in the layout of the output ``h``."""
+        return lambda g: to_output_layout(g, h, self.likelihood, self._class_axis)
+
+    def _chain_sums(self, chain, h, draw, terms=None, rows=None) -> Dict[str, BatchSums]:
         """The fast path for chains of supported layers (BackPACK's module derivatives)."""
         layers = [(c.module, c.inputs[0], c.output) for c in chain]
         rules = [spec_for(c.module).chain_rule(c.module) for c in chain]
         draw = draw.to(h.dtype)  # the chain computes in the model's precision
-        kappa, kronecker = self.likelihood.kappa, self._kronecker
-        terms, budget = self._terms, self._budget
-        sums = chain_batch_sums(layers, rules, h, draw, kappa, terms, kronecker, budget)
+        kappa, kronecker = self.likelihood.kappa, self._kronecker and terms is None
+        terms, budget = terms or self._terms, self._budget
+        sums = chain_batch_sums(layers, rules, h, draw, kappa, terms, kronecker, budget, rows)
         names = self._param_names  # read at the forward pass; later parameters had no use
         return {names[key]: value for key, value in sums.items() if key in names}
 
-    def _general_sums(self, record: ForwardRecord, draw: LabelDraw) -> Dict[str, BatchSums]:
+    def _general_sums(self, record, uses, draw, terms, rows=None) -> Dict[str, BatchSums]:
         """Any graph: directions backpropagated by autograd (``general``)."""
-        uses = self._uses(record)
         for call in {id(c): c for u in uses.values() for c, _ in u}.values():
             names = [local for u in uses.values() for c, local in u if c is call]
-            if per_input_rule(call.module, names) is generic_grads:
+            if per_input_rule(call, names) is generic_grads:
                 self._generic_layers[call.path] = None
                 reason = random_inside(call.module)
                 if reason:
@@ -501,22 +606,18 @@ class FisherMonitor:
                         f"replayed one input at a time, but {reason}; set that dropout to 0 "
                         "or call model.eval() while collecting."
                     )
-        if "I2" in self.estimators:
-            self._check_no_curvature(record, uses)
+        h = record.output
+        kappa = self.likelihood.kappa
         return general_batch_sums(
-            record.output,
-            lambda g: to_output_layout(g, record.output, self.likelihood, self._class_axis),
-            draw,
-            uses,
-            self.likelihood.kappa,
-            self._terms,
-            self._budget,
+            h, self._to_output(h), draw, uses, kappa, terms, self._budget, rows
         )
 
     def _uses(self, record: ForwardRecord) -> dict:
         """``{parameter name: [(call, name inside the called module), ...]}``."""
         calls_at: Dict[str, list] = {}
         for call in _per_input_calls(record):
+            if call.path in self._generic_paths:
+                call = dataclasses.replace(call, generic=True)
             calls_at.setdefault(call.path, []).append(call)
         uses = {}
         for name, param in self.model.named_parameters():
@@ -541,31 +642,23 @@ class FisherMonitor:
         return uses
 
     def _check_no_curvature(self, record: ForwardRecord, uses: dict) -> None:
-        """Î₂ on the general path: only where it equals exact; else a clear error."""
-        for name, param_uses in uses.items():
-            call, local = param_uses[0]
-            if len(param_uses) > 1:
-                raise RuntimeError(
-                    f"fimhooks: 'I2' needs the curvature of parameter '{name}', which is used "
-                    f"by {len(param_uses)} calls (tied or reused); fimhooks computes Î₂ only "
-                    "where the network is piecewise linear after each layer. Use "
-                    "estimators=('I1', 'exact')."
-                )
-            if not affine_in(call.module, [local]):
-                raise RuntimeError(
-                    f"fimhooks: 'I2' needs the curvature of layer '{call.path}' "
-                    f"({type(call.module).__name__}), which is not affine in its parameters. "
-                    "Use estimators=('I1', 'exact')."
-                )
-        nodes = {c.edge.node: c.path for c in record.calls if c.edge is not None}
-        found = curved_layer(record.output.grad_fn, nodes)
-        if found:
-            raise RuntimeError(
-                f"fimhooks: 'I2' needs the network's curvature above layer '{found[0]}', "
-                f"which passes through the operation {found[1]}; fimhooks follows it only "
-                "through chains of supported layers. Use estimators=('I1', 'exact'), or a "
-                "model whose layers run one after another."
-            )
+        """Î₂ on the general path: only where it equals exact.
+
+        Elsewhere a clear error, or, where ``"I2"`` came with the default estimators, the
+        others without it and one notice saying why.
+        """
+        reason = _curvature_needed(record, uses)
+        if reason is None:
+            return
+        if not self._default_estimators:
+            raise RuntimeError(f"fimhooks: 'I2' needs {reason}. Use estimators=('I1', 'exact').")
+        self.estimators = tuple(e for e in self.estimators if e != "I2")
+        self._terms = terms_for(self.estimators, self.bounds)
+        self._warn_once(
+            "I2",
+            f"'I2' is left out of the default estimators on this model: it needs {reason}. "
+            f"Collecting {self.estimators}; pass estimators=('I1', 'exact') to say so.",
+        )
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -720,13 +813,19 @@ class FisherMonitor:
         """Restore from ``state_dict`` of a monitor with the same options and parameters.
 
         Raises:
-            ValueError: naming what differs: an option (likelihood, ``sigma``, ...) or the
-                parameters' names and shapes.
+            ValueError: naming what differs, before anything is restored: a missing key, an
+                option (likelihood, ``sigma``, ...), the parameters' names and shapes, or
+                statistics of another parameter or shape.
         """
+        _check_state(state)
         saved = {"batchnorm": bn.REFUSE, **state["options"]}  # states from before the option
-        if saved != self._options():
+        options = self._options()
+        without_i2 = [e for e in options["estimators"] if e != "I2"]
+        if self._default_estimators and saved.get("estimators") == without_i2:
+            options["estimators"] = without_i2  # the saving monitor left 'I2' out
+        if saved != options:
             raise ValueError(
-                f"state_dict was saved with options {saved}, this monitor has {self._options()}."
+                f"state_dict was saved with options {saved}, this monitor has {options}."
             )
         if state["parameters"] != self._parameter_shapes():
             saved, here = state["parameters"], self._parameter_shapes()
@@ -736,6 +835,8 @@ class FisherMonitor:
                 f"{differ[:5]} (name: saved shape vs this model's: "
                 f"{[(k, saved.get(k), here.get(k)) for k in differ[:3]]})."
             )
+        self.estimators = tuple(options["estimators"])
+        self._terms = terms_for(self.estimators, self.bounds)
         self._entries = state["entries"]
         if not self._removed:
             self._set_hooks(self._armed)
@@ -804,6 +905,19 @@ class _Inert:
         return None
 
 
+#: Offset of the seed of the verification's directions from the label sampler's.
+_VERIFICATION_SEED = 7919
+
+
+def _signature(record: ForwardRecord) -> tuple:
+    """What verification results hold for: the calls, and which output axes have N entries."""
+    n = len(record.output)
+    return tuple(
+        (c.path, c.output.dim(), tuple(i for i, s in enumerate(c.output.shape) if s == n))
+        for c in record.calls
+    ) + (record.output.dim(),)
+
+
 #: The monitor attached to each model (one at a time).
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, FisherMonitor]" = weakref.WeakKeyDictionary()
 
@@ -826,6 +940,45 @@ def _check_options(mc_samples, every, ema_decay, output) -> None:
         raise TypeError(f"output must be a callable, got {type(output).__name__}.")
 
 
+#: Keys of ``FisherMonitor.state_dict()`` and of each accumulator's state in it.
+_STATE_KEYS = (
+    "options", "parameters", "entries", "skipped", "collected_steps", "num_outputs",
+    "accumulators", "generators",
+)  # fmt: skip
+_ACCUMULATOR_KEYS = (
+    "ema_decay", "mc_samples", "num_inputs", "num_steps", "single_input_steps", "stats",
+    "aliases",
+)  # fmt: skip
+
+
+def _check_state(state) -> None:
+    """A clear error, naming the key, for a state that ``state_dict()`` did not make."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state).__name__}.")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(
+            f"state_dict has no {missing}: pass what FisherMonitor.state_dict() returned."
+        )
+    shapes = state["parameters"]
+    for name, acc in state["accumulators"].items():
+        if name not in shapes:
+            raise ValueError(
+                f"state_dict['accumulators'] holds statistics of parameter '{name}', which "
+                "is not among its parameters."
+            )
+        missing = [k for k in _ACCUMULATOR_KEYS if k not in acc]
+        if missing:
+            raise ValueError(f"state_dict['accumulators']['{name}'] has no {missing}.")
+        for key, value in acc["stats"].items():
+            if not isinstance(value, Tensor) or (value.dim() and list(value.shape) != shapes[name]):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"state_dict['accumulators']['{name}']['stats']['{key}'] has shape "
+                    f"{shape}; parameter '{name}' has shape {tuple(shapes[name])}."
+                )
+
+
 def _check_estimators(estimators: Iterable[str]) -> tuple:
     estimators = tuple(estimators)
     unknown = [e for e in estimators if e not in ESTIMATORS]
@@ -834,6 +987,32 @@ def _check_estimators(estimators: Iterable[str]) -> tuple:
             f"estimators must be distinct names among {ESTIMATORS}, got {estimators!r}."
         )
     return estimators
+
+
+def _curvature_needed(record: ForwardRecord, uses: dict) -> Optional[str]:
+    """Why Î₂ would need curvature that the general path does not follow, or ``None``."""
+    for name, param_uses in uses.items():
+        call, local = param_uses[0]
+        if len(param_uses) > 1:
+            return (
+                f"the curvature of parameter '{name}', which is used by {len(param_uses)} "
+                "calls (tied or reused); fimhooks computes Î₂ only where the network is "
+                "piecewise linear after each layer"
+            )
+        if not affine_in(call.module, [local]):
+            return (
+                f"the curvature of layer '{call.path}' ({type(call.module).__name__}), "
+                "which is not affine in its parameters"
+            )
+    nodes = {c.edge.node: c.path for c in record.calls if c.edge is not None}
+    found = curved_layer(record.output.grad_fn, nodes)
+    if found:
+        return (
+            f"the network's curvature above layer '{found[0]}', which passes through the "
+            f"operation {found[1]}; fimhooks follows it only through chains of supported "
+            "layers"
+        )
+    return None
 
 
 def _per_input_calls(record: ForwardRecord) -> list:

@@ -45,7 +45,9 @@ def estimate(
             if options.get("output") is not None:
                 output = options["output"](output)
             with monitor:  # a backward to the output is all the monitor needs
-                torch.autograd.backward(output.sum(), inputs=[output])
+                # (not backward(inputs=[output]): nested backward passes from a tensor
+                # whose .grad that backward fills fail in torch)
+                torch.autograd.grad(output.sum(), output)
         return monitor.estimates()
     finally:
         monitor.remove()

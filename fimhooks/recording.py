@@ -38,6 +38,8 @@ class Call:
             the call.
         statistics: ``(mean, var)`` a BatchNorm layer normalised with, held constant
             (``batchnorm="frozen-batch-stats"``); ``None``: its running statistics.
+        generic: Whether the generic per-input rule replays the call instead of its
+            layer's own (which failed a verification).
     """
 
     module: nn.Module
@@ -48,6 +50,7 @@ class Call:
     edge: Optional[GradientEdge]
     versions: Tuple[int, ...]
     statistics: Optional[Tuple[Tensor, Tensor]] = None
+    generic: bool = False
 
     @property
     def args(self) -> tuple:

@@ -137,11 +137,23 @@ def test_i2_is_exact_where_the_network_is_piecewise_linear():
 )
 def test_i2_is_refused_where_it_would_need_curvature(name, match):
     model, x = graphs.make(name, 3), graphs.inputs(name)
-    monitor = fimhooks.FisherMonitor(model, "categorical")
+    asked = fimhooks.FisherMonitor(model, "categorical", estimators=("I1", "I2", "exact"))
     h = model(x)
     with pytest.raises(RuntimeError, match=match):
+        with asked:
+            F.cross_entropy(h, targets(h, "categorical")).backward()
+    asked.remove()
+    monitor = fimhooks.FisherMonitor(model, "categorical")  # the default estimators
+    h = model(x)
+    with pytest.warns(RuntimeWarning, match="'I2' is left out of the default estimators.*" + match):
         with monitor:
             F.cross_entropy(h, targets(h, "categorical")).backward()
+    assert monitor.estimators == ("I1", "exact")
+    est = monitor.estimates()
+    assert est.estimators == ("I1", "exact") and est.fisher("exact")
+    state = monitor.state_dict()
+    monitor.remove()
+    fimhooks.FisherMonitor(model, "categorical").load_state_dict(state)  # resumes
 
 
 def test_errors_for_outputs_and_options():

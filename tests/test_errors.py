@@ -82,7 +82,7 @@ def test_i2_through_a_functional_activation_is_refused():
             return self.b(torch.tanh(self.a(x)))
 
     model, loss_fn = Net(), nn.CrossEntropyLoss()
-    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=("I1", "I2", "exact"))
     loss = loss_fn(model(torch.randn(5, 3)), torch.zeros(5, dtype=torch.long))
     with pytest.raises(RuntimeError, match="layer 'a'"):
         with monitor:
@@ -99,7 +99,7 @@ def test_i2_through_a_layer_called_twice_is_refused():
             return self.act(self.b(self.act(self.a(x))))
 
     model, loss_fn = Net(), nn.CrossEntropyLoss()
-    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=("I1", "I2", "exact"))
     loss = loss_fn(model(torch.randn(5, 3)), torch.zeros(5, dtype=torch.long))
     with pytest.raises(RuntimeError, match="'I2' needs the network's curvature above layer"):
         with monitor:

@@ -1,0 +1,133 @@
+"""Self-verification: the per-input gradients that a path's rules produce, against autograd.
+
+A random direction ``v_n`` is placed at one observed position of each of a few inputs
+(zero elsewhere). The path in use reduces ``Σ_n (∂(v_nᵀ h_n)/∂θ)²`` with its own rules,
+from the batched forward pass (its ``I1`` term for such held directions), over the first
+rows of the batch, one more than the directed inputs so that a gradient that leaks to
+another input counts too. Autograd gives each directed input's gradient by a backward of
+its direction alone; where every input's output depends on that input only, that is the
+per-input gradient, whatever the rules assume about layers or batch axes. A parameter
+whose two sums differ beyond the rounding of the model's precision has a rule that does
+not apply to it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fimhooks.diagonal_terms import BatchSums
+from fimhooks.observations import Directions, LabelDraw
+
+#: Inputs given a direction in a verification.
+VERIFIED_INPUTS = 2
+#: What ``FisherMonitor(verify=...)`` accepts.
+OPTIONS = ("first", "always", "off")
+
+
+def verification_draw(
+    positions: Tensor, observed: Tensor, generator: torch.Generator
+) -> Tuple[LabelDraw, int]:
+    """Directions at the last observed position of the first ``VERIFIED_INPUTS`` inputs.
+
+    Args:
+        positions: ``[N, T, C]`` model output, detached.
+        observed: ``[N, T]`` boolean.
+        generator: A generator of the directions' device, used for nothing else.
+
+    Returns:
+        The draw (one held direction ``[1, N, T, C]``, position weights 1) and the number
+        of leading rows the path must reduce.
+    """
+    N, T, C = positions.shape
+    directed = observed.any(1).nonzero().flatten()[:VERIFIED_INPUTS]
+    last = T - 1 - observed.flip(1).int().argmax(1)  # last observed position of each input
+    vectors = positions.new_zeros(1, N, T, C)
+    noise = torch.randn(len(directed), C, generator=generator, device=generator.device)
+    vectors[0, directed, last[directed]] = noise.to(positions)
+    draw = LabelDraw(
+        Directions(positions, observed, held=vectors),
+        weights=None,
+        fourth_weights=None,
+        coefficients=None,
+        position_weights=observed.to(positions.dtype),
+        num_inputs=len(directed),
+    )
+    rows = min(N, int(directed[-1]) + 2) if len(directed) else 0
+    return draw, rows
+
+
+def autograd_squares(
+    output: Tensor, to_output: Callable, draw: LabelDraw, params: Dict[str, Tensor]
+) -> Dict[str, Tensor]:
+    """``Σ_n (∂(v_nᵀ h)/∂θ)²`` per parameter, by one backward of each input's direction.
+
+    Args:
+        output: The model output ``h`` whose history is kept.
+        to_output: ``[D, N, T, C] -> [D, *h.shape]``, the output's layout.
+        draw: From ``verification_draw``.
+        params: ``{name: parameter}``.
+    """
+    vectors = draw.directions[:]  # [1, N, T, C]
+    directed = vectors[0].flatten(1).ne(0).any(1).nonzero().flatten()
+    per_input = vectors.new_zeros(len(directed), *vectors.shape[1:])
+    per_input[torch.arange(len(directed)), directed] = vectors[0, directed]
+    grad_outputs = to_output(per_input).to(output.dtype)
+    names, tensors = list(params), list(params.values())
+    try:
+        grads = torch.autograd.grad(
+            [output], tensors, [grad_outputs], retain_graph=True, allow_unused=True,
+            is_grads_batched=True,
+        )  # fmt: skip
+    except RuntimeError:  # an operation without a batching rule: one backward each
+        rows = [
+            torch.autograd.grad([output], tensors, [g], retain_graph=True, allow_unused=True)
+            for g in grad_outputs
+        ]
+        grads = [
+            None if rows[0][i] is None else torch.stack([r[i] for r in rows])
+            for i in range(len(tensors))
+        ]
+    out = {}
+    for name, param, grad in zip(names, tensors, grads):
+        grad = torch.zeros_like(param)[None] if grad is None else grad.detach()
+        grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        out[name] = (grad * grad).sum(0)
+    return out
+
+
+def disagreements(
+    sums: Dict[str, BatchSums], truth: Dict[str, Tensor], tolerance: float
+) -> Dict[str, float]:
+    """``{parameter: relative error}`` where the path's sums differ from autograd's.
+
+    The error is the largest entry's difference over the largest entry of autograd's sum;
+    a parameter the path has no sums for counts as zero.
+    """
+    out = {}
+    for name, expected in truth.items():
+        found = sums.get(name)
+        value = torch.zeros_like(expected) if found is None else found.dense()["I1"]
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        error = float((value.to(expected) - expected).abs().max()) if expected.numel() else 0.0
+        if error > tolerance * scale or (scale == 0.0 and error > 0.0):
+            out[name] = error / scale if scale else float("inf")
+    return out
+
+
+def tolerance(dtypes) -> float:
+    """Relative rounding allowed at the lowest of ``dtypes``' precisions."""
+    eps = max(torch.finfo(d).eps for d in dtypes)
+    return max(1e-6, min(5e-2, 1e4 * eps))
+
+
+def describe(errors: Dict[str, float], layer_of: Optional[Callable] = None) -> str:
+    """``"'name' (layer 'path'): 12%"``, the largest first, at most five."""
+    worst = sorted(errors.items(), key=lambda item: -item[1])[:5]
+
+    def where(name):
+        return f" (layer '{layer_of(name) or '<model>'}')" if layer_of is not None else ""
+
+    return ", ".join(f"'{name}'{where(name)}: {error:.2g}" for name, error in worst)
