@@ -158,9 +158,7 @@ def _backward(output, to_output, draw, positions, directions, samples, calls) ->
         vectors[j, :, samples, t] = V[:, :, t]
     vectors = to_output(vectors.flatten(0, 1)).to(output.dtype)
     edges = [c.edge for c in calls if c.edge is not None]
-    grads = torch.autograd.grad(
-        [output], edges, [vectors], retain_graph=True, allow_unused=True, is_grads_batched=True
-    )
+    grads = batched_grad(output, edges, vectors)
     captured, found = {}, iter(grads)
     for call in calls:
         grad = next(found) if call.edge is not None else None
@@ -170,6 +168,28 @@ def _backward(output, to_output, draw, positions, directions, samples, calls) ->
         grad = grad.detach().movedim(1 + axis, 1)[:, samples]
         captured[id(call)] = grad.float() if grad.element_size() < 4 else grad
     return captured
+
+
+def batched_grad(output: Tensor, inputs: list, vectors: Tensor) -> list:
+    """``∂(vᵀ output)/∂inputs`` for each of ``vectors [D, *output.shape]``: ``[D, *input]``.
+
+    One batched backward; where an operation has no batching rule (checkpointing's saved
+    tensor hooks, ...), one backward per vector. ``None`` for an input not reached.
+    """
+    try:
+        return torch.autograd.grad(
+            [output], inputs, [vectors], retain_graph=True, allow_unused=True,
+            is_grads_batched=True,
+        )  # fmt: skip
+    except RuntimeError:
+        rows = [
+            torch.autograd.grad([output], inputs, [v], retain_graph=True, allow_unused=True)
+            for v in vectors
+        ]
+        return [
+            None if rows[0][i] is None else torch.stack([r[i] for r in rows])
+            for i in range(len(inputs))
+        ]
 
 
 def _use_grads(call: Call, local: str, grad_out: Tensor, samples: slice) -> Tensor:

@@ -153,3 +153,22 @@ def broadcast_sums(output_node, nodes: Iterable, num_inputs: int) -> Dict[object
         if len(shape) and shape[0] == num_inputs:
             found[node] = (user, shape)
     return found
+
+
+def reentrant_checkpoint(output_node) -> bool:
+    """Whether ``torch.utils.checkpoint(..., use_reentrant=True)`` ran in the graph.
+
+    Its layers run without gradient in the forward pass and are differentiated by a
+    backward pass of their own, which neither the monitor's backward passes nor
+    ``torch.autograd.grad`` reach.
+    """
+    stack, seen = [output_node], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False

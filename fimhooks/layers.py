@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from backpack.core.derivatives.batchnorm_nd import BatchNormNdDerivatives
@@ -173,12 +173,34 @@ def generic_grads(call, names: Sequence[str], grad_out: Tensor, samples: slice) 
             return first_tensor(out).select(axis, 0)
 
         _, pull_back = vjp(output, params)
-        return torch.vmap(pull_back)(g_n)[0]
+        try:
+            return torch.vmap(pull_back)(g_n)[0]
+        except RuntimeError:  # no batching rule for its backward: one direction at a time
+            return _stacked([pull_back(g)[0] for g in g_n])
 
     with warnings.catch_warnings():  # torch's note that an op is batched by a loop
         warnings.filterwarnings("ignore", message="There is a performance drop because")
-        per_input = torch.vmap(one_input, in_dims=(arg_dims, kw_dims, 1))(args, kwargs, grad_out)
+        try:
+            per_input = torch.vmap(one_input, in_dims=(arg_dims, kw_dims, 1))(
+                args, kwargs, grad_out
+            )
+        except RuntimeError:  # no batching rule (recurrent layers): one input at a time
+            per_input = _stacked(
+                [
+                    one_input(
+                        [a if d is None else a.select(d, n) for a, d in zip(args, arg_dims)],
+                        {k: v if kw_dims[k] is None else v[n] for k, v in kwargs.items()},
+                        grad_out[:, n],
+                    )
+                    for n in range(grad_out.shape[1])
+                ]
+            )
     return {n: value.transpose(0, 1) for n, value in per_input.items()}
+
+
+def _stacked(grads: List[Grads]) -> Grads:
+    """``[{name: tensor}]`` to ``{name: stacked tensor}`` (a new leading axis)."""
+    return {name: torch.stack([g[name] for g in grads]) for name in grads[0]}
 
 
 def _batched(value, axis: int, size: int) -> bool:

@@ -19,7 +19,7 @@ from fimhooks.diagonal_terms import BatchSums
 from fimhooks.distributed import StepReducer, StepSums, process_group_of, rank_seed, unwrap
 from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
 from fimhooks.general import general_batch_sums
-from fimhooks.graph import broadcast_sums, curved_layer
+from fimhooks.graph import broadcast_sums, curved_layer, reentrant_checkpoint
 from fimhooks.jsonlog import FisherLog
 from fimhooks.layers import affine_in, generic_grads, per_input_rule, random_inside, spec_for
 from fimhooks.likelihoods import likelihood_from
@@ -163,9 +163,13 @@ class FisherMonitor:
         self.seed = torch.initial_seed() if seed is None else int(seed)
         _check_not_extended(model)
         self._check_batchnorm()
-        if _ATTACHED.get(model) is not None:
+        watched = [
+            m for m in _ATTACHED if m is model or m in model.modules() or model in m.modules()
+        ]
+        if watched:
+            what = "this" if watched[0] is model else "a module containing or inside this"
             raise ValueError(
-                f"this {type(model).__name__} is already watched by a FisherMonitor; call "
+                f"{what} {type(model).__name__} is already watched by a FisherMonitor; call "
                 "remove() on that monitor first (two monitors would each collect every step)."
             )
         self._structure, self._handles, self._hooked = None, [], set()
@@ -204,7 +208,7 @@ class FisherMonitor:
         self._pending_nonfinite = False
         self._records: List[ForwardRecord] = []
         self._recording: Optional[ForwardRecord] = None
-        self._mask = self._next_mask = None
+        self._mask = self._started_mask = None
         self._started = False
         self._generic_layers: Dict[str, None] = {}  # an ordered set
         self.verify = verify
@@ -224,24 +228,30 @@ class FisherMonitor:
 
     # --- the context manager -------------------------------------------------------
 
-    def __call__(self, *, mask: Optional[Tensor] = None) -> "FisherMonitor":
-        """Options for the next ``with`` block: ``with monitor(mask=attention_mask):``.
+    def __call__(self, *, mask: Optional[Tensor] = None) -> "_Block":
+        """A ``with`` block with options: ``with monitor(mask=attention_mask):``.
 
         Args:
             mask: Which positions are observed (``True``), shaped like the output without
                 its class axis, or ``[N]`` (one flag per input). Masked positions (padding)
-                are neither drawn nor counted.
+                are neither drawn nor counted. It holds for that block only; after
+                ``start()``, ``monitor(mask=...)`` without a block gives the next backward
+                pass its mask.
         """
-        self._next_mask = mask
-        return self
+        if self._started:
+            self._started_mask = mask
+        return _Block(self._enter, self.__exit__, mask)
 
     def __enter__(self) -> "FisherMonitor":
+        return self._enter(None)
+
+    def _enter(self, mask: Optional[Tensor]) -> "FisherMonitor":
         self._check_attached("with monitor")
         if self._inside:
             raise RuntimeError("`with monitor:` blocks cannot be nested.")
         if self._armed:
             self._check_batchnorm()
-        self._mask, self._next_mask = self._next_mask, None
+        self._mask = mask
         self._inside = True
         self._collecting = self._armed
         self._entries += 1
@@ -302,6 +312,8 @@ class FisherMonitor:
                 "nothing was collected inside `with monitor:`: call backward on a loss "
                 "computed from the monitored model's output inside the block.",
             )
+            return
+        if not self._pending_inputs:  # every position was masked: nothing to add
             return
         for name, sums in self._pending.items():
             if name not in self._accumulators:
@@ -381,8 +393,9 @@ class FisherMonitor:
                 self._handles.append(module.register_forward_hook(record, with_kwargs=True))
 
     def _start_record(self, module, args) -> None:
-        # not while collecting: the generic rule may replay the model itself
-        if torch.is_grad_enabled() and not self._busy:  # a failed forward's record is dropped
+        # not while collecting (the generic rule may replay the model itself), nor inside a
+        # torch.func transform of the user's (its tensors are not the model's batch)
+        if torch.is_grad_enabled() and not self._busy and not _inside_transform():
             self._read_structure()  # layers added since the hooks were set get theirs now
             self._recording = ForwardRecord()
 
@@ -416,7 +429,7 @@ class FisherMonitor:
             )
         if not h.requires_grad:
             return
-        record.output = h
+        record.output, record.output_version = h, h._version
         if not self._inside:  # outside a block only the latest forward pass is kept
             self._records = []
         self._records.append(record)
@@ -428,7 +441,8 @@ class FisherMonitor:
         if self._busy:
             return
         if self._started and not self._inside:  # start(): this backward is one block
-            with self:
+            mask, self._started_mask = self._started_mask, None
+            with _Block(self._enter, self.__exit__, mask):
                 self._take(record, grad)
             return
         self._take(record, grad)
@@ -469,6 +483,17 @@ class FisherMonitor:
                 "[N, ...]: is it a loss? Watch the network that computes the outputs (with "
                 "Lightning: FisherCallback(..., model='net')), or select them with output=."
             )
+        if h.is_complex() or not h.is_floating_point():
+            raise TypeError(
+                f"fimhooks: the model output has dtype {h.dtype}; the likelihoods read real "
+                "floating-point outputs (logits or means). Select a real output with output=."
+            )
+        if h._version != record.output_version:
+            raise RuntimeError(
+                "fimhooks: the model output was changed in place after the forward pass "
+                "(e.g. out.div_(2)), so it no longer holds the model's values: write "
+                "out = out / 2 instead, or apply the change inside the model."
+            )
         if h.shape[0] == 0:  # a batch without inputs adds nothing
             return
         values = h.detach()  # labels are drawn in float32 at least (mixed precision)
@@ -500,6 +525,14 @@ class FisherMonitor:
             sums = self._chain_sums(chain, h, draw)
         else:
             uses = self._uses(record)
+            if not uses:
+                self._warn_once(
+                    "no parameters",
+                    "no parameter of the model that requires grad reaches its output; "
+                    "there is nothing to estimate.",
+                )
+                self._warned.add("empty")  # said already, more precisely
+                return
             if "I2" in self.estimators:
                 self._check_no_curvature(record, uses)
             sums = self._general_sums(record, uses, draw, self._terms)
@@ -521,6 +554,14 @@ class FisherMonitor:
             The chain to use (``None``: the general path).
         """
         h = record.output
+        if reentrant_checkpoint(h.grad_fn):
+            raise RuntimeError(
+                "fimhooks: the model uses torch.utils.checkpoint with use_reentrant=True, "
+                "whose layers no per-input backward pass reaches. Use "
+                "checkpoint(..., use_reentrant=False) (Hugging Face: "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                '{"use_reentrant": False})).'
+            )
         generator = torch.Generator(h.device).manual_seed(self.seed + _VERIFICATION_SEED)
         draw, rows = verification_draw(positions, observed, generator)
         if not rows:
@@ -533,6 +574,8 @@ class FisherMonitor:
             for n, p in self.model.named_parameters()
             if p.requires_grad and id(p) not in frozen
         }
+        if not params:
+            return chain
         truth = autograd_squares(h, self._to_output(h), draw, params)
         limit = tolerance([h.dtype] + [c.output.dtype for c in record.calls])
         terms = frozenset({"I1"})
@@ -757,7 +800,7 @@ class FisherMonitor:
 
     def stop(self) -> None:
         """End ``start()``: collect inside ``with monitor:`` blocks only."""
-        self._started = False
+        self._started, self._started_mask = False, None
         self._set_hooks(self._armed)
 
     @property
@@ -877,6 +920,25 @@ class FisherMonitor:
         }
 
 
+class _Block:
+    """A ``with monitor(mask=...):`` block: the monitor's own, with its options.
+
+    Args:
+        enter: The monitor's ``_enter``.
+        exit: Its ``__exit__``.
+        mask: The block's mask.
+    """
+
+    def __init__(self, enter: Callable, exit: Callable, mask: Optional[Tensor]):
+        self._enter, self._exit, self._mask = enter, exit, mask
+
+    def __enter__(self) -> "FisherMonitor":
+        return self._enter(self._mask)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return self._exit(exc_type, exc, tb)
+
+
 class _Hook:
     """Calls a method of the monitor, which it does not keep alive.
 
@@ -907,6 +969,11 @@ class _Inert:
 
 #: Offset of the seed of the verification's directions from the label sampler's.
 _VERIFICATION_SEED = 7919
+
+
+def _inside_transform() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) is running."""
+    return torch._C._functorch.maybe_current_level() is not None
 
 
 def _signature(record: ForwardRecord) -> tuple:

@@ -99,12 +99,14 @@ class ForwardRecord:
     Attributes:
         calls: The calls.
         output: The model output (set when the forward pass returns).
+        output_version: Its version counter then.
         consumed: Whether a backward pass through ``output`` was collected.
         batch_statistics: Path of a layer that normalised with the batch's statistics.
     """
 
     calls: List[Call] = field(default_factory=list)
     output: Optional[Tensor] = None
+    output_version: int = 0
     consumed: bool = False
     batch_statistics: Optional[str] = None
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fimhooks.diagonal_terms import BatchSums
+from fimhooks.general import batched_grad
 from fimhooks.observations import Directions, LabelDraw
 
 #: Inputs given a direction in a verification.
@@ -76,20 +77,7 @@ def autograd_squares(
     per_input[torch.arange(len(directed)), directed] = vectors[0, directed]
     grad_outputs = to_output(per_input).to(output.dtype)
     names, tensors = list(params), list(params.values())
-    try:
-        grads = torch.autograd.grad(
-            [output], tensors, [grad_outputs], retain_graph=True, allow_unused=True,
-            is_grads_batched=True,
-        )  # fmt: skip
-    except RuntimeError:  # an operation without a batching rule: one backward each
-        rows = [
-            torch.autograd.grad([output], tensors, [g], retain_graph=True, allow_unused=True)
-            for g in grad_outputs
-        ]
-        grads = [
-            None if rows[0][i] is None else torch.stack([r[i] for r in rows])
-            for i in range(len(tensors))
-        ]
+    grads = batched_grad(output, tensors, grad_outputs)
     out = {}
     for name, param, grad in zip(names, tensors, grads):
         grad = torch.zeros_like(param)[None] if grad is None else grad.detach()

@@ -132,3 +132,100 @@ def test_a_scalar_model_output_is_refused_naming_the_fix():
     with pytest.raises(ValueError, match="output is a scalar.*model='net'"):
         with monitor:
             model(torch.randn(4, 3)).backward()
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _x():
+    return torch.randn(5, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def test_a_mask_given_to_a_block_never_entered_does_not_apply_later():
+    model, x = _mlp(), _x()
+    plain = fimhooks.FisherMonitor(model, "categorical", estimators=("exact",))
+    with plain:
+        model(x).sum().backward()
+    plain.remove()
+    monitor = fimhooks.FisherMonitor(model, "categorical", estimators=("exact",))
+    monitor(mask=torch.tensor([True, False, False, False, False]))  # never entered
+    with monitor:
+        model(x).sum().backward()
+    assert monitor.estimates().num_inputs == 5
+    for name, value in plain.estimates().fisher("exact").items():
+        torch.testing.assert_close(monitor.estimates().fisher("exact")[name], value)
+
+
+def test_an_all_masked_block_adds_nothing_to_an_ema():
+    model, x = _mlp(), _x()
+    monitor = fimhooks.FisherMonitor(model, "categorical", ema_decay=0.9)
+    with monitor:
+        model(x).sum().backward()
+    before = monitor.estimates()
+    with monitor(mask=torch.zeros(5, dtype=torch.bool)):
+        model(x).sum().backward()
+    after = monitor.estimates()
+    assert after.skipped == 0 and after.num_inputs == before.num_inputs
+    for e in ("I1", "exact"):
+        for name, value in before.fisher(e).items():
+            assert torch.isfinite(after.fisher(e)[name]).all()
+            torch.testing.assert_close(after.fisher(e)[name], value)
+
+
+def test_outputs_the_likelihoods_cannot_read_are_refused():
+    class Complex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x):
+            return self.net(x) * (1 + 1j)
+
+    complex_model, x = Complex(), _x()
+    monitor = fimhooks.FisherMonitor(complex_model, "categorical")
+    with pytest.raises(TypeError, match="complex128"):
+        with monitor:
+            complex_model(x).abs().sum().backward()
+    model = _mlp()
+    monitor = fimhooks.FisherMonitor(model, "categorical")
+    out = model(x)
+    out.div_(2)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        with monitor:
+            out.sum().backward()
+
+
+def test_a_module_inside_or_around_a_watched_one_is_refused():
+    model = _mlp()
+    monitor = fimhooks.FisherMonitor(model[0], "categorical")
+    with pytest.raises(ValueError, match="already watched"):
+        fimhooks.FisherMonitor(model, "categorical")
+    monitor.remove()
+    monitor = fimhooks.FisherMonitor(model, "categorical")
+    with pytest.raises(ValueError, match="already watched"):
+        fimhooks.FisherMonitor(model[2], "categorical")
+
+
+def test_torch_func_transforms_of_a_started_model_are_left_alone():
+    model, x = _mlp(), _x()
+    monitor = fimhooks.FisherMonitor(model, "categorical").start()
+    jacobian = torch.func.jacrev(lambda x: model(x))(x[:2])
+    grads = torch.func.vmap(torch.func.grad(lambda x: model(x[None]).sum()))(x)
+    assert jacobian.shape == (2, 3, 2, 3) and grads.shape == x.shape
+    model(x).sum().backward()  # an ordinary step is still collected
+    monitor.stop()
+    assert monitor.estimates().num_inputs == 5
+
+
+def test_a_model_without_trainable_parameters_warns_instead_of_failing():
+    model, x = _mlp(), _x().requires_grad_()  # saliency: gradients at the input only
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = nn.Sequential(model, nn.Identity())  # not a chain of trainable layers
+    monitor = fimhooks.FisherMonitor(model, "categorical")
+    with pytest.warns(RuntimeWarning, match="nothing to estimate"):
+        with monitor:
+            model(x).sum().backward()
+    assert x.grad is not None and monitor.collected_steps == 0
