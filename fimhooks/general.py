@@ -33,7 +33,7 @@ from fimhooks.diagonal_terms import (
 from fimhooks.layers import per_input_rule, spec_for
 from fimhooks.memory import Budget
 from fimhooks.observations import LabelDraw
-from fimhooks.recording import Call, batch_axis
+from fimhooks.recording import Call
 
 #: Live copies of a per-input tensor assumed by the memory estimates.
 COPIES = 4
@@ -141,7 +141,7 @@ def _input_chunk_sums(output, to_output, draw, uses, calls, chunks, samples, kap
             continue
         call, local = param_uses[0]
         if name in rank_one and local == "weight":
-            sums[name] = rank_one_batch_sums(terms_of, call.args[0][samples])
+            sums[name] = rank_one_batch_sums(terms_of, call.first_input(samples))
         else:
             sums[name] = batch_sums(terms_of)
     return sums
@@ -150,24 +150,49 @@ def _input_chunk_sums(output, to_output, draw, uses, calls, chunks, samples, kap
 def _backward(output, to_output, draw, positions, directions, samples, calls) -> dict:
     """Vectors at each watched output, ``{id(call): [len(positions)·len(directions), n, *out]}``.
 
-    The batch axis of each output is moved next to the directions' axis.
+    The batch axis of each output is moved next to the directions' axis. A call with
+    further output tensors (``Call.others``) gets a tuple, the first output's first.
     """
     V = draw.directions[directions.start : directions.stop, samples]
     vectors = V.new_zeros(len(positions), len(V), *draw.directions.shape[1:])
     for j, t in enumerate(positions):
         vectors[j, :, samples, t] = V[:, :, t]
     vectors = to_output(vectors.flatten(0, 1)).to(output.dtype)
-    edges = [c.edge for c in calls if c.edge is not None]
-    grads = batched_grad(output, edges, vectors)
-    captured, found = {}, iter(grads)
-    for call in calls:
-        grad = next(found) if call.edge is not None else None
+    # every output tensor of a call with a history: the first, then the others
+    outputs = [
+        (call, t, edge)
+        for call in calls
+        for t, edge in [(call.output, call.edge)] + [(o.tensor, o.edge) for o in call.others]
+    ]
+    edges = [edge for _, _, edge in outputs if edge is not None]
+    grads = iter(batched_grad(output, edges, vectors))
+    found: Dict[int, list] = {}
+    for call, tensor, edge in outputs:
+        grad = next(grads) if edge is not None else None
         if grad is None:
-            grad = vectors.new_zeros(vectors.shape[0], *call.output.shape)
-        axis = batch_axis(call.module)
-        grad = grad.detach().movedim(1 + axis, 1)[:, samples]
-        captured[id(call)] = grad.float() if grad.element_size() < 4 else grad
+            grad = vectors.new_zeros(vectors.shape[0], *tensor.shape)
+        found.setdefault(id(call), []).append(grad.detach())
+    captured = {}
+    for call in calls:
+        grads = found[id(call)]
+        if call.others and call.edge is not None:
+            grads = [grads[0]] + _from_outside(call, grads)
+        axes = [call.batch_dim] + [call.other_axis(o) for o in call.others]
+        grads = [g.movedim(1 + axis, 1)[:, samples] for g, axis in zip(grads, axes)]
+        grads = [g.float() if g.element_size() < 4 else g for g in grads]
+        captured[id(call)] = grads[0] if len(grads) == 1 else tuple(grads)
     return captured
+
+
+def _from_outside(call: Call, grads: list) -> list:
+    """The further outputs' gradients less what reaches them through the first output.
+
+    A further output computed on the way to the first (an LSTM cell's ``c`` inside ``h``)
+    receives, at its edge, the first output's gradient too; the generic rule must see
+    only what enters from outside the call.
+    """
+    inside = batched_grad(call.output, [o.edge for o in call.others], grads[0])
+    return [g if i is None else g - i.detach() for g, i in zip(grads[1:], inside)]
 
 
 def batched_grad(output: Tensor, inputs: list, vectors: Tensor) -> list:
@@ -234,7 +259,8 @@ def _is_rank_one(param_uses: List[Use], draw: LabelDraw) -> bool:
     if len(param_uses) != 1 or draw.directions.shape[2] != 1:
         return False
     call, _ = param_uses[0]
-    return spec_for(call.module).rank_one and not call.generic and call.inputs[0].dim() == 2
+    rank_one = spec_for(call.module).rank_one and not call.generic
+    return rank_one and call.batch_dim == 0 and call.inputs[0].dim() == 2
 
 
 def _parameters(uses: Dict[str, List[Use]]) -> Dict[str, Tensor]:

@@ -10,6 +10,8 @@ A ``LayerSpec`` says, for one ``nn.Module`` type:
   per-input gradients ``{local parameter name: [D, n, *param.shape]}``. Without one,
   ``generic_grads`` replays the module on one input at a time with ``torch.func``
   (exact, bounded memory, slower);
+* ``any_batch_axis``: the per-input rule acts on trailing axes only, so the batch may be
+  any leading axis (Linear, Embedding, LayerNorm); other rules need it first;
 * ``affine``: its output is affine in each of its parameters, so Î₂ of the layer needs no
   curvature of the layer itself;
 * ``rank_one``: per-input weight Jacobians are outer products on ``[N, in]`` inputs;
@@ -59,10 +61,11 @@ from backpack.core.derivatives.zeropad2d import ZeroPad2dDerivatives
 from torch import Tensor, nn
 from torch.func import functional_call, vjp
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_leaves, tree_map
 
 from fimhooks import jacobians
 from fimhooks.chain import Elementwise, LinearOpDerivatives, Parameterized, PassThrough
-from fimhooks.recording import batch_axis, first_tensor
+from fimhooks.recording import first_tensor
 
 Grads = Dict[str, Tensor]
 
@@ -73,6 +76,7 @@ class LayerSpec:
 
     chain: Optional[PassThrough] = None
     grads: Optional[Callable] = None
+    any_batch_axis: bool = False
     affine: bool = False
     rank_one: bool = False
     kfac: bool = False
@@ -89,7 +93,7 @@ class LayerSpec:
 def _linear_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
     out = {}
     if "weight" in names:
-        out["weight"] = jacobians.linear_weight(grad_out, call.args[0][samples])
+        out["weight"] = jacobians.linear_weight(grad_out, call.first_input(samples))
     if "bias" in names:
         out["bias"] = grad_out.reshape(*grad_out.shape[:2], -1, grad_out.shape[-1]).sum(2)
     return out
@@ -110,7 +114,7 @@ def _embedding_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
             f"Embedding '{call.path}' has scale_grad_by_freq=True: its gradient depends on "
             "the whole batch, so per-input gradients are undefined."
         )
-    weight = jacobians.embedding_weight(grad_out, call.args[0][samples], module.num_embeddings)
+    weight = jacobians.embedding_weight(grad_out, call.first_input(samples), module.num_embeddings)
     if module.padding_idx is not None:  # torch leaves that row without gradient
         weight[:, :, module.padding_idx] = 0
     return {"weight": weight}
@@ -120,7 +124,7 @@ def _conv_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
     module = call.module
     out = {}
     if "weight" in names:
-        out["weight"] = jacobians.conv_weight(grad_out, call.args[0][samples], module)
+        out["weight"] = jacobians.conv_weight(grad_out, call.first_input(samples), module)
     if "bias" in names:
         out["bias"] = grad_out.flatten(3).sum(3)
     return out
@@ -131,7 +135,7 @@ def _norm_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
 
     BatchNorm normalises with its running statistics, or with the batch's held constant.
     """
-    module, x = call.module, call.args[0][samples]
+    module, x = call.module, call.first_input(samples)
     if isinstance(module, nn.GroupNorm):
         normalized = nn.functional.group_norm(x, module.num_groups, eps=module.eps)
         start, dims = 0, 1  # channels
@@ -150,33 +154,45 @@ def _norm_grads(call, names, grad_out: Tensor, samples: slice) -> Grads:
     return {"weight": weight, "bias": bias}
 
 
-def generic_grads(call, names: Sequence[str], grad_out: Tensor, samples: slice) -> Grads:
+def generic_grads(call, names: Sequence[str], grad_out, samples: slice) -> Grads:
     """Any module: ``torch.func`` vector-Jacobian products on one input at a time.
 
-    Positional tensor arguments are batched along the module's batch axis (``batch_axis``);
+    ``grad_out`` is a tuple for a call with further output tensors (``Call.others``).
+
+    Positional tensor arguments are batched along the call's batch axis (``Call.batch_dim``);
     keyword tensors whose first axis has the batch size are batched along it.
     """
     module = call.module
     params = {n: p.detach() for n, p in module.named_parameters() if n in names}
-    axis, size = batch_axis(module), call.batch_size
-    args = [a[_slice_at(axis, samples)] if _batched(a, axis, size) else a for a in call.args]
-    arg_dims = [axis if _batched(a, axis, size) else None for a in call.args]
-    kwargs = {k: _detached(v) for k, v in call.kwargs.items()}
-    kwargs = {k: v[samples] if _batched(v, 0, size) else v for k, v in kwargs.items()}
-    kw_dims = {k: 0 if _batched(v, 0, size) else None for k, v in call.kwargs.items()}
+    axis, size = call.batch_dim, call.batch_size
+
+    def dims(values, at):  # the batch axis of each tensor in a (nested) argument, or None
+        return tree_map(lambda v: at if _batched(v, at, size) else None, values)
+
+    def rows(values, at):
+        return tree_map(lambda v: v[_slice_at(at, samples)] if _batched(v, at, size) else v, values)
+
+    kwargs = tree_map(_detached, call.kwargs)
+    arg_dims, kw_dims = list(dims(call.args, axis)), dims(kwargs, 0)
+    args, kwargs = list(rows(call.args, axis)), rows(kwargs, 0)
 
     def one_input(args_n, kwargs_n, g_n):
         def output(p):
-            batched = [a if d is None else a.unsqueeze(d) for a, d in zip(args_n, arg_dims)]
-            kw = {k: v if kw_dims[k] is None else v.unsqueeze(0) for k, v in kwargs_n.items()}
+            batched = tree_map(_unsqueezed, args_n, arg_dims, is_leaf=_is_none)
+            kw = tree_map(_unsqueezed, kwargs_n, kw_dims, is_leaf=_is_none)
             out = functional_call(module, p, tuple(batched), kw)
-            return first_tensor(out).select(axis, 0)
+            if not call.others:
+                return first_tensor(out).select(axis, 0)
+            tensors = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
+            rest = tuple(tensors[o.index].select(call.other_axis(o), 0) for o in call.others)
+            return (tensors[0].select(axis, 0),) + rest
 
         _, pull_back = vjp(output, params)
         try:
             return torch.vmap(pull_back)(g_n)[0]
         except RuntimeError:  # no batching rule for its backward: one direction at a time
-            return _stacked([pull_back(g)[0] for g in g_n])
+            count = tree_leaves(g_n)[0].shape[0]
+            return _stacked([pull_back(tree_map(_index(d), g_n))[0] for d in range(count)])
 
     with warnings.catch_warnings():  # torch's note that an op is batched by a loop
         warnings.filterwarnings("ignore", message="There is a performance drop because")
@@ -188,11 +204,11 @@ def generic_grads(call, names: Sequence[str], grad_out: Tensor, samples: slice) 
             per_input = _stacked(
                 [
                     one_input(
-                        [a if d is None else a.select(d, n) for a, d in zip(args, arg_dims)],
-                        {k: v if kw_dims[k] is None else v[n] for k, v in kwargs.items()},
-                        grad_out[:, n],
+                        tree_map(_selected(n), args, arg_dims, is_leaf=_is_none),
+                        tree_map(_selected(n), kwargs, kw_dims, is_leaf=_is_none),
+                        tree_map(_index(slice(None), n), grad_out),
                     )
-                    for n in range(grad_out.shape[1])
+                    for n in range(tree_leaves(grad_out)[0].shape[1])
                 ]
             )
     return {n: value.transpose(0, 1) for n, value in per_input.items()}
@@ -201,6 +217,22 @@ def generic_grads(call, names: Sequence[str], grad_out: Tensor, samples: slice) 
 def _stacked(grads: List[Grads]) -> Grads:
     """``[{name: tensor}]`` to ``{name: stacked tensor}`` (a new leading axis)."""
     return {name: torch.stack([g[name] for g in grads]) for name in grads[0]}
+
+
+def _unsqueezed(value, dim: Optional[int]):
+    return value if dim is None else value.unsqueeze(dim)
+
+
+def _selected(n: int) -> Callable:
+    return lambda value, dim: value if dim is None else value.select(dim, n)
+
+
+def _index(*index) -> Callable:
+    return lambda value: value[index]
+
+
+def _is_none(value) -> bool:
+    return value is None
 
 
 def _batched(value, axis: int, size: int) -> bool:
@@ -273,7 +305,9 @@ LAYERS: Dict[type, LayerSpec] = {
     nn.Identity: _linear_op(LinearOpDerivatives),
     nn.ZeroPad2d: _linear_op(ZeroPad2dDerivatives),
     nn.Flatten: LayerSpec(PassThrough(FlattenDerivatives()), chain_unsupported=_flatten_options),
-    nn.Linear: _weighted(LinearDerivatives, _linear_grads, rank_one=True, kfac=True),
+    nn.Linear: _weighted(
+        LinearDerivatives, _linear_grads, any_batch_axis=True, rank_one=True, kfac=True
+    ),
     nn.Conv1d: _weighted(Conv1DDerivatives, _conv_grads, **_CONV_OPTIONS),
     nn.Conv2d: _weighted(Conv2DDerivatives, _conv_grads, **_CONV_OPTIONS),
     nn.Conv3d: _weighted(Conv3DDerivatives, _conv_grads, **_CONV_OPTIONS),
@@ -283,16 +317,18 @@ LAYERS: Dict[type, LayerSpec] = {
     nn.BatchNorm1d: _batchnorm,
     nn.BatchNorm2d: _batchnorm,
     nn.BatchNorm3d: _batchnorm,
-    nn.Embedding: LayerSpec(grads=_embedding_grads, affine=True),
+    nn.Embedding: LayerSpec(grads=_embedding_grads, any_batch_axis=True, affine=True),
     nn.EmbeddingBag: _AFFINE,
-    nn.LayerNorm: LayerSpec(grads=_norm_grads, affine=True),
+    nn.LayerNorm: LayerSpec(grads=_norm_grads, any_batch_axis=True, affine=True),
     nn.GroupNorm: LayerSpec(grads=_norm_grads, affine=True),
 }
 if hasattr(nn, "RMSNorm"):
-    LAYERS[nn.RMSNorm] = LayerSpec(grads=_norm_grads, affine=True)
+    LAYERS[nn.RMSNorm] = LayerSpec(grads=_norm_grads, any_batch_axis=True, affine=True)
 #: Layers of other libraries, by class name (so that fimhooks need not import them).
 LAYERS_BY_NAME: Dict[str, LayerSpec] = {
-    "Conv1D": LayerSpec(grads=_transposed_linear_grads, affine=True),  # transformers' GPT-2
+    "Conv1D": LayerSpec(
+        grads=_transposed_linear_grads, any_batch_axis=True, affine=True
+    ),  # transformers' GPT-2
 }
 _UNDECLARED = LayerSpec()
 
@@ -327,7 +363,9 @@ def per_input_rule(call, names: Sequence[str]) -> Callable:
     module = call.module
     own = {n for n, _ in module.named_parameters(recurse=False)}
     spec = spec_for(module)
-    if call.generic or spec.grads is None or not set(names) <= own:
+    if call.generic or call.others or spec.grads is None or not set(names) <= own:
+        return generic_grads
+    if call.batch_dim != 0 and not spec.any_batch_axis:
         return generic_grads
     if spec.grads_unsupported is not None and spec.grads_unsupported(module):
         return generic_grads

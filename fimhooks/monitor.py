@@ -39,6 +39,7 @@ from fimhooks.running import RunningDiagonal
 from fimhooks.verification import OPTIONS as VERIFY_OPTIONS
 from fimhooks.verification import (
     autograd_squares,
+    batch_axes,
     describe,
     disagreements,
     tolerance,
@@ -213,6 +214,7 @@ class FisherMonitor:
         self._generic_layers: Dict[str, None] = {}  # an ordered set
         self.verify = verify
         self._verified, self._unchained = set(), set()  # signatures of forward passes
+        self._axes: Dict[tuple, dict] = {}  # by signature: batch axes derived per call
         self._generic_paths: Dict[str, nn.Module] = {}  # layers whose own rule disagreed
         self._warned = set()
         self._set_hooks(True)
@@ -590,6 +592,9 @@ class FisherMonitor:
                 "the chain rules' per-input gradients disagree with autograd at "
                 f"{describe(errors, self._layer_of.get)}; this model takes the general path.",
             )
+        self._axes[signature] = batch_axes(
+            h, self._to_output(h), positions, observed, record.calls, generator
+        )
         uses = self._uses(record)
         errors = disagreements(self._general_sums(record, uses, draw, terms, rows), truth, limit)
         own_rules = {
@@ -658,7 +663,7 @@ class FisherMonitor:
     def _uses(self, record: ForwardRecord) -> dict:
         """``{parameter name: [(call, name inside the called module), ...]}``."""
         calls_at: Dict[str, list] = {}
-        for call in _per_input_calls(record):
+        for call in _per_input_calls(record, self._axes.get(_signature(record))):
             if call.path in self._generic_paths:
                 call = dataclasses.replace(call, generic=True)
             calls_at.setdefault(call.path, []).append(call)
@@ -1082,22 +1087,27 @@ def _curvature_needed(record: ForwardRecord, uses: dict) -> Optional[str]:
     return None
 
 
-def _per_input_calls(record: ForwardRecord) -> list:
+def _per_input_calls(record: ForwardRecord, axes: Optional[dict] = None) -> list:
     """The calls whose gradient can be taken per input.
 
     A value computed once for all inputs (position embeddings) and added to a per-input
-    tensor is seen through that sum; otherwise a call whose output has a batch axis.
-    Other calls are left out: their parameters are then handled at a per-input call
-    around them.
+    tensor is seen through that sum; otherwise a call whose output has a batch axis: the
+    one derived from the data flow where the verification derived it (``axes``: ``{index
+    of a call: axis or None}``), else the axis of the inputs' size. Other calls are left
+    out: their parameters are then handled at a per-input call around them.
     """
     n = len(record.output)
     nodes = [c.edge.node for c in record.calls if c.edge is not None]
     sums = broadcast_sums(record.output.grad_fn, nodes, n)
+    axes = axes or {}
     calls = []
-    for call in record.calls:
+    for index, call in enumerate(record.calls):
         shared = call.edge is not None and sums.get(call.edge.node)
         if shared and math.prod(shared[1][1:]) == call.output.numel():
             calls.append(call.broadcast(n, GradientEdge(shared[0], 0), shared[1]))
+        elif index in axes:
+            if axes[index] is not None:
+                calls.append(dataclasses.replace(call, axis=axes[index]))
         elif call.per_input(n):
             calls.append(call)
     return calls

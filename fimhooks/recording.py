@@ -40,6 +40,11 @@ class Call:
             (``batchnorm="frozen-batch-stats"``); ``None``: its running statistics.
         generic: Whether the generic per-input rule replays the call instead of its
             layer's own (which failed a verification).
+        axis: The batch axis of its first input and its output, where it was derived from
+            the data flow (``verification.batch_axes``); ``None``: the module's own
+            (``batch_axis``).
+        others: The output's further tensors with a history (an LSTM cell's ``c``,
+            ``(h_n, c_n)`` of a recurrent layer), through which gradient enters too.
     """
 
     module: nn.Module
@@ -51,6 +56,8 @@ class Call:
     versions: Tuple[int, ...]
     statistics: Optional[Tuple[Tensor, Tensor]] = None
     generic: bool = False
+    axis: Optional[int] = None
+    others: Tuple["Other", ...] = ()
 
     @property
     def args(self) -> tuple:
@@ -58,13 +65,29 @@ class Call:
         return tuple(_detached(a) for a in self.inputs)
 
     @property
+    def batch_dim(self) -> int:
+        """The batch axis of the output (and of the first input)."""
+        return batch_axis(self.module) if self.axis is None else self.axis
+
+    def first_input(self, samples: slice) -> Tensor:
+        """The first positional argument of the inputs ``samples``, batch axis first."""
+        return self.args[0].movedim(self.batch_dim, 0)[samples]
+
+    def other_axis(self, other: Other) -> int:
+        """A further output's batch axis: the first output's, else the first of its size."""
+        axis, size = self.batch_dim, self.batch_size
+        if other.tensor.dim() > axis and other.tensor.shape[axis] == size:
+            return axis
+        return next((i for i, s in enumerate(other.tensor.shape) if s == size), 0)
+
+    @property
     def batch_size(self) -> int:
         """Inputs in the batch (the batch axis of the output)."""
-        return self.output.shape[batch_axis(self.module)]
+        return self.output.shape[self.batch_dim]
 
     def per_input(self, num_inputs: int) -> bool:
         """Whether the output has the batch axis of ``num_inputs`` inputs."""
-        axis = batch_axis(self.module)
+        axis = self.batch_dim
         return self.output.dim() > axis and self.output.shape[axis] == num_inputs
 
     def broadcast(self, num_inputs: int, edge: GradientEdge, shape) -> "Call":
@@ -84,12 +107,28 @@ class Call:
 
         output = self.output if has_row else self.output.unsqueeze(0)
         inputs = tuple(rows(a) for a in self.inputs)
-        return replace(self, inputs=inputs, output=output.expand(shape), edge=edge)
+        return replace(self, inputs=inputs, output=output.expand(shape), edge=edge, others=())
 
     def modified_in_place(self) -> bool:
         """Whether a tensor input or the output was changed in place after the call."""
         tensors = [a for a in self.inputs if isinstance(a, Tensor)] + [self.output]
         return any(t._version != v for t, v in zip(tensors, self.versions))
+
+
+@dataclass(frozen=True)
+class Other:
+    """A further output tensor of a call.
+
+    Its index among the output's tensors, the tensor, and where its gradient enters.
+    """
+
+    index: int
+    tensor: Tensor
+    edge: GradientEdge
+
+
+def _leaves(output) -> list:
+    return torch.utils._pytree.tree_flatten(output)[0]
 
 
 @dataclass
@@ -112,13 +151,19 @@ class ForwardRecord:
 
     def add(self, module, path: str, args: tuple, kwargs: dict, output, statistics=None) -> None:
         """Record a call (a forward hook's arguments; ``statistics``: see ``Call``)."""
-        first = output if isinstance(output, Tensor) else first_tensor(output)
-        if first is None:
+        tensors = [t for t in _leaves(output) if isinstance(t, Tensor)]
+        if not tensors:
             return
+        first = output if isinstance(output, Tensor) else tensors[0]
         edge = get_gradient_edge(first) if first.requires_grad else None
         versions = tuple(a._version for a in args if isinstance(a, Tensor)) + (first._version,)
+        others = tuple(
+            Other(i, t, get_gradient_edge(t))
+            for i, t in enumerate(tensors)
+            if i and t.requires_grad
+        )
         call = Call(module, path, args, dict(kwargs), first, edge, versions, statistics)
-        self.calls.append(call)
+        self.calls.append(replace(call, others=others) if others else call)
 
 
 def chain_of(record: ForwardRecord, output: Tensor, leaves: dict) -> Optional[List[Call]]:
@@ -167,5 +212,4 @@ def _detached(value):
 
 def first_tensor(output) -> Optional[Tensor]:
     """The first tensor in a module's output (a tensor, a tuple, a dict or a ModelOutput)."""
-    leaves, _ = torch.utils._pytree.tree_flatten(output)
-    return next((t for t in leaves if isinstance(t, Tensor)), None)
+    return next((t for t in _leaves(output) if isinstance(t, Tensor)), None)

@@ -60,6 +60,54 @@ def verification_draw(
     return draw, rows
 
 
+def batch_axes(
+    output: Tensor, to_output: Callable, positions: Tensor, observed: Tensor, calls, generator
+) -> Dict[int, Optional[int]]:
+    """Each call's batch axis, read from where one input's gradient flows.
+
+    A random direction at every observed position of one input is backpropagated to the
+    outputs of the calls: along a call's batch axis its gradient is zero everywhere but at
+    that input, whatever the sizes of the other axes (sequence-first layouts, ``T == N``).
+
+    Args:
+        output: The model output ``h``.
+        to_output: ``[D, N, T, C] -> [D, *h.shape]``.
+        positions: ``[N, T, C]`` model output, detached.
+        observed: ``[N, T]`` boolean.
+        calls: The recorded calls (``recording.Call``).
+        generator: A generator of the output's device, used for nothing else.
+
+    Returns:
+        ``{index of a call: its batch axis, or None where none holds the inputs apart}``
+        for the calls that the direction reaches; the others are left out.
+    """
+    N = positions.shape[0]
+    directed = observed.any(1).nonzero().flatten()
+    reached = [i for i, c in enumerate(calls) if c.edge is not None]
+    if not len(directed) or not reached:
+        return {}
+    n = int(directed[0])
+    vector = positions.new_zeros(1, *positions.shape)
+    noise = torch.randn(positions.shape[1:], generator=generator, device=generator.device)
+    vector[0, n] = noise.to(positions) * observed[n, :, None]
+    grads = batched_grad(
+        output, [calls[i].edge for i in reached], to_output(vector).to(output.dtype)
+    )
+    axes = {}
+    for i, grad in zip(reached, grads):
+        if grad is None or not grad.ne(0).any():
+            continue  # nothing flows there: no evidence
+        found = []
+        for axis, size in enumerate(grad.shape[1:]):
+            if size != N:
+                continue
+            mass = grad[0].abs().movedim(axis, 0).flatten(1).sum(1)
+            if mass[n] > 0 and int(mass.ne(0).sum()) == 1:
+                found.append(axis)
+        axes[i] = found[0] if len(found) == 1 else None
+    return axes
+
+
 def autograd_squares(
     output: Tensor, to_output: Callable, draw: LabelDraw, params: Dict[str, Tensor]
 ) -> Dict[str, Tensor]:

@@ -274,3 +274,23 @@ def test_negative_i2_entries_are_clipped_before_the_damping():
     fisher = torch.tensor([-0.5, 0.0, 2.0], dtype=torch.float64)
     denominator = diagonal_denominator(fisher, 0.1)
     assert torch.equal(denominator, torch.tensor([0.1, 0.1, 2.1], dtype=torch.float64))
+
+
+def test_diagonal_step_on_parametrized_leaves_uses_their_own_fisher():
+    """weight_norm: the preconditioner acts on the leaves autograd updates (original0/1)."""
+    loss_fn, out, _ = make_loss("categorical")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, out)
+    ).double()
+    x = make_input("tanh_mlp", n=6)
+    ref = estimator_reference(model, loss_fn, x, 1, second_order=False)["exact"]
+    monitor = fimhooks.FisherMonitor(model, loss_fn, estimators=("I1", "exact"))
+    precond = FisherPreconditioner(monitor, damping=0.1, estimator="exact")
+    backward(monitor, model, loss_fn, x)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    precond.step()
+    assert "0.parametrizations.weight.original1" in ref
+    for name, p in model.named_parameters():
+        assert monitor.estimates().fisher("exact")[name].shape == p.shape
+        torch.testing.assert_close(p.grad, grads[name] / (ref[name] + 0.1), rtol=1e-8, atol=0)
