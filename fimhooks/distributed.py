@@ -29,7 +29,9 @@ after the first step this is rare and a step costs one collective.
 
 from __future__ import annotations
 
+import itertools
 import math
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -427,6 +429,42 @@ class Buffers:
         torch.add(self.ranks[0][:end], self.ranks[1][:end], out=self.dense)
         for row in self.ranks[2:]:
             self.dense += row[:end]
+
+
+#: Seconds the ranks of a group wait for each other to build their monitors.
+PRESENCE_TIMEOUT_S = 120.0
+_MONITORS_BUILT = itertools.count()
+
+
+def check_every_rank_builds(group) -> None:
+    """Every rank of ``group`` builds its monitor, or a clear error within a timeout.
+
+    The ranks meet on the process group's key-value store (no collective, so a rank
+    that never comes is named instead of waited for).
+
+    Raises:
+        RuntimeError: naming the ranks that built no monitor within
+            ``PRESENCE_TIMEOUT_S`` seconds.
+    """
+    store = getattr(dist.distributed_c10d, "_get_default_store", lambda: None)()
+    if store is None:
+        return
+    ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+    prefix = f"fimhooks/monitor/{next(_MONITORS_BUILT)}/"
+    store.set(prefix + str(dist.get_rank()), "1")
+    deadline = time.monotonic() + PRESENCE_TIMEOUT_S
+    while True:
+        missing = [r for r in ranks if not store.check([prefix + str(r)])]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"fimhooks: ranks {missing} built no FisherMonitor within "
+                f"{PRESENCE_TIMEOUT_S:g} s of this one: every rank of the process group "
+                "must build the monitor (it sums each collected step over the ranks), or "
+                "pass sync=False for per-rank estimates."
+            )
+        time.sleep(0.01)
 
 
 class StepReducer:

@@ -16,7 +16,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fimhooks import batchnorm as bn
 from fimhooks.chain import chain_batch_sums
 from fimhooks.diagonal_terms import BatchSums
-from fimhooks.distributed import StepReducer, StepSums, process_group_of, rank_seed, unwrap
+from fimhooks.distributed import (
+    StepReducer,
+    StepSums,
+    check_every_rank_builds,
+    process_group_of,
+    rank_seed,
+    unwrap,
+)
 from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
 from fimhooks.general import general_batch_sums
 from fimhooks.graph import broadcast_sums, curved_layer, reentrant_checkpoint
@@ -223,6 +230,7 @@ class FisherMonitor:
         if sync and world_size > 1:
             device = next(model.parameters(), torch.empty(0)).device
             names = [n for n, _ in model.named_parameters()]
+            check_every_rank_builds(process_group)
             self._reducer = StepReducer(process_group, names, device)
         self._distributed = world_size > 1
         self._draws = 0  # label draws in the current block (their seeds under distributed)

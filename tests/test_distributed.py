@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fimhooks
+from fimhooks import distributed
 from fimhooks.optim import FisherPreconditioner
 
 TIMEOUT_S = 120  # the whole spawn; a hang fails the test instead of blocking CI
@@ -254,6 +255,19 @@ def _failure(rank: int, world_size: int) -> dict:
     return {"failure": None}
 
 
+def _alone(rank: int, world_size: int) -> dict:
+    """Rank 0 alone builds a monitor: it fails within the timeout, naming the others."""
+    if rank != 0:
+        return {}
+    distributed.PRESENCE_TIMEOUT_S = 1.0
+    start = time.monotonic()
+    try:
+        fimhooks.FisherMonitor(make_model("tanh_mlp", 3), "categorical")
+    except RuntimeError as error:
+        return {"alone": (str(error), time.monotonic() - start)}
+    return {"alone": ("no error", time.monotonic() - start)}
+
+
 def _worker(rank: int, world_size: int, init_file: str, directory: str, queue) -> None:
     torch.set_num_threads(1)
     try:
@@ -273,6 +287,7 @@ def _worker(rank: int, world_size: int, init_file: str, directory: str, queue) -
         results.update(_state_dict(rank, world_size, directory))
         results.update(_sharded(rank, world_size))
         results.update(_failure(rank, world_size))
+        results.update(_alone(rank, world_size))  # last: the ranks' monitors part ways
         queue.put((rank, results))
         dist.destroy_process_group()
     except BaseException:  # reported to the parent, which fails the test with it
@@ -382,3 +397,9 @@ def test_a_rank_raising_inside_the_block_fails_the_others_clearly(ranks):
     assert ranks[last]["failure"] == "raised itself"
     for results in ranks[:last]:
         assert f"rank(s) [{last}]" in results["failure"]
+
+
+def test_a_rank_that_builds_no_monitor_is_named_within_the_timeout(ranks):
+    message, seconds = ranks[0]["alone"]
+    others = list(range(1, len(ranks)))
+    assert f"ranks {others} built no FisherMonitor" in message and seconds < 10
