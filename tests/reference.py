@@ -8,6 +8,7 @@ returns the per-input diagonal quantities of docs/math.md §2-§3.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Dict
 
@@ -27,6 +28,8 @@ def per_input_reference(
     output=None,
     mask: Tensor = None,
     second_order: bool = True,
+    batch_axis: int = 0,
+    kwargs: Dict[str, Tensor] = None,
 ):
     """Per-input ``g, v1, v2`` and the expectations of the I1 and I2 summands.
 
@@ -39,6 +42,11 @@ def per_input_reference(
         output: Callable from the forward's return value to the output tensor.
         mask: ``[N, *positions]`` observed positions (categorical only).
         second_order: Compute ``v2`` and the I2 expectation (needs Hessians).
+        batch_axis: The inputs' batch axis (1 for sequence-first ``[T, N, E]`` inputs): one
+            input is selected along it and called with a singleton there. The output's
+            batch axis is 0 whatever it is.
+        kwargs: Keyword arguments of the forward, each ``[N, ...]`` (batch axis 0, like an
+            attention mask), passed one input at a time alongside ``x``.
 
     Returns:
         ``{quantity: {param name: [N, *param.shape]}}``.
@@ -52,10 +60,14 @@ def per_input_reference(
     sizes = [params[n].numel() for n in names]
     flat = torch.cat([params[n].flatten() for n in names])
 
-    def positions(theta: Tensor, *xn: Tensor) -> Tensor:
+    keywords = {} if kwargs is None else kwargs
+
+    def positions(theta: Tensor, *xn: Tensor, **kwn: Tensor) -> Tensor:
         """The output of one input as ``[T, C]``."""
         chunks = dict(zip(names, (c.reshape(s) for c, s in zip(theta.split(sizes), shapes))))
-        out = functional_call(model, {**params, **chunks}, tuple(a.unsqueeze(0) for a in xn))
+        args = tuple(a.unsqueeze(batch_axis) for a in xn)
+        kwn = {k: a.unsqueeze(0) for k, a in kwn.items()}
+        out = functional_call(model, {**params, **chunks}, args, kwn)
         h = (out if output is None else output(out))[0]
         if name != "categorical":
             return h.reshape(1, -1)
@@ -63,11 +75,12 @@ def per_input_reference(
         return h.movedim(axis, -1).reshape(-1, h.shape[axis])
 
     rows = {key: [] for key in SCALES}
-    for n in range(len(inputs[0])):
-        xn = tuple(a[n] for a in inputs)
-        h = positions(flat, *xn).detach()
-        J = jacrev(positions)(flat, *xn)  # [T, C, P]
-        H = hessian(positions)(flat, *xn) if second_order else None  # [T, C, P, P]
+    for n in range(inputs[0].shape[batch_axis]):
+        xn = tuple(a.select(batch_axis, n) for a in inputs)
+        f = functools.partial(positions, **{k: a[n] for k, a in keywords.items()})
+        h = f(flat, *xn).detach()
+        J = jacrev(f)(flat, *xn)  # [T, C, P]
+        H = hessian(f)(flat, *xn) if second_order else None  # [T, C, P, P]
         observed = torch.ones(len(h), dtype=torch.bool) if mask is None else mask[n].flatten()
         terms = [
             _position_terms(name, h[t], J[t], None if H is None else H[t], sigma)
@@ -108,7 +121,7 @@ def _position_terms(name: str, h: Tensor, J: Tensor, H, sigma: float) -> dict:
     else:
         s = residuals @ J  # [Y, P] scores for each outcome
         r = residuals @ w  # [Y, P] Hessian residuals
-        g_direct = torch.diagonal(J.T @ _fisher_h(name, h) @ J)
+        g_direct = ((_fisher_h(name, h) @ J) * J).sum(0)  # diag(Jᵀ I_h J), no P × P
         g = probs @ s**2
         assert torch.allclose(g, g_direct, rtol=1e-10, atol=1e-14)
         fourth = probs @ s**4
