@@ -587,10 +587,10 @@ class FisherMonitor:
         if not params:
             return chain
         truth = autograd_squares(h, self._to_output(h), draw, params)
-        limit = tolerance([h.dtype] + [c.output.dtype for c in record.calls])
+        limit = tolerance([h.dtype] + [c.output.dtype for c in record.calls])  # (relative, eps)
         terms = frozenset({"I1"})
         if chain:
-            errors = disagreements(self._chain_sums(chain, h, draw, terms, rows), truth, limit)
+            errors = disagreements(self._chain_sums(chain, h, draw, terms, rows), truth, *limit)
             if not errors:
                 self._verified.add(signature)
                 return chain
@@ -604,7 +604,7 @@ class FisherMonitor:
             h, self._to_output(h), positions, observed, record.calls, generator
         )
         uses = self._uses(record)
-        errors = disagreements(self._general_sums(record, uses, draw, terms, rows), truth, limit)
+        errors = disagreements(self._general_sums(record, uses, draw, terms, rows), truth, *limit)
         own_rules = {
             c.path: c.module
             for name in errors
@@ -621,7 +621,7 @@ class FisherMonitor:
             )
             uses = self._uses(record)
             sums = self._general_sums(record, uses, draw, terms, rows)
-            errors = disagreements(sums, truth, limit)
+            errors = disagreements(sums, truth, *limit)
         if errors:
             raise RuntimeError(
                 "fimhooks: the per-input gradients of "

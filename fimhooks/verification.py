@@ -135,28 +135,31 @@ def autograd_squares(
 
 
 def disagreements(
-    sums: Dict[str, BatchSums], truth: Dict[str, Tensor], tolerance: float
+    sums: Dict[str, BatchSums], truth: Dict[str, Tensor], tolerance: float, eps: float
 ) -> Dict[str, float]:
     """``{parameter: relative error}`` where the path's sums differ from autograd's.
 
     The error is the largest entry's difference over the largest entry of autograd's sum;
-    a parameter the path has no sums for counts as zero.
+    a parameter the path has no sums for counts as zero. Differences below ``eps`` times
+    the largest entry of any parameter are rounding (a gradient that vanishes exactly,
+    such as that of an attention key's bias, comes out as noise of that size).
     """
+    floor = eps * max((float(t.abs().max()) for t in truth.values() if t.numel()), default=0.0)
     out = {}
     for name, expected in truth.items():
         found = sums.get(name)
         value = torch.zeros_like(expected) if found is None else found.dense()["I1"]
         scale = float(expected.abs().max()) if expected.numel() else 0.0
         error = float((value.to(expected) - expected).abs().max()) if expected.numel() else 0.0
-        if error > tolerance * scale or (scale == 0.0 and error > 0.0):
+        if error > max(tolerance * scale, floor):
             out[name] = error / scale if scale else float("inf")
     return out
 
 
-def tolerance(dtypes) -> float:
-    """Relative rounding allowed at the lowest of ``dtypes``' precisions."""
+def tolerance(dtypes) -> Tuple[float, float]:
+    """Relative rounding allowed at the lowest of ``dtypes``' precisions, and its ``eps``."""
     eps = max(torch.finfo(d).eps for d in dtypes)
-    return max(1e-6, min(5e-2, 1e4 * eps))
+    return max(1e-6, min(5e-2, 1e4 * eps)), eps
 
 
 def describe(errors: Dict[str, float], layer_of: Optional[Callable] = None) -> str:
