@@ -2,6 +2,9 @@
 
 Run: torchrun --nproc-per-node 2 examples/ddp_digits.py   (CPU, gloo; about ten seconds)
 
+Rank 0 writes the log and the monitor's state into ``ddp-digits/`` (``FIMHOOKS_OUT`` sets
+another folder).
+
 Each rank trains on its own half of every batch. The monitor sums each collected step over
 the ranks, so every rank holds the estimates of one process on the whole batch, and the
 preconditioned gradients are identical on every rank. Rank 0 alone logs and prints.
@@ -31,7 +34,10 @@ def main(epochs: int = 3, batch_size: int = 64, seed: int = 0):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     monitor = fimhooks.FisherMonitor(model, loss_fn, ema_decay=0.9, seed=seed)
     precondition = FisherPreconditioner(monitor, damping=0.1, estimator="exact")
-    log = monitor.log_to(os.environ.get("FIMHOOKS_LOG", "ddp_digits.jsonl"))  # rank 0 writes
+    out = os.environ.get("FIMHOOKS_OUT", "ddp-digits")
+    if monitor.is_main_process:
+        os.makedirs(out, exist_ok=True)
+    log = monitor.log_to(os.path.join(out, "log.jsonl"))  # rank 0 writes
 
     for epoch in range(epochs):
         order, total, seen = torch.randperm(len(x)), 0.0, 0
@@ -50,7 +56,7 @@ def main(epochs: int = 3, batch_size: int = 64, seed: int = 0):
     log.close()
     if monitor.is_main_process:
         print(monitor.estimates().summary())
-        torch.save(monitor.state_dict(), "ddp_digits_monitor.pt")  # restores every rank
+        torch.save(monitor.state_dict(), os.path.join(out, "monitor.pt"))  # restores every rank
     monitor.remove()
     dist.destroy_process_group()
 
