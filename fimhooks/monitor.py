@@ -530,7 +530,7 @@ class FisherMonitor:
         if self._chain_leaves is not None and chained and signature not in self._unchained:
             chain = chain_of(record, h, self._chain_leaves)
         if self.verify == "always" or (self.verify == "first" and signature not in self._verified):
-            chain = self._verified_chain(record, positions, observed, chain, signature)
+            chain = self._verify(record, positions, observed, chain, signature)
         if chain:
             sums = self._chain_sums(chain, h, draw)
         else:
@@ -552,7 +552,7 @@ class FisherMonitor:
         self._pending_inputs += draw.num_inputs
         self._num_outputs = positions.shape[2]
 
-    def _verified_chain(self, record, positions, observed, chain, signature):
+    def _verify(self, record, positions, observed, chain, signature):
         """Check the rules of the path in use against autograd (``verification``).
 
         A chain whose rules disagree hands the structure to the general path; a layer of
@@ -604,7 +604,16 @@ class FisherMonitor:
             h, self._to_output(h), positions, observed, record.calls, generator
         )
         uses = self._uses(record)
-        errors = disagreements(self._general_sums(record, uses, draw, terms, rows), truth, *limit)
+        try:
+            sums = self._general_sums(record, uses, draw, terms, rows)
+        except (RuntimeError, ValueError) as error:  # a module that fails on one input
+            raise RuntimeError(
+                f"fimhooks: replaying a layer on one input at a time failed ({error}). "
+                "Per-input gradients need every input's output to depend on that input "
+                "only: batch statistics computed inside the forward pass (F.batch_norm "
+                "with training=True) mix the inputs."
+            ) from error
+        errors = disagreements(sums, truth, *limit)
         own_rules = {
             c.path: c.module
             for name in errors

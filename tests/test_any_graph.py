@@ -283,3 +283,41 @@ def test_replaying_the_model_records_nothing():
     est = monitor.estimates()
     assert est.generic_layers == ("",)  # wpe, used in the root's forward
     assert "generic per-input rule (exact, slower): <model>." in est.summary()
+
+
+class ScaledPositionLM(graphs.PositionEmbeddingLM):
+    """Positions scaled before they are broadcast over the batch (no reshape-only path)."""
+
+    def forward(self, tokens):
+        where = torch.arange(tokens.shape[1])
+        x = self.wte(tokens) + (2.0 * self.positions(where))[None]
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        x = x + F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.lm_head(x)
+
+
+@pytest.mark.parametrize("n", [3, 4], ids=["batch equals length", "batch 4"])
+def test_a_shared_value_transformed_before_its_broadcast(n):
+    torch.manual_seed(0)
+    model, x = ScaledPositionLM().double(), graphs.inputs("position_lm", n=n)
+    est = collect(model, "categorical", x, CASES[4][2], estimators=("I1", "exact"))
+    ref = estimator_reference(model, "categorical", x, 2, second_order=False)
+    assert_close(est.fisher("exact"), ref["exact"], "exact")
+    assert_close(est.variance("I1"), ref["v1"], "v1")
+
+
+def test_functional_batch_statistics_are_refused():
+    """``F.batch_norm(training=True)`` mixes the inputs: no per-input gradient exists."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(F.batch_norm(self.a(x), None, None, training=True).tanh())
+
+    torch.manual_seed(0)
+    model, x = Net().double(), graphs.inputs("residual_mlp")
+    with pytest.raises(RuntimeError, match="depend on that input only"):
+        collect(model, "categorical", x, CASES[0][2], estimators=("I1", "exact"))

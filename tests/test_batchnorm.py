@@ -148,3 +148,38 @@ def test_eval_mode_batchnorm_in_a_branching_graph_keeps_i2(likelihood):
     assert_close(est.fisher("exact"), ref["exact"], "exact")
     assert_close(est.variance("I2"), ref["v2"], "v2")
     assert all((v == 0).all() for v in est.variance("I2").values())
+
+
+def test_an_in_place_activation_after_frozen_statistics():
+    """``nn.ReLU(inplace=True)`` after BatchNorm in training mode (timm's ResNets)."""
+    loss_fn, out, sigma = make_loss("categorical")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(8, out),
+    ).double()
+    x = inputs("cnn_relu")
+    reference = frozen_copy(model, x)
+    plain = copy.deepcopy(model)
+    loss_fn(plain(x), make_target(loss_fn, plain(x))).backward()
+    est = collect(model, loss_fn, x, sigma, ("I1", "I2", "exact"))
+    ref = estimator_reference(reference, loss_fn, x, 2)
+    assert_close(est.fisher("exact"), ref["exact"], "exact")
+    assert_close(est.variance("I1"), ref["v1"], "v1")
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+def test_frozen_statistics_refuse_a_subclass_that_changes_the_forward_pass():
+    class BatchNormAct(nn.BatchNorm1d):  # as timm's BatchNormAct2d
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    model = nn.Sequential(nn.Linear(3, 4), BatchNormAct(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="'1' \\(BatchNormAct\\) overrides the forward pass"):
+        fimhooks.FisherMonitor(model, "categorical", batchnorm=FROZEN)
+    with pytest.raises(ValueError, match="'1' is in training mode"):
+        fimhooks.FisherMonitor(model, "categorical")

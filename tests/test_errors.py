@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from reference import estimator_reference
 from torch import nn
 
 import fimhooks
@@ -229,3 +230,31 @@ def test_a_model_without_trainable_parameters_warns_instead_of_failing():
         with monitor:
             model(x).sum().backward()
     assert x.grad is not None and monitor.collected_steps == 0
+
+
+@pytest.mark.parametrize("cut", ["detach", "no_grad"])
+def test_layers_below_a_detach_or_no_grad_get_no_estimate(cut):
+    """The chain stops where the gradient stops; the layers above are exact."""
+
+    class Cut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b = nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)
+
+        def forward(self, x):
+            if cut == "no_grad":
+                with torch.no_grad():
+                    hidden = self.act(self.a(x))
+            else:
+                hidden = self.act(self.a(x)).detach()
+            return self.b(hidden)
+
+    torch.manual_seed(0)
+    model, x = Cut().double(), _x()
+    est = fimhooks.estimate(model, "categorical", x, estimators=("I1", "exact"), progress=False)
+    ref = estimator_reference(
+        model.b, "categorical", model.act(model.a(x)).detach(), 1, 1.0, second_order=False
+    )
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(est.fisher("exact")["b." + name], ref["exact"][name])
+    assert all(v.abs().max() == 0 for k, v in est.fisher("exact").items() if k.startswith("a."))

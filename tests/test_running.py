@@ -1,5 +1,6 @@
 """Running estimates (docs/math.md §5): EMA weights, cumulative merges, state round trips."""
 
+import copy
 import math
 
 import pytest
@@ -256,3 +257,39 @@ def test_ema_of_a_step_in_parts_is_that_of_the_step_in_one_pass(split):
         torch.testing.assert_close(results[1].fisher("exact")[name], value, rtol=1e-10, atol=0)
     for name, value in results[0].variance("I1").items():
         torch.testing.assert_close(results[1].variance("I1")[name], value, rtol=1e-10, atol=0)
+
+
+def test_a_damaged_state_is_refused_up_front_naming_the_key():
+    loss_fn, out, sigma = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    collect(monitor, model, loss_fn, x)
+    state = monitor.state_dict()
+    monitor.remove()
+    fresh = fimhooks.FisherMonitor(model, loss_fn)
+
+    def damaged(change):
+        copied = copy.deepcopy(state)
+        change(copied)
+        return copied
+
+    cases = [
+        (lambda s: s.pop("generators"), r"has no \['generators'\]"),
+        (
+            lambda s: s["accumulators"].__setitem__("0.ghost", s["accumulators"]["0.bias"]),
+            "parameter '0.ghost', which is not among its parameters",
+        ),
+        (lambda s: s["accumulators"]["0.bias"].pop("stats"), r"\['0.bias'\] has no \['stats'\]"),
+        (
+            lambda s: s["accumulators"]["0.bias"]["stats"].update(
+                {k: v[:1] for k, v in s["accumulators"]["0.bias"]["stats"].items()}
+            ),
+            r"\['0.bias'\]\['stats'\]\['.*'\] has shape \(1,\); parameter '0.bias' has shape \(4,\)",
+        ),
+    ]
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fresh.load_state_dict(damaged(change))
+    assert fresh.collected_steps == 0  # nothing was restored
+    fresh.load_state_dict(state)
+    assert fresh.collected_steps == 1
