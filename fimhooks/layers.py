@@ -159,8 +159,8 @@ def generic_grads(call, names: Sequence[str], grad_out, samples: slice) -> Grads
 
     ``grad_out`` is a tuple for a call with further output tensors (``Call.others``).
 
-    Positional tensor arguments are batched along the call's batch axis (``Call.batch_dim``);
-    keyword tensors whose first axis has the batch size are batched along it.
+    Positional tensor arguments are batched along the call's input axis (``Call.input_dim``)
+    where they have the batch size there; keyword tensors along their first axis.
     """
     module = call.module
     params = {n: p.detach() for n, p in module.named_parameters() if n in names}
@@ -173,8 +173,8 @@ def generic_grads(call, names: Sequence[str], grad_out, samples: slice) -> Grads
         return tree_map(lambda v: v[_slice_at(at, samples)] if _batched(v, at, size) else v, values)
 
     kwargs = tree_map(_detached, call.kwargs)
-    arg_dims, kw_dims = list(dims(call.args, axis)), dims(kwargs, 0)
-    args, kwargs = list(rows(call.args, axis)), rows(kwargs, 0)
+    arg_dims, kw_dims = list(dims(call.args, call.input_dim)), dims(kwargs, 0)
+    args, kwargs = list(rows(call.args, call.input_dim)), rows(kwargs, 0)
 
     def one_input(args_n, kwargs_n, g_n):
         def output(p):

@@ -123,6 +123,10 @@ class FisherMonitor:
             collected step of each model structure, ``"always"`` on every collected step,
             ``"off"`` never. A layer whose rule disagrees is replayed by the generic rule
             (with one warning); where that disagrees too, the step is refused.
+        batch_axis: The batch axis of the model's tensor inputs: ``1`` for sequence-first
+            ``[T, N, ...]`` inputs (the output's is always the first). The layers' own
+            batch axes are read from the data flow; this one is needed where the model
+            replays as a whole (parameters of its own, such as a class token).
 
     Raises:
         ValueError: for an unsupported likelihood, BatchNorm in training mode, or invalid
@@ -148,6 +152,7 @@ class FisherMonitor:
         bounds: bool = False,
         block_errors: bool = False,
         verify: str = "first",
+        batch_axis: int = 0,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -160,6 +165,9 @@ class FisherMonitor:
         )
         _check_options(mc_samples, every, ema_decay, output)
         check_max_memory(max_memory)
+        if isinstance(batch_axis, bool) or not isinstance(batch_axis, int) or batch_axis < 0:
+            raise ValueError(f"batch_axis must be a non-negative integer, got {batch_axis!r}.")
+        self.batch_axis = batch_axis
         if verify not in VERIFY_OPTIONS:
             raise ValueError(f"verify must be one of {VERIFY_OPTIONS}, got {verify!r}.")
         if batchnorm not in bn.OPTIONS:
@@ -636,9 +644,10 @@ class FisherMonitor:
                 "fimhooks: the per-input gradients of "
                 f"{describe(errors, self._layer_of.get)} (relative errors) disagree with "
                 "autograd on the same inputs, so their Fisher estimates would be wrong. "
-                "fimhooks needs every input's output to depend on that input only, with "
-                "the batch as the first axis of the model's inputs and outputs; leave "
-                "these parameters out (requires_grad=False) or restructure the model."
+                "fimhooks needs every input's output to depend on that input only, and "
+                "the batch axis of the model's inputs: pass batch_axis=1 for "
+                "sequence-first [T, N, ...] inputs. Otherwise leave these parameters out "
+                "(requires_grad=False)."
             )
         self._verified.add(signature)
         return None
@@ -683,6 +692,8 @@ class FisherMonitor:
         for call in _per_input_calls(record, self._axes.get(_signature(record))):
             if call.path in self._generic_paths:
                 call = dataclasses.replace(call, generic=True)
+            if call.module is self.model and self.batch_axis:
+                call = dataclasses.replace(call, input_axis=self.batch_axis)
             calls_at.setdefault(call.path, []).append(call)
         uses = {}
         for name, param in self.model.named_parameters():

@@ -43,6 +43,8 @@ class Call:
         axis: The batch axis of its first input and its output, where it was derived from
             the data flow (``verification.batch_axes``); ``None``: the module's own
             (``batch_axis``).
+        input_axis: The batch axis of its tensor arguments where it is not the output's
+            (the model's own call, with ``FisherMonitor(batch_axis=...)``).
         others: The output's further tensors with a history (an LSTM cell's ``c``,
             ``(h_n, c_n)`` of a recurrent layer), through which gradient enters too.
     """
@@ -57,6 +59,7 @@ class Call:
     statistics: Optional[Tuple[Tensor, Tensor]] = None
     generic: bool = False
     axis: Optional[int] = None
+    input_axis: Optional[int] = None
     others: Tuple["Other", ...] = ()
 
     @property
@@ -69,9 +72,14 @@ class Call:
         """The batch axis of the output (and of the first input)."""
         return batch_axis(self.module) if self.axis is None else self.axis
 
+    @property
+    def input_dim(self) -> int:
+        """The batch axis of the tensor arguments."""
+        return self.batch_dim if self.input_axis is None else self.input_axis
+
     def first_input(self, samples: slice) -> Tensor:
         """The first positional argument of the inputs ``samples``, batch axis first."""
-        return self.args[0].movedim(self.batch_dim, 0)[samples]
+        return self.args[0].movedim(self.input_dim, 0)[samples]
 
     def other_axis(self, other: Other) -> int:
         """A further output's batch axis: the first output's, else the first of its size."""

@@ -90,3 +90,32 @@ def test_verification_runs_once_per_structure(x, monkeypatch):
 def test_verify_option_is_checked():
     with pytest.raises(ValueError, match="verify must be one of"):
         fimhooks.FisherMonitor(circular_cnn(), "categorical", verify="sometimes")
+
+
+class SequenceFirst(nn.Module):
+    """``[T, N, E]`` inputs and a parameter of the model's own (a class token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.cat([self.cls.expand(1, x.shape[1], 8), x])
+        return self.head(self.encoder(x)[0])
+
+
+@pytest.mark.parametrize("length", [4, 3], ids=["T 4", "T equals N"])
+def test_sequence_first_inputs_with_the_models_own_parameters(length):
+    torch.manual_seed(0)
+    model = SequenceFirst().double().eval()
+    x = torch.randn(length, 3, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"'cls' \(layer '<model>'\).*batch_axis=1"):
+        collect(model, x)
+    est = collect(model, x, batch_axis=1)
+    ref = estimator_reference(model, "categorical", x, 1, 1.0, second_order=False, batch_axis=1)
+    assert_close(est.fisher("exact"), ref["exact"], "exact")
+    assert_close(est.variance("I1"), ref["v1"], "v1")
+    with pytest.raises(ValueError, match="batch_axis must be a non-negative integer"):
+        fimhooks.FisherMonitor(model, "categorical", batch_axis=-1)
