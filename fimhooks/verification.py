@@ -8,7 +8,8 @@ another input counts too. Autograd gives each directed input's gradient by a bac
 its direction alone; where every input's output depends on that input only, that is the
 per-input gradient, whatever the rules assume about layers or batch axes. A parameter
 whose two sums differ beyond the rounding of the model's precision has a rule that does
-not apply to it.
+not apply to it. Each call's batch axis is read from the data flow the same way
+(``batch_axes``).
 """
 
 from __future__ import annotations
