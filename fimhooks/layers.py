@@ -27,7 +27,8 @@ declared one, or a subclass that overrides none of the methods its forward pass 
 (``torch.nn.utils.parametrize``: its parameters are then the parametrization's). Any
 other module (timm's norm-act layers, weight-standardised convolutions, ...) takes the
 generic rule, never its parent's. Whether a module normalises with the batch's statistics
-(``normalises_with_batch``) is read from its class, subclasses included: refusing is safe.
+(``batchnorm.normalises_with_batch``) is read from its class, subclasses included:
+refusing is safe.
 """
 
 from __future__ import annotations
