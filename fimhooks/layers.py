@@ -201,17 +201,26 @@ def generic_grads(call, names: Sequence[str], grad_out, samples: slice) -> Grads
             per_input = torch.vmap(one_input, in_dims=(arg_dims, kw_dims, 1))(
                 args, kwargs, grad_out
             )
-        except RuntimeError:  # no batching rule (recurrent layers): one input at a time
-            per_input = _stacked(
-                [
-                    one_input(
-                        tree_map(_selected(n), args, arg_dims, is_leaf=_is_none),
-                        tree_map(_selected(n), kwargs, kw_dims, is_leaf=_is_none),
-                        tree_map(_index(slice(None), n), grad_out),
-                    )
-                    for n in range(tree_leaves(grad_out)[0].shape[1])
-                ]
-            )
+        except (RuntimeError, ValueError):  # no batching rule (recurrent layers): a loop
+            try:
+                per_input = _stacked(
+                    [
+                        one_input(
+                            tree_map(_selected(n), args, arg_dims, is_leaf=_is_none),
+                            tree_map(_selected(n), kwargs, kw_dims, is_leaf=_is_none),
+                            tree_map(_index(slice(None), n), grad_out),
+                        )
+                        for n in range(tree_leaves(grad_out)[0].shape[1])
+                    ]
+                )
+            except (RuntimeError, ValueError) as error:
+                raise RuntimeError(
+                    f"fimhooks: layer '{call.path}' ({type(module).__name__}) cannot be "
+                    f"replayed on one input at a time ({error}). Per-input gradients need "
+                    "every input's output to depend on that input only: batch statistics "
+                    "computed inside the forward pass (F.batch_norm with training=True) mix "
+                    "the inputs."
+                ) from error
     return {n: value.transpose(0, 1) for n, value in per_input.items()}
 
 

@@ -230,7 +230,7 @@ class FisherMonitor:
         self.verify = verify
         self._verified, self._unchained = set(), set()  # signatures of forward passes
         self._axes: Dict[tuple, dict] = {}  # by signature: batch axes derived per call
-        self._generic_paths: Dict[str, nn.Module] = {}  # layers whose own rule disagreed
+        self._generic_paths: set = set()  # layers whose own rule disagreed
         self._warned = set()
         self._set_hooks(True)
         self._rank, world_size = process_group_of(process_group)
@@ -534,11 +534,11 @@ class FisherMonitor:
             draw = with_data_residuals(draw, residuals, sampled=self._terms != {"EF"})
         chain = None
         chained = positions.shape[1] == 1 and self._mask is None and not record.batch_statistics
-        signature = _signature(record)
+        signature = record.signature
         if self._chain_leaves is not None and chained and signature not in self._unchained:
             chain = chain_of(record, h, self._chain_leaves)
         if self.verify == "always" or (self.verify == "first" and signature not in self._verified):
-            chain = self._verify(record, positions, observed, chain, signature)
+            chain = self._verify(record, positions, observed, chain)
         if chain:
             sums = self._chain_sums(chain, h, draw)
         else:
@@ -560,7 +560,7 @@ class FisherMonitor:
         self._pending_inputs += draw.num_inputs
         self._num_outputs = positions.shape[2]
 
-    def _verify(self, record, positions, observed, chain, signature):
+    def _verify(self, record, positions, observed, chain):
         """Check the rules of the path in use against autograd (``verification``).
 
         A chain whose rules disagree hands the structure to the general path; a layer of
@@ -571,7 +571,7 @@ class FisherMonitor:
         Returns:
             The chain to use (``None``: the general path).
         """
-        h = record.output
+        h, signature = record.output, record.signature
         if reentrant_checkpoint(h.grad_fn):
             raise RuntimeError(
                 "fimhooks: the model uses torch.utils.checkpoint with use_reentrant=True, "
@@ -612,16 +612,7 @@ class FisherMonitor:
             h, self._to_output(h), positions, observed, record.calls, generator
         )
         uses = self._uses(record)
-        try:
-            sums = self._general_sums(record, uses, draw, terms, rows)
-        except (RuntimeError, ValueError) as error:  # a module that fails on one input
-            raise RuntimeError(
-                f"fimhooks: replaying a layer on one input at a time failed ({error}). "
-                "Per-input gradients need every input's output to depend on that input "
-                "only: batch statistics computed inside the forward pass (F.batch_norm "
-                "with training=True) mix the inputs."
-            ) from error
-        errors = disagreements(sums, truth, *limit)
+        errors = disagreements(self._general_sums(record, uses, draw, terms, rows), truth, *limit)
         own_rules = {
             c.path: c.module
             for name in errors
@@ -689,7 +680,7 @@ class FisherMonitor:
     def _uses(self, record: ForwardRecord) -> dict:
         """``{parameter name: [(call, name inside the called module), ...]}``."""
         calls_at: Dict[str, list] = {}
-        for call in _per_input_calls(record, self._axes.get(_signature(record))):
+        for call in _per_input_calls(record, self._axes.get(record.signature)):
             if call.path in self._generic_paths:
                 call = dataclasses.replace(call, generic=True)
             if call.module is self.model and self.batch_axis:
@@ -1007,15 +998,6 @@ _VERIFICATION_SEED = 7919
 def _inside_transform() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) is running."""
     return torch._C._functorch.maybe_current_level() is not None
-
-
-def _signature(record: ForwardRecord) -> tuple:
-    """What verification results hold for: the calls, and which output axes have N entries."""
-    n = len(record.output)
-    return tuple(
-        (c.path, c.output.dim(), tuple(i for i, s in enumerate(c.output.shape) if s == n))
-        for c in record.calls
-    ) + (record.output.dim(),)
 
 
 #: The monitor attached to each model (one at a time).

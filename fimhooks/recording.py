@@ -8,6 +8,7 @@ output consumes it or the next forward pass replaces it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import List, Optional, Tuple
 
 import torch
@@ -156,6 +157,19 @@ class ForwardRecord:
     output_version: int = 0
     consumed: bool = False
     batch_statistics: Optional[str] = None
+
+    @cached_property
+    def signature(self) -> tuple:
+        """What a verification's results hold for.
+
+        The calls, and which of their output axes have as many entries as the batch; read
+        once the forward pass returned.
+        """
+        n = len(self.output)
+        return tuple(
+            (c.path, c.output.dim(), tuple(i for i, s in enumerate(c.output.shape) if s == n))
+            for c in self.calls
+        ) + (self.output.dim(),)
 
     def add(self, module, path: str, args: tuple, kwargs: dict, output, statistics=None) -> None:
         """Record a call (a forward hook's arguments; ``statistics``: see ``Call``)."""
