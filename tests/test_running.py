@@ -172,14 +172,19 @@ def test_resuming_into_another_noise_level_or_model_is_refused():
         fimhooks.FisherMonitor(wider.double(), loss_fn, sigma=sigma).load_state_dict(state)
 
 
-def test_a_sampler_state_of_a_missing_device_is_reported():
+def saved_state():
+    """A categorical MLP, its loss and the state of a removed monitor after one step."""
     loss_fn, out, _ = make_loss("categorical")
     model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
     monitor = fimhooks.FisherMonitor(model, loss_fn)
     collect(monitor, model, loss_fn, x)
-    state = monitor.state_dict()
-    state["generators"]["cuda:0"] = state["generators"]["cpu"]  # as saved on a GPU machine
     monitor.remove()
+    return model, loss_fn, monitor.state_dict()
+
+
+def test_a_sampler_state_of_a_missing_device_is_reported():
+    model, loss_fn, state = saved_state()
+    state["generators"]["cuda:0"] = state["generators"]["cpu"]  # as saved on a GPU machine
     if torch.cuda.is_available():
         pytest.skip("this machine has the device")
     with pytest.warns(RuntimeWarning, match="sampler of device cuda:0"):
@@ -260,12 +265,7 @@ def test_ema_of_a_step_in_parts_is_that_of_the_step_in_one_pass(split):
 
 
 def test_a_damaged_state_is_refused_up_front_naming_the_key():
-    loss_fn, out, sigma = make_loss("categorical")
-    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
-    monitor = fimhooks.FisherMonitor(model, loss_fn)
-    collect(monitor, model, loss_fn, x)
-    state = monitor.state_dict()
-    monitor.remove()
+    model, loss_fn, state = saved_state()
     fresh = fimhooks.FisherMonitor(model, loss_fn)
 
     def damaged(change):

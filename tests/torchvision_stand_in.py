@@ -21,15 +21,20 @@ import sys
 import types
 
 
+def _stand_in(owner, name: str):
+    """A new ``_Anything`` named ``name``, kept on ``owner`` (dunder names are not stood in)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    value = _Anything(name, (), {})
+    setattr(owner, name, value)
+    return value
+
+
 class _Anything(type):
     """A class whose every attribute is another such class; calling one raises."""
 
     def __getattr__(cls, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        value = _Anything(name, (), {})
-        setattr(cls, name, value)
-        return value
+        return _stand_in(cls, name)
 
     def __call__(cls, *args, **kwargs):
         raise RuntimeError(f"torchvision stand-in: {cls.__name__} is not callable in the tests")
@@ -41,11 +46,7 @@ class _Module(types.ModuleType):
     __path__ = []
 
     def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        value = _Anything(name, (), {})
-        setattr(self, name, value)
-        return value
+        return _stand_in(self, name)
 
 
 class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
