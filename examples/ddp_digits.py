@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fimhooks
-from fimhooks.demo import load
 from fimhooks.optim import FisherPreconditioner
+from fimhooks.show.demo import load
 
 
 def main(epochs: int = 3, batch_size: int = 64, seed: int = 0):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fimhooks
-from fimhooks.demo import load
+from fimhooks.show.demo import load
 
 
 def main(epochs: int = 5, batch_size: int = 64, seed: int = 0):

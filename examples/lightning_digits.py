@@ -11,8 +11,8 @@ import lightning
 import torch
 from torch import nn
 
-from fimhooks.demo import load
 from fimhooks.integrations.lightning import FisherCallback
+from fimhooks.show.demo import load
 
 
 class DigitsClassifier(lightning.LightningModule):

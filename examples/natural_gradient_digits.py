@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import fimhooks
-from fimhooks.demo import load
 from fimhooks.optim import FisherPreconditioner
+from fimhooks.show.demo import load
 
 METHODS = {
     "SGD": dict(optimizer="sgd", lr=1.0),

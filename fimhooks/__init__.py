@@ -6,7 +6,7 @@ Attach a ``FisherMonitor`` to a model, run the ordinary backward pass inside
 
 from fimhooks import optim
 from fimhooks.estimates import FisherEstimates
-from fimhooks.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
+from fimhooks.fisher.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 from fimhooks.monitor import FisherMonitor
 from fimhooks.oneshot import estimate
 

@@ -1,5 +1,5 @@
 import sys
 
-from fimhooks.cli import main
+from fimhooks.show.cli import main
 
 sys.exit(main())

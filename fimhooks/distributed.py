@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fimhooks.diagonal_terms import BatchSums, RankOne, rank_one_sum_keys
+from fimhooks.fisher.diagonal_terms import BatchSums, RankOne, rank_one_sum_keys
 
 #: How long a rank that raised inside its block waits for the others to hear of it.
 FAILURE_NOTICE_SECONDS = 10.0

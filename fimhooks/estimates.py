@@ -8,15 +8,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fimhooks.guidance import cost_per_input, draws_suggested, inputs_needed
-from fimhooks.quantities import (
+from fimhooks.fisher.guidance import cost_per_input, draws_suggested, inputs_needed
+from fimhooks.fisher.quantities import (
     BOUND_SIDES,
     ESTIMATOR_SPECS,
     ESTIMATORS,
     bound_term,
     label_sampled,
 )
-from fimhooks.running import RunningDiagonal
+from fimhooks.fisher.running import RunningDiagonal
 
 #: Relative standard error that the guidance aims at by default.
 DEFAULT_TARGET = 0.05

@@ -13,9 +13,6 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fimhooks import batchnorm as bn
-from fimhooks.chain import chain_batch_sums
-from fimhooks.diagonal_terms import BatchSums
 from fimhooks.distributed import (
     StepReducer,
     StepSums,
@@ -24,14 +21,13 @@ from fimhooks.distributed import (
     rank_seed,
     unwrap,
 )
-from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
-from fimhooks.general import general_batch_sums
-from fimhooks.graph import broadcast_sums, curved_layer, reentrant_checkpoint
-from fimhooks.jsonlog import FisherLog
-from fimhooks.layers import affine_in, generic_grads, per_input_rule, random_inside, spec_for
-from fimhooks.likelihoods import likelihood_from
-from fimhooks.memory import DEFAULT_MAX_MEMORY, Budget, check_max_memory
-from fimhooks.observations import (
+from fimhooks.engine import batchnorm as bn
+from fimhooks.engine.chain import chain_batch_sums
+from fimhooks.engine.general import general_batch_sums
+from fimhooks.engine.graph import broadcast_sums, curved_layer, reentrant_checkpoint
+from fimhooks.engine.layers import affine_in, generic_grads, per_input_rule, random_inside, spec_for
+from fimhooks.engine.memory import DEFAULT_MAX_MEMORY, Budget, check_max_memory
+from fimhooks.engine.observations import (
     data_residuals,
     draw_labels,
     position_mask,
@@ -39,12 +35,9 @@ from fimhooks.observations import (
     to_output_layout,
     with_data_residuals,
 )
-from fimhooks.progress import progress
-from fimhooks.quantities import DEFAULT_ESTIMATORS, ESTIMATORS, exact_pass, terms_for
-from fimhooks.recording import ForwardRecord, chain_of
-from fimhooks.running import RunningDiagonal
-from fimhooks.verification import OPTIONS as VERIFY_OPTIONS
-from fimhooks.verification import (
+from fimhooks.engine.recording import ForwardRecord, chain_of
+from fimhooks.engine.verification import OPTIONS as VERIFY_OPTIONS
+from fimhooks.engine.verification import (
     autograd_squares,
     batch_axes,
     describe,
@@ -52,6 +45,13 @@ from fimhooks.verification import (
     tolerance,
     verification_draw,
 )
+from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
+from fimhooks.fisher.diagonal_terms import BatchSums
+from fimhooks.fisher.likelihoods import likelihood_from
+from fimhooks.fisher.quantities import DEFAULT_ESTIMATORS, ESTIMATORS, exact_pass, terms_for
+from fimhooks.fisher.running import RunningDiagonal
+from fimhooks.show.jsonlog import FisherLog
+from fimhooks.show.progress import progress
 
 
 class FisherMonitor:
@@ -795,7 +795,7 @@ class FisherMonitor:
             target_rse: Relative standard error that the logged guidance aims at.
 
         Returns:
-            The log; ``close()`` it to stop logging. Schema: ``fimhooks.jsonlog``.
+            The log; ``close()`` it to stop logging. Schema: ``fimhooks.show.jsonlog``.
         """
         self._check_attached("log_to")
         if not self.is_main_process:  # under torch.distributed rank 0 alone writes

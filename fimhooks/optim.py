@@ -8,8 +8,8 @@ from typing import Dict
 
 import torch
 
-from fimhooks.layers import spec_for
-from fimhooks.preconditioning import (
+from fimhooks.engine.layers import spec_for
+from fimhooks.fisher.preconditioning import (
     damped_kronecker_inverses,
     diagonal_denominator,
     kronecker_solve,

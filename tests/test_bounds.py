@@ -12,10 +12,10 @@ from test_reference import assert_close
 from test_reference import collect as reference_collect
 
 import fimhooks
-from fimhooks import bounds as bounds_module
 from fimhooks import monitor as monitor_module
-from fimhooks.bounds import bound_factors
-from fimhooks.likelihoods import Bernoulli, Categorical
+from fimhooks.fisher import bounds as bounds_module
+from fimhooks.fisher.bounds import bound_factors
+from fimhooks.fisher.likelihoods import Bernoulli, Categorical
 
 #: What ``est.bounds(q)`` bounds: the reference's term and its power of ``1/N``.
 BOUNDED = {"exact": ("exact", 1), "I1": ("v1", 2), "I2": ("v2", 2)}
@@ -184,8 +184,8 @@ def test_errors():
 
 @pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
 def test_tightness_in_summary_log_and_report(likelihood):
-    from fimhooks.jsonlog import log_record
-    from fimhooks.report import layer_table
+    from fimhooks.show.jsonlog import log_record
+    from fimhooks.show.report import layer_table
 
     loss_fn, out, sigma = make_loss(likelihood)
     model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")

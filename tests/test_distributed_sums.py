@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from fimhooks.diagonal_terms import batch_sums, rank_one_batch_sums
 from fimhooks.distributed import Buffers, agree, describe, fits, pack, unpack
+from fimhooks.fisher.diagonal_terms import batch_sums, rank_one_batch_sums
 
 HEADER = 7  # any length; the header is summed like the rest
 

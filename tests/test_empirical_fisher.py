@@ -88,8 +88,8 @@ def test_sequence_outputs_with_a_mask():
 
 
 def test_summary_log_and_report_show_the_bias():
-    from fimhooks.jsonlog import log_record
-    from fimhooks.report import layer_table
+    from fimhooks.show.jsonlog import log_record
+    from fimhooks.show.report import layer_table
 
     loss_fn, out, _ = make_loss("categorical")
     model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")

@@ -269,7 +269,7 @@ def test_bad_damping_and_non_finite_steps_are_reported():
 
 
 def test_negative_i2_entries_are_clipped_before_the_damping():
-    from fimhooks.preconditioning import diagonal_denominator
+    from fimhooks.fisher.preconditioning import diagonal_denominator
 
     fisher = torch.tensor([-0.5, 0.0, 2.0], dtype=torch.float64)
     denominator = diagonal_denominator(fisher, 0.1)

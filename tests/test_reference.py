@@ -6,8 +6,8 @@ from cases import LIKELIHOODS, MODELS, make_input, make_loss, make_model, make_t
 from reference import estimator_reference
 
 import fimhooks
-from fimhooks import chain, jacobians
 from fimhooks import monitor as monitor_module
+from fimhooks.engine import chain, jacobians
 
 RTOL = 1e-8
 

@@ -8,8 +8,8 @@ import torch
 from cases import make_input, make_loss, make_model, make_target
 
 import fimhooks
-from fimhooks.diagonal_terms import BatchSums
-from fimhooks.running import RunningDiagonal
+from fimhooks.fisher.diagonal_terms import BatchSums
+from fimhooks.fisher.running import RunningDiagonal
 
 
 def random_sums(generator, n):

@@ -10,7 +10,7 @@ import torch
 from cases import make_input, make_loss, make_model, make_target
 
 import fimhooks
-from fimhooks.running import FOLD_EVERY
+from fimhooks.fisher.running import FOLD_EVERY
 
 
 def gradients(model, loss_fn, x, monitor=None):

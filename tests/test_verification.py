@@ -7,7 +7,7 @@ from test_reference import assert_close
 from torch import nn
 
 import fimhooks
-from fimhooks import layers
+from fimhooks.engine import layers
 
 
 def circular_cnn():

@@ -12,10 +12,10 @@ from cases import make_input, make_loss, make_model, make_target
 from reference import per_input_reference
 
 import fimhooks
-from fimhooks.cli import main
-from fimhooks.demo import LOG_NAME, run_demo
-from fimhooks.jsonlog import VERSION, read_log
-from fimhooks.progress import postfix
+from fimhooks.show.cli import main
+from fimhooks.show.demo import LOG_NAME, run_demo
+from fimhooks.show.jsonlog import VERSION, read_log
+from fimhooks.show.progress import postfix
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 

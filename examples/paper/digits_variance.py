@@ -29,7 +29,7 @@ from figures import save_small
 from torch import nn
 
 import fimhooks
-from fimhooks.demo import load
+from fimhooks.show.demo import load
 
 DRAWS = 5000
 NETWORKS = {"sigmoid": (nn.Sigmoid, 4), "logsigmoid": (nn.LogSigmoid, 5)}

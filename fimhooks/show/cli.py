@@ -22,7 +22,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fimhooks`` command."""
-    from fimhooks.demo import DATASETS
+    from fimhooks.show.demo import DATASETS
 
     parser = _Parser(prog="fimhooks", description="Online Fisher information with its variance.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from fimhooks.demo import LOG_NAME, run_demo
-    from fimhooks.jsonlog import read_log
-    from fimhooks.report import REPORT_HTML, write_report
+    from fimhooks.show.demo import LOG_NAME, run_demo
+    from fimhooks.show.jsonlog import read_log
+    from fimhooks.show.report import REPORT_HTML, write_report
 
     try:
         if args.command == "demo":

@@ -64,9 +64,9 @@ from torch.func import functional_call, vjp
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves, tree_map
 
-from fimhooks import jacobians
-from fimhooks.chain import Elementwise, LinearOpDerivatives, Parameterized, PassThrough
-from fimhooks.recording import first_tensor
+from fimhooks.engine import jacobians
+from fimhooks.engine.chain import Elementwise, LinearOpDerivatives, Parameterized, PassThrough
+from fimhooks.engine.recording import first_tensor
 
 Grads = Dict[str, Tensor]
 

@@ -26,8 +26,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fimhooks.diagonal_terms import BatchSums
-from fimhooks.quantities import ESTIMATOR_SPECS, ESTIMATORS, TERMS
+from fimhooks.fisher.diagonal_terms import BatchSums
+from fimhooks.fisher.quantities import ESTIMATOR_SPECS, ESTIMATORS, TERMS
 
 #: Batch sums of Kronecker factors (``extension.kronecker_sums``): averaged like estimates.
 KRONECKER_PREFIX = "kron_"

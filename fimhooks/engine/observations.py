@@ -21,8 +21,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fimhooks.bounds import bound_factors
-from fimhooks.likelihoods import Categorical, Likelihood
+from fimhooks.fisher.bounds import bound_factors
+from fimhooks.fisher.likelihoods import Categorical, Likelihood
 
 
 def read_positions(h: Tensor, likelihood: Likelihood, class_axis: int) -> Tensor:

@@ -21,7 +21,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fimhooks.diagonal_terms import (
+from fimhooks.engine.layers import per_input_rule, spec_for
+from fimhooks.engine.memory import Budget
+from fimhooks.engine.observations import LabelDraw
+from fimhooks.engine.recording import Call
+from fimhooks.fisher.diagonal_terms import (
     BatchSums,
     add_positions,
     add_sums,
@@ -30,10 +34,6 @@ from fimhooks.diagonal_terms import (
     finish_terms,
     rank_one_batch_sums,
 )
-from fimhooks.layers import per_input_rule, spec_for
-from fimhooks.memory import Budget
-from fimhooks.observations import LabelDraw
-from fimhooks.recording import Call
 
 #: Live copies of a per-input tensor assumed by the memory estimates.
 COPIES = 4

@@ -25,8 +25,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fimhooks.bounds import CENTRING, FISHER_MAX, FISHER_MIN, FOURTH_MAX, FOURTH_MIN
-from fimhooks.quantities import BOUND_SIDES, TERMS, bound_term, bound_terms
+from fimhooks.fisher.bounds import CENTRING, FISHER_MAX, FISHER_MIN, FOURTH_MAX, FOURTH_MIN
+from fimhooks.fisher.quantities import BOUND_SIDES, TERMS, bound_term, bound_terms
 
 
 def per_input_terms(

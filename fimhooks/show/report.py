@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 from typing import List
 
-from fimhooks.plots import PLOTS
-from fimhooks.quantities import label_sampled
+from fimhooks.fisher.quantities import label_sampled
+from fimhooks.show.plots import PLOTS
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"

@@ -19,9 +19,9 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fimhooks.diagonal_terms import BatchSums
-from fimhooks.general import batched_grad
-from fimhooks.observations import Directions, LabelDraw
+from fimhooks.engine.general import batched_grad
+from fimhooks.engine.observations import Directions, LabelDraw
+from fimhooks.fisher.diagonal_terms import BatchSums
 
 #: Inputs given a direction in a verification.
 VERIFIED_INPUTS = 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
-from fimhooks.quantities import label_sampled
+from fimhooks.fisher.quantities import label_sampled
 
 STYLES = {"I1": "-", "I2": "--", "exact": ":", "EF": "-."}
 

@@ -32,12 +32,17 @@ from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from fimhooks import jacobians
-from fimhooks.blocks import block_label_variance, gram
-from fimhooks.curvature import CurvatureSource
-from fimhooks.diagonal_terms import BatchSums, batch_sums, per_input_terms, rank_one_batch_sums
-from fimhooks.memory import Budget
-from fimhooks.observations import LabelDraw
+from fimhooks.engine import jacobians
+from fimhooks.engine.curvature import CurvatureSource
+from fimhooks.engine.memory import Budget
+from fimhooks.engine.observations import LabelDraw
+from fimhooks.fisher.blocks import block_label_variance, gram
+from fimhooks.fisher.diagonal_terms import (
+    BatchSums,
+    batch_sums,
+    per_input_terms,
+    rank_one_batch_sums,
+)
 
 #: Live copies of a pulled-back tensor assumed by the memory estimates (the tensor, its
 #: image under a layer and the temporaries of a term).

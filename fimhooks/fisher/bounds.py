@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fimhooks.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
+from fimhooks.fisher.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 
 #: Classes up to which the categorical ``λ(I_h)`` are exact eigenvalues.
 EXACT_CLASSES = 64

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fimhooks.jsonlog import read_log
 from fimhooks.monitor import FisherMonitor
-from fimhooks.report import write_report
+from fimhooks.show.jsonlog import read_log
+from fimhooks.show.report import write_report
 
 LOG_NAME = "fimhooks_log.jsonl"
 

@@ -1,0 +1,1 @@
+"""What is shown: the progress bar, the JSON log, plots, the report, the demo and the command line."""
