@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fimhooks.engine.step import Step
 from fimhooks.fisher.diagonal_terms import BatchSums, RankOne, rank_one_sum_keys
 
 #: How long a rank that raised inside its block waits for the others to hear of it.
@@ -368,23 +369,6 @@ def unpack(dense: Places, factors: Sequence[Places], layout: Layout) -> Dict[str
     return pending
 
 
-@dataclass
-class StepSums:
-    """One collected step of one rank, or of all ranks after ``StepReducer.reduce``.
-
-    Attributes:
-        pending: ``{parameter name: BatchSums}`` of the step's inputs.
-        num_inputs: Inputs of the step.
-        nonfinite: Whether an output or statistic was not finite (the step is skipped).
-        num_outputs: Outputs per position (``C``), ``None`` where no batch was seen.
-    """
-
-    pending: Dict[str, BatchSums]
-    num_inputs: int
-    nonfinite: bool
-    num_outputs: Optional[int]
-
-
 class Buffers:
     """What one rank sends and receives in a layout's collective, and its places.
 
@@ -492,7 +476,7 @@ class StepReducer:
         self._buffers = Buffers(self.layout, self.rank, device)
         self._fitting: Dict[Tuple[Description, torch.dtype], bool] = {}
 
-    def reduce(self, step: StepSums, failed: bool = False) -> Optional[StepSums]:
+    def reduce(self, step: Step, failed: bool = False) -> Optional[Step]:
         """The step's sums over all ranks; every rank must call it on every collected step.
 
         Args:
@@ -506,7 +490,7 @@ class StepReducer:
         Raises:
             RuntimeError: naming the ranks that raised inside their block.
         """
-        pending = {} if failed else step.pending
+        pending = {} if failed else step.sums
         description = describe(pending)
         dtype = self.layout.dtype
         for batch in pending.values():
@@ -540,7 +524,7 @@ class StepReducer:
             head = self._sum(header, pending)
         with_outputs = head[extra + _WITH_OUTPUTS]
         buffers = self._buffers
-        return StepSums(
+        return Step(
             unpack(buffers.summed, buffers.factors, self.layout),
             int(round(head[extra + _INPUTS])),
             head[extra + _NONFINITE] > 0,

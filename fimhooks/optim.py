@@ -150,7 +150,7 @@ class FisherPreconditioner:
             self._warn_missing_factors()
         errors = est.relative_errors() if self.estimator == "auto" else None
         names = {}  # estimator -> parameter names it preconditions
-        for name, layer in self.monitor._layer_of.items():
+        for name, layer in self.monitor.structure().layer_of.items():
             if layer in self._kronecker or not est.has(name):
                 continue
             found = (errors or {}).get(layer, {})

@@ -150,6 +150,7 @@ class ForwardRecord:
         output_version: Its version counter then.
         consumed: Whether a backward pass through ``output`` was collected.
         batch_statistics: Path of a layer that normalised with the batch's statistics.
+        chain: The calls as a chain, where the chain backend found one.
     """
 
     calls: List[Call] = field(default_factory=list)
@@ -157,6 +158,7 @@ class ForwardRecord:
     output_version: int = 0
     consumed: bool = False
     batch_statistics: Optional[str] = None
+    chain: Optional[List[Call]] = None
 
     @cached_property
     def signature(self) -> tuple:

@@ -55,6 +55,7 @@ class FisherLog:
         self._writer = writer
         self._target = target_rse
         self._start = time.perf_counter()
+        self.listening = None  # the monitor's handle, set by ``log_to``
 
     def __call__(self, monitor) -> None:
         """Log the monitor's state after a collected step."""
@@ -71,11 +72,13 @@ class FisherLog:
             _write_scalars(self._writer, record)
 
     def close(self) -> None:
-        """Stop logging and close the file if this log opened it."""
-        if self in self._monitor._listeners:
-            self._monitor._listeners.remove(self)
+        """Stop logging and close the file if this log opened it (also: ``remove()``)."""
+        if self.listening is not None:
+            self.listening.remove()
         if self._owns_file:
             self._file.close()
+
+    remove = close
 
 
 def read_log(path: Union[str, Path]) -> List[dict]:
