@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from fimhooks import checks
 from fimhooks.distributed import (
     StepReducer,
     check_every_rank_builds,
@@ -24,7 +25,7 @@ from fimhooks.distributed import (
 from fimhooks.engine import batchnorm as bn
 from fimhooks.engine.backends import BACKEND_OPTIONS
 from fimhooks.engine.collect import Collector, OnceWarnings, Sampler
-from fimhooks.engine.layers import spec_for
+from fimhooks.engine.handles import Block, Hook, Listening
 from fimhooks.engine.memory import DEFAULT_MAX_MEMORY, Budget, check_max_memory
 from fimhooks.engine.recording import ForwardRecord
 from fimhooks.engine.step import Step
@@ -33,7 +34,7 @@ from fimhooks.engine.structure import ModelStructure, structure_key
 from fimhooks.engine.verification import OPTIONS as VERIFY_OPTIONS
 from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
 from fimhooks.fisher.likelihoods import likelihood_from
-from fimhooks.fisher.quantities import DEFAULT_ESTIMATORS, ESTIMATORS
+from fimhooks.fisher.quantities import DEFAULT_ESTIMATORS
 from fimhooks.show.jsonlog import FisherLog
 from fimhooks.show.progress import progress
 
@@ -148,8 +149,10 @@ class FisherMonitor:
         model, process_group = unwrap(model, process_group)
         self.likelihood = likelihood_from(likelihood, sigma)
         default_estimators = estimators is None
-        estimators = _check_estimators(DEFAULT_ESTIMATORS if estimators is None else estimators)
-        _check_options(mc_samples, every, ema_decay, output, batch_axis)
+        estimators = checks.check_estimators(
+            DEFAULT_ESTIMATORS if estimators is None else estimators
+        )
+        checks.check_options(mc_samples, every, ema_decay, output, batch_axis)
         check_max_memory(max_memory)
         for option, value, allowed in (
             ("verify", verify, VERIFY_OPTIONS),
@@ -164,11 +167,11 @@ class FisherMonitor:
         self.verify, self.backend = verify, backend
         self.bounds, self.block_errors = bool(bounds), bool(block_errors)
         self.seed = torch.initial_seed() if seed is None else int(seed)
-        _check_not_extended(model)
-        self._check_batchnorm()
-        _check_not_watched(model)
+        checks.check_not_extended(model)
+        bn.check_model(self.model, self.batchnorm)
+        checks.check_not_watched(model, _ATTACHED)
         loss_reduction = getattr(likelihood, "reduction", None)
-        _check_empirical(estimators, self.likelihood, loss_reduction)
+        checks.check_empirical(estimators, self.likelihood, loss_reduction)
         self._rank, world_size = process_group_of(process_group)
         seeds = None
         if world_size > 1:  # each rank its own draws, restored by the block count alone
@@ -214,7 +217,7 @@ class FisherMonitor:
 
     # --- the context manager -------------------------------------------------------
 
-    def __call__(self, *, mask: Optional[Tensor] = None) -> "_Block":
+    def __call__(self, *, mask: Optional[Tensor] = None) -> Block:
         """A ``with`` block with options: ``with monitor(mask=attention_mask):``.
 
         Args:
@@ -226,7 +229,7 @@ class FisherMonitor:
         """
         if self._started:
             self._started_mask = mask
-        return _Block(self._enter, self.__exit__, mask)
+        return Block(self._enter, self.__exit__, mask)
 
     def __enter__(self) -> "FisherMonitor":
         return self._enter(None)
@@ -236,7 +239,7 @@ class FisherMonitor:
         if self._inside:
             raise RuntimeError("`with monitor:` blocks cannot be nested.")
         if self._armed:
-            self._check_batchnorm()
+            bn.check_model(self.model, self.batchnorm)
         self._mask = mask
         self._inside = True
         self._collecting = self._armed
@@ -287,29 +290,6 @@ class FisherMonitor:
             for listener in list(self._listeners):
                 listener(self)
 
-    def _check_batchnorm(self) -> None:
-        for path, module in self.model.named_modules():
-            if not bn.normalises_with_batch(module):
-                continue
-            if self.batchnorm == bn.FROZEN_BATCH_STATS:
-                if spec_for(module).grads is not None:
-                    continue
-                raise ValueError(
-                    f"BatchNorm layer '{path}' ({type(module).__name__}) overrides the "
-                    "forward pass of torch's BatchNorm (timm's BatchNormAct2d also applies "
-                    "its activation), so batchnorm='frozen-batch-stats', which holds the "
-                    "statistics of torch's own BatchNorm layers, does not apply to it. Put "
-                    "it in eval mode (module.eval()) while monitoring."
-                )
-            mode = "is in training mode" if module.training else "tracks no running statistics"
-            raise ValueError(
-                f"BatchNorm layer '{path}' {mode}, so it normalises with the batch's "
-                "statistics: per-input quantities are undefined there because each "
-                "output depends on the whole batch. Put it in eval mode (module.eval()) "
-                "while monitoring, or pass batchnorm='frozen-batch-stats' to treat each "
-                "batch's statistics as constants of every input's map."
-            )
-
     # --- hooks: they only move data -------------------------------------------------
 
     def structure(self) -> ModelStructure:
@@ -328,7 +308,7 @@ class FisherMonitor:
         """Hooks exist only around collected steps, so other steps cost nothing extra."""
         if on and not self._handles:
             self.structure()
-            start, finish = _Hook(self, "_start_record"), _Hook(self, "_finish_record")
+            start, finish = Hook(self, "_start_record"), Hook(self, "_finish_record")
             self._handles.append(self.model.register_forward_pre_hook(start))
             self._hook_watched()
             self._handles.append(self.model.register_forward_hook(finish))
@@ -339,7 +319,7 @@ class FisherMonitor:
 
     def _hook_watched(self) -> None:
         """Record hooks on the watched modules that have none yet."""
-        record = _Hook(self, "_record_call")
+        record = Hook(self, "_record_call")
         for module in self._structure.watched:
             if id(module) not in self._hooked:
                 self._hooked.add(id(module))
@@ -395,7 +375,7 @@ class FisherMonitor:
             return
         if self._started and not self._inside:  # start(): this backward is one block
             mask, self._started_mask = self._started_mask, None
-            with _Block(self._enter, self.__exit__, mask):
+            with Block(self._enter, self.__exit__, mask):
                 self._take(record, grad)
             return
         self._take(record, grad)
@@ -484,14 +464,14 @@ class FisherMonitor:
             tqdm_options = {**tqdm_options, "disable": True}
         return progress(self, iterable, **tqdm_options)
 
-    def add_listener(self, listener: Callable) -> "_Listening":
+    def add_listener(self, listener: Callable) -> Listening:
         """Call ``listener(monitor)`` after each collected step.
 
         Returns:
             A handle; ``remove()`` it to stop.
         """
         self._listeners.append(listener)
-        return _Listening(self._listeners, listener)
+        return Listening(self._listeners, listener)
 
     def log_to(self, target, writer=None, *, target_rse: float = DEFAULT_TARGET) -> FisherLog:
         """Log one JSON line per collected step to ``target`` (a path or a text file).
@@ -614,7 +594,7 @@ class FisherMonitor:
         devices = {name: p.device for name, p in self.model.named_parameters()}
         self._store.load_state_dict(state, devices)
         for device, gen_state in state["generators"].items():
-            if _available(torch.device(device)):
+            if checks.available(torch.device(device)):
                 self._sampler.generator(torch.device(device)).set_state(gen_state.cpu())
             else:
                 warnings.warn(
@@ -642,58 +622,6 @@ class FisherMonitor:
         }
 
 
-class _Block:
-    """A ``with monitor(mask=...):`` block: the monitor's own, with its options."""
-
-    def __init__(self, enter: Callable, exit: Callable, mask: Optional[Tensor]):
-        self._enter, self._exit, self._mask = enter, exit, mask
-
-    def __enter__(self) -> "FisherMonitor":
-        return self._enter(self._mask)
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        return self._exit(exc_type, exc, tb)
-
-
-class _Listening:
-    """The handle of ``add_listener``: ``remove()`` stops the calls."""
-
-    def __init__(self, listeners: list, listener: Callable):
-        self._listeners, self._listener = listeners, listener
-
-    def remove(self) -> None:
-        if self._listener in self._listeners:
-            self._listeners.remove(self._listener)
-
-
-class _Hook:
-    """Calls a method of the monitor, which it does not keep alive.
-
-    Copies of the model (``copy.deepcopy``, ``torch.save``) get an inert hook instead: they
-    are not watched, and carry no hidden copy of the monitor.
-    """
-
-    def __init__(self, monitor: "FisherMonitor", method: str):
-        self._monitor, self._method = weakref.ref(monitor), method
-
-    def __call__(self, *args, **kwargs):
-        monitor = self._monitor()
-        return None if monitor is None else getattr(monitor, self._method)(*args, **kwargs)
-
-    def __deepcopy__(self, memo) -> "_Inert":
-        return _Inert()
-
-    def __reduce__(self):
-        return (_Inert, ())
-
-
-class _Inert:
-    """The hook a copy of a watched model carries: it does nothing."""
-
-    def __call__(self, *args, **kwargs) -> None:
-        return None
-
-
 def _inside_transform() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) is running."""
     return torch._C._functorch.maybe_current_level() is not None
@@ -701,65 +629,6 @@ def _inside_transform() -> bool:
 
 #: The monitor attached to each model (one at a time).
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, FisherMonitor]" = weakref.WeakKeyDictionary()
-
-
-def _check_not_watched(model: nn.Module) -> None:
-    watched = [m for m in _ATTACHED if m is model or m in model.modules() or model in m.modules()]
-    if watched:
-        what = "this" if watched[0] is model else "a module containing or inside this"
-        raise ValueError(
-            f"{what} {type(model).__name__} is already watched by a FisherMonitor; call "
-            "remove() on that monitor first (two monitors would each collect every step)."
-        )
-
-
-def _available(device: torch.device) -> bool:
-    if device.type == "cpu":
-        return True
-    module = getattr(torch, device.type, None)
-    return bool(module is not None and module.is_available())
-
-
-def _check_options(mc_samples, every, ema_decay, output, batch_axis) -> None:
-    if not (isinstance(mc_samples, int) and mc_samples >= 1):
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-    if not (isinstance(every, int) and every >= 1):
-        raise ValueError(f"every must be a positive integer, got {every!r}.")
-    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be None or in (0, 1), got {ema_decay!r}.")
-    if output is not None and not callable(output):
-        raise TypeError(f"output must be a callable, got {type(output).__name__}.")
-    if isinstance(batch_axis, bool) or not isinstance(batch_axis, int) or batch_axis < 0:
-        raise ValueError(f"batch_axis must be a non-negative integer, got {batch_axis!r}.")
-
-
-def _check_empirical(estimators: tuple, likelihood, loss_reduction: Optional[str]) -> None:
-    if "EF" in estimators and likelihood.name == "gaussian":
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(
-                "'EF' with the Gaussian likelihood reads (f − y) from the loss's gradient, "
-                "whose scale depends on the loss: pass the nn.MSELoss module itself "
-                "(reduction 'mean' or 'sum') as the likelihood."
-            )
-
-
-def _check_estimators(estimators) -> tuple:
-    estimators = tuple(estimators)
-    unknown = [e for e in estimators if e not in ESTIMATORS]
-    if not estimators or unknown or len(set(estimators)) != len(estimators):
-        raise ValueError(
-            f"estimators must be distinct names among {ESTIMATORS}, got {estimators!r}."
-        )
-    return estimators
-
-
-def _check_not_extended(model: nn.Module) -> None:
-    for path, module in model.named_modules():
-        if getattr(module, "_backpack_extend", False):
-            raise ValueError(
-                f"layer '{path}' was extended with backpack.extend(); fimhooks installs "
-                "its own hooks: pass a model that was not extended."
-            )
 
 
 def _busy(monitor: "weakref.ref[FisherMonitor]") -> bool:

@@ -15,6 +15,8 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor, nn
 
+from fimhooks.engine.layers import spec_for
+
 #: The ``batchnorm=`` options of ``FisherMonitor``.
 REFUSE, FROZEN_BATCH_STATS = "error", "frozen-batch-stats"
 OPTIONS = (REFUSE, FROZEN_BATCH_STATS)
@@ -70,3 +72,28 @@ class _FrozenStatistics(torch.autograd.Function):
             (scale,) = ctx.saved_tensors
             return grad * scale, None, None, None
         return None, grad, None, None
+
+
+def check_model(model: nn.Module, option: str) -> None:
+    """A clear error for a BatchNorm layer that ``option`` does not cover."""
+    for path, module in model.named_modules():
+        if not normalises_with_batch(module):
+            continue
+        if option == FROZEN_BATCH_STATS:
+            if spec_for(module).grads is not None:
+                continue
+            raise ValueError(
+                f"BatchNorm layer '{path}' ({type(module).__name__}) overrides the "
+                "forward pass of torch's BatchNorm (timm's BatchNormAct2d also applies "
+                "its activation), so batchnorm='frozen-batch-stats', which holds the "
+                "statistics of torch's own BatchNorm layers, does not apply to it. Put "
+                "it in eval mode (module.eval()) while monitoring."
+            )
+        mode = "is in training mode" if module.training else "tracks no running statistics"
+        raise ValueError(
+            f"BatchNorm layer '{path}' {mode}, so it normalises with the batch's "
+            "statistics: per-input quantities are undefined there because each "
+            "output depends on the whole batch. Put it in eval mode (module.eval()) "
+            "while monitoring, or pass batchnorm='frozen-batch-stats' to treat each "
+            "batch's statistics as constants of every input's map."
+        )

@@ -1,0 +1,75 @@
+"""Checks of the monitor's options and of the model it is given: clear errors, early."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fimhooks.fisher.quantities import ESTIMATORS
+
+
+def check_not_watched(model: nn.Module, attached) -> None:
+    """One monitor per model: none on ``model``, inside it or around it."""
+    watched = [m for m in attached if m is model or m in model.modules() or model in m.modules()]
+    if watched:
+        what = "this" if watched[0] is model else "a module containing or inside this"
+        raise ValueError(
+            f"{what} {type(model).__name__} is already watched by a FisherMonitor; call "
+            "remove() on that monitor first (two monitors would each collect every step)."
+        )
+
+
+def available(device: torch.device) -> bool:
+    """Whether this machine has ``device``."""
+    if device.type == "cpu":
+        return True
+    module = getattr(torch, device.type, None)
+    return bool(module is not None and module.is_available())
+
+
+def check_options(mc_samples, every, ema_decay, output, batch_axis) -> None:
+    """The monitor's scalar options."""
+    if not (isinstance(mc_samples, int) and mc_samples >= 1):
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+    if not (isinstance(every, int) and every >= 1):
+        raise ValueError(f"every must be a positive integer, got {every!r}.")
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be None or in (0, 1), got {ema_decay!r}.")
+    if output is not None and not callable(output):
+        raise TypeError(f"output must be a callable, got {type(output).__name__}.")
+    if isinstance(batch_axis, bool) or not isinstance(batch_axis, int) or batch_axis < 0:
+        raise ValueError(f"batch_axis must be a non-negative integer, got {batch_axis!r}.")
+
+
+def check_empirical(estimators: tuple, likelihood, loss_reduction: Optional[str]) -> None:
+    """``"EF"`` with the Gaussian likelihood needs the loss's reduction."""
+    if "EF" in estimators and likelihood.name == "gaussian":
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(
+                "'EF' with the Gaussian likelihood reads (f − y) from the loss's gradient, "
+                "whose scale depends on the loss: pass the nn.MSELoss module itself "
+                "(reduction 'mean' or 'sum') as the likelihood."
+            )
+
+
+def check_estimators(estimators) -> tuple:
+    """Distinct known estimator names, as a tuple."""
+    estimators = tuple(estimators)
+    unknown = [e for e in estimators if e not in ESTIMATORS]
+    if not estimators or unknown or len(set(estimators)) != len(estimators):
+        raise ValueError(
+            f"estimators must be distinct names among {ESTIMATORS}, got {estimators!r}."
+        )
+    return estimators
+
+
+def check_not_extended(model: nn.Module) -> None:
+    """Fimhooks installs its own hooks: no model extended by BackPACK."""
+    for path, module in model.named_modules():
+        if getattr(module, "_backpack_extend", False):
+            raise ValueError(
+                f"layer '{path}' was extended with backpack.extend(); fimhooks installs "
+                "its own hooks: pass a model that was not extended."
+            )
