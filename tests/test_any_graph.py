@@ -243,7 +243,7 @@ def test_forward_passes_without_backward_are_not_kept():
     first = model(x)
     for _ in range(3):  # a validation loop with gradients enabled
         model(x)
-    assert len(monitor._records) == 1
+    assert monitor.held_forward_passes == 1
     with pytest.warns(RuntimeWarning, match="no longer holds"):
         with pytest.warns(RuntimeWarning, match="nothing was collected"):
             with monitor:
@@ -251,7 +251,7 @@ def test_forward_passes_without_backward_are_not_kept():
     second = model(x)
     with monitor:
         second.sum().backward()
-    assert monitor.estimates().num_inputs == len(x) and not monitor._records
+    assert monitor.estimates().num_inputs == len(x) and not monitor.held_forward_passes
     with monitor:  # gradient accumulation: two forward and backward passes in one block
         model(x[:2]).sum().backward()
         model(x[2:]).sum().backward()
@@ -279,7 +279,7 @@ def test_replaying_the_model_records_nothing():
     h = model(x)
     with monitor:
         h.sum().backward()
-        assert len(monitor._records) == 1
+        assert monitor.held_forward_passes == 1
     est = monitor.estimates()
     assert est.generic_layers == ("",)  # wpe, used in the root's forward
     assert "generic per-input rule (exact, slower): <model>." in est.summary()

@@ -74,7 +74,7 @@ def test_an_exception_inside_the_monitors_own_work():
     with pytest.raises(RuntimeError):
         with monitor:
             loss_fn(output, make_target(loss_fn, output)).backward()
-    assert monitor.collected_steps == 0 and not monitor._records
+    assert monitor.collected_steps == 0 and not monitor.held_forward_passes
     model.pop(-1)  # without the faulty layer the same monitor collects again
     step(monitor, model, loss_fn, x)
     assert monitor.estimates().num_inputs == len(x)

@@ -95,7 +95,7 @@ def test_no_memory_accumulates_across_steps():
     for _ in range(3 * cycle):
         gradients(model, loss_fn, x, monitor)
     assert live_tensors() == baseline
-    assert not monitor._records  # nothing of a finished step is kept
+    assert not monitor.held_forward_passes  # nothing of a finished step is kept
     assert monitor.estimates().num_inputs == 4 * FOLD_EVERY * 16
 
 
@@ -190,7 +190,7 @@ def test_forward_inside_the_block_and_no_hooks_on_skipped_steps():
         with monitor:
             output = model(x)
             loss_fn(output, make_target(loss_fn, output)).backward()
-        assert hooked == (monitor._entries % 2 == 1)
+        assert hooked == (monitor.backward_passes % 2 == 1)
     assert monitor.estimates().num_inputs == 2 * len(x)
 
 
@@ -241,7 +241,7 @@ def test_copies_and_pickles_of_a_watched_model_carry_no_monitor():
     monitor = fimhooks.FisherMonitor(model, loss_fn)
     early = copy.deepcopy(model)  # before the first step
     gradients(early, loss_fn, x)
-    assert monitor.collected_steps == 0 and not monitor._records
+    assert monitor.collected_steps == 0 and not monitor.held_forward_passes
     gradients(model, loss_fn, x, monitor)
     twin = copy.deepcopy(model)
     torch.save(model, io.BytesIO())

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from fimhooks.engine import jacobians
 from fimhooks.engine.curvature import CurvatureSource
-from fimhooks.engine.memory import Budget
+from fimhooks.engine.memory import COPIES, Budget
 from fimhooks.engine.observations import LabelDraw
 from fimhooks.fisher.blocks import block_label_variance, gram
 from fimhooks.fisher.diagonal_terms import (
@@ -43,10 +43,6 @@ from fimhooks.fisher.diagonal_terms import (
     per_input_terms,
     rank_one_batch_sums,
 )
-
-#: Live copies of a pulled-back tensor assumed by the memory estimates (the tensor, its
-#: image under a layer and the temporaries of a term).
-COPIES = 4
 
 
 @dataclass
@@ -234,7 +230,7 @@ def chain_batch_sums(
     K, N = draw.directions.shape[:2]
     itemsize = output.element_size()
     width = max(t[0].numel() for _, x, y in layers for t in (x, y))
-    generic = [m for m, x, _ in layers if not _outer_products(m, x)]
+    generic = [m for m, x, _ in layers if not outer_products(m, x)]
     param_width = max((p.numel() for m in generic for p in m.parameters()), default=1)
     curved = (
         sum(y[0].numel() for (m, _, y), rule in zip(layers, rules) if rule.curved(m))
@@ -468,10 +464,11 @@ class Parameterized(PassThrough):
 
 def is_rank_one(module: nn.Module) -> bool:
     """Linear layer on ``[N, in]`` inputs: per-input weight Jacobians are outer products."""
-    return _outer_products(module, module.input0)
+    return outer_products(module, module.input0)
 
 
-def _outer_products(module: nn.Module, inputs: Tensor) -> bool:
+def outer_products(module: nn.Module, inputs: Tensor) -> bool:
+    """Whether per-input weight Jacobians are outer products: a Linear layer on ``[N, in]``."""
     return isinstance(module, nn.Linear) and inputs.dim() == 2
 
 

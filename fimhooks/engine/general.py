@@ -21,8 +21,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from fimhooks.engine.chain import outer_products
 from fimhooks.engine.layers import per_input_rule, spec_for
-from fimhooks.engine.memory import Budget
+from fimhooks.engine.memory import COPIES, Budget
 from fimhooks.engine.observations import LabelDraw
 from fimhooks.engine.recording import Call
 from fimhooks.fisher.diagonal_terms import (
@@ -34,9 +35,6 @@ from fimhooks.fisher.diagonal_terms import (
     finish_terms,
     rank_one_batch_sums,
 )
-
-#: Live copies of a per-input tensor assumed by the memory estimates.
-COPIES = 4
 
 #: One use of a parameter: a call and the parameter's name inside the called module.
 Use = Tuple[Call, str]
@@ -260,7 +258,7 @@ def _is_rank_one(param_uses: List[Use], draw: LabelDraw) -> bool:
         return False
     call, _ = param_uses[0]
     rank_one = spec_for(call.module).rank_one and not call.generic
-    return rank_one and call.batch_dim == 0 and call.inputs[0].dim() == 2
+    return rank_one and call.batch_dim == 0 and outer_products(call.module, call.inputs[0])
 
 
 def _parameters(uses: Dict[str, List[Use]]) -> Dict[str, Tensor]:

@@ -173,7 +173,7 @@ def generic_grads(call, names: Sequence[str], grad_out, samples: slice) -> Grads
     def rows(values, at):
         return tree_map(lambda v: v[_slice_at(at, samples)] if _batched(v, at, size) else v, values)
 
-    kwargs = tree_map(_detached, call.kwargs)
+    kwargs = tree_map(_without_history, call.kwargs)
     arg_dims, kw_dims = list(dims(call.args, call.input_dim)), dims(kwargs, 0)
     args, kwargs = list(rows(call.args, call.input_dim)), rows(kwargs, 0)
 
@@ -249,7 +249,7 @@ def _batched(value, axis: int, size: int) -> bool:
     return isinstance(value, Tensor) and value.dim() > axis and value.shape[axis] == size
 
 
-def _detached(value):
+def _without_history(value):
     return value.detach() if isinstance(value, Tensor) else value
 
 

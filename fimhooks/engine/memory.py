@@ -11,6 +11,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+#: Live copies of a per-input or pulled-back tensor assumed by the memory estimates (the
+#: tensor, its image under a layer and the temporaries of a term).
+COPIES = 4
+
 #: Default ``max_memory`` of ``FisherMonitor``: 1 GiB.
 DEFAULT_MAX_MEMORY = 2**30
 

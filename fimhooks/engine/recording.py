@@ -66,7 +66,7 @@ class Call:
     @property
     def args(self) -> tuple:
         """The positional arguments, detached, in float32 at least (mixed precision)."""
-        return tuple(_detached(a) for a in self.inputs)
+        return tuple(_detached_upcast(a) for a in self.inputs)
 
     @property
     def batch_dim(self) -> int:
@@ -227,7 +227,7 @@ def _same_data(a, b) -> bool:
     )
 
 
-def _detached(value):
+def _detached_upcast(value):
     if not isinstance(value, Tensor):
         return value
     value = value.detach()

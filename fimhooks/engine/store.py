@@ -88,8 +88,14 @@ ACCUMULATOR_KEYS = (
 )  # fmt: skip
 
 
-def check_state(state) -> None:
-    """A clear error, naming the key, for a state that ``state_dict()`` did not make."""
+def check_state(state, options: dict, shapes: Dict[str, list]) -> None:
+    """A clear error, naming what differs, for a state this monitor cannot load.
+
+    Args:
+        state: What ``FisherMonitor.state_dict()`` returned.
+        options: The loading monitor's options.
+        shapes: ``{parameter name: shape}`` of its parameters.
+    """
     if not isinstance(state, dict):
         raise TypeError(f"state_dict must be a dict, got {type(state).__name__}.")
     missing = [k for k in STATE_KEYS if k not in state]
@@ -97,7 +103,17 @@ def check_state(state) -> None:
         raise ValueError(
             f"state_dict has no {missing}: pass what FisherMonitor.state_dict() returned."
         )
-    shapes = state["parameters"]
+    saved = {"batchnorm": "error", **state["options"]}  # states from before the option
+    if saved != options:
+        raise ValueError(f"state_dict was saved with options {saved}, this monitor has {options}.")
+    if state["parameters"] != shapes:
+        saved, here = state["parameters"], shapes
+        differ = sorted(k for k in saved.keys() | here.keys() if saved.get(k) != here.get(k))
+        raise ValueError(
+            "state_dict was saved for a model with other parameters; they differ at "
+            f"{differ[:5]} (name: saved shape vs this model's: "
+            f"{[(k, saved.get(k), here.get(k)) for k in differ[:3]]})."
+        )
     for name, acc in state["accumulators"].items():
         if name not in shapes:
             raise ValueError(
