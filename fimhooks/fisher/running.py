@@ -52,7 +52,7 @@ class RunningDiagonal:
         mc_samples: Label draws per input ``M``.
     """
 
-    #: The kinds of statistic this rule keeps and their per-step decay (see ``_decay``).
+    #: The kinds of statistic this rule keeps (each decays per step by ``_decay(kind)``).
     KINDS: Tuple[str, ...] = ()
 
     def __new__(cls, ema_decay: Optional[float] = None, mc_samples: int = 1):
