@@ -17,6 +17,7 @@ from fimhooks.fisher.quantities import (
     label_sampled,
 )
 from fimhooks.fisher.running import RunningDiagonal
+from fimhooks.show.table import summary_table
 
 #: Relative standard error that the guidance aims at by default.
 DEFAULT_TARGET = 0.05
@@ -58,7 +59,9 @@ class FisherEstimates:
         skipped: int = 0,
         generic_layers: tuple = (),
     ):
-        self._acc = accumulators
+        in_model_order = [n for n in layer_of if n in accumulators]
+        in_model_order += [n for n in accumulators if n not in layer_of]
+        self._acc = {n: accumulators[n] for n in in_model_order}
         self._layer_of = layer_of
         self._layer_types = layer_types or {}
         self.estimators = tuple(estimators)
@@ -68,6 +71,19 @@ class FisherEstimates:
         self.num_outputs = num_outputs
         self.skipped = skipped
         self.generic_layers = tuple(generic_layers)
+
+    @property
+    def layers(self) -> Dict[str, str]:
+        """``{param name: module path}`` of the model's parameters, in model order."""
+        return dict(self._layer_of)
+
+    def layer_of(self, name: str) -> str:
+        """Path of the module that owns the parameter ``name``."""
+        return self._layer_of[name]
+
+    def accumulators(self) -> Dict[str, RunningDiagonal]:
+        """The running statistics by parameter name, in model order (shared, not copied)."""
+        return dict(self._acc)
 
     @property
     def num_inputs(self) -> int:
@@ -80,11 +96,12 @@ class FisherEstimates:
         Both must be cumulative averages (``ema_decay=None``) of the same model with the
         same options; the result equals what one monitor would report on all the inputs.
         """
-        if set(self._acc) != set(other._acc) or self.estimators != other.estimators:
+        others = other.accumulators()
+        if set(self._acc) != set(others) or self.estimators != other.estimators:
             raise ValueError("can only merge estimates of the same parameters and estimators.")
         merged = {name: acc.copy() for name, acc in self._acc.items()}
         for name, acc in merged.items():
-            acc.merge(other._acc[name])
+            acc.merge(others[name])
         return FisherEstimates(
             merged,
             layer_of=self._layer_of,
@@ -297,12 +314,14 @@ class FisherEstimates:
             }
             if self.has_bounds and ESTIMATOR_SPECS[e].bounded:
                 stats[e].update(_bound_ratios(e, accs))
-            if ESTIMATOR_SPECS[e].data_labels and self.exact_pass:
+            if ESTIMATOR_SPECS[e].needs_data_labels and self.exact_pass:
                 stats[e].update(_bias(fisher, _cat(a.fisher("exact") for a in accs)))
-        if "I2" in self.estimators and self.exact_pass:
-            stats["zero_v2"] = int(sum((a.label_variance("I2") == 0).sum() for a in accs))
-        unbiased = [e for e in costs if not ESTIMATOR_SPECS[e].data_labels] or list(costs)
-        stats["recommended"] = min(unbiased, key=lambda e: (costs[e], e != "exact"))
+        curved = [e for e in self.estimators if ESTIMATOR_SPECS[e].needs_curvature]
+        if curved and self.exact_pass:
+            stats["zero_v2"] = int(sum((a.label_variance(curved[0]) == 0).sum() for a in accs))
+        unbiased = [e for e in costs if ESTIMATOR_SPECS[e].unbiased] or list(costs)
+        # at equal cost, the estimator without label noise
+        stats["recommended"] = min(unbiased, key=lambda e: (costs[e], label_sampled(e)))
         return stats
 
     def standard_errors(self, estimator: str) -> Diagonal:
@@ -319,7 +338,7 @@ class FisherEstimates:
         Without the exact pass: ``(None, empirical variance)``, which holds both noises.
         The empirical Fisher has no label noise: ``(0, its empirical variance)``.
         """
-        if ESTIMATOR_SPECS[estimator].data_labels:
+        if ESTIMATOR_SPECS[estimator].needs_data_labels:
             empirical = acc.sample_variance(estimator)
             return (torch.zeros_like(empirical) if self.exact_pass else None), empirical
         if not self.exact_pass:
@@ -347,62 +366,7 @@ class FisherEstimates:
 
     def summary(self, target: float = DEFAULT_TARGET) -> str:
         """Per-layer table: traces, relative standard errors, noise shares, guidance."""
-        layers = self.layer_statistics(target)
-        header = ["layer", "module", "params"]
-        for e in self.estimators:
-            header += [f"tr {e}", f"rse {e}", f"N@{target:.0%} {e}"]
-        sampled = [e for e in self.estimators if label_sampled(e)] if self.exact_pass else []
-        header += [f"label share {e}" for e in sampled] + [f"M {e}" for e in sampled]
-        bounded = [e for e in self.estimators if ESTIMATOR_SPECS[e].bounded]
-        biased = [e for e in self.estimators if ESTIMATOR_SPECS[e].data_labels]
-        biased = biased if self.exact_pass else []
-        header += [f"bias {e}" for e in biased]
-        if self.has_bounds:
-            header += [f"tight {e}" for e in bounded]
-        if "zero_v2" in next(iter(layers.values())):
-            header.append("zero v2")
-        header.append("best")
-        rows = []
-        for layer, stats in layers.items():
-            row = [layer or "<model>", stats["module"], stats["params"]]
-            for e in self.estimators:
-                row += [_fmt(stats[e]["trace"]), _fmt(stats[e]["rse"])]
-                row.append(_fmt_count(stats[e]["inputs_needed"]))
-            row += [_fmt(stats[e]["label_share"]) for e in sampled]
-            row += [str(stats[e]["draws_suggested"] or "n/a") for e in sampled]
-            row += [_fmt(stats[e]["bias"]) for e in biased]
-            if self.has_bounds:
-                row += [_fmt(stats[e]["bound_tightness"]) for e in bounded]
-            if "zero_v2" in stats:
-                row.append(f"{stats['zero_v2']}/{stats['params']}")
-            row.append(stats["recommended"])
-            rows.append(row)
-        title = f"fimhooks: diagonal Fisher over {self.num_inputs} inputs" + (
-            f", {self.skipped} batches skipped" if self.skipped else ""
-        )
-        legend = (
-            f"tr: trace; rse: relative standard error (label + data noise); N@{target:.0%}: "
-            "inputs that reach it; label share: part of the variance due to label noise; "
-            "M: label draws per input worth taking; best: fewest backpropagated vectors to "
-            f"reach {target:.0%}."
-        )
-        if biased:
-            legend += (
-                "\nbias EF: ‖EF − exact‖ / ‖exact‖ over the layer, the empirical Fisher's "
-                "relative bias; compare it with the rse of Î₁ and Î₂ (their noise)."
-            )
-        if self.has_bounds:
-            legend += (
-                "\ntight: the layer's upper bound (Soen & Sun 2024, Thm 4.1) over what it "
-                "bounds: the exact trace, the variance of Î₁ or Î₂."
-            )
-        if self.generic_layers:
-            legend += (
-                "\nLayers on the generic per-input rule (exact, slower): "
-                + ", ".join(layer or "<model>" for layer in self.generic_layers)
-                + "."
-            )
-        return title + "\n" + _format_table(header, rows) + "\n" + legend
+        return summary_table(self, target)
 
     def _layers(self) -> Dict[str, List[str]]:
         layers: Dict[str, List[str]] = {}
@@ -456,8 +420,8 @@ def _bound_ratios(estimator: str, accs: List[RunningDiagonal]) -> dict:
 
     if label_sampled(estimator):
         actual = total(a.label_variance(estimator) for a in accs)
-    else:
-        actual = total(a.fisher("exact") for a in accs)
+    else:  # it bounds the estimate itself
+        actual = total(a.fisher(estimator) for a in accs)
     ratios = {}
     for key, side in (("bound_lower", "lower"), ("bound_tightness", "upper")):
         bound = total(a.bound(bound_term(term, side)) for a in accs)
@@ -480,22 +444,3 @@ def _bias(empirical: Tensor, exact: Tensor) -> dict:
 
 def _cat(tensors) -> Tensor:
     return torch.cat([t.flatten() for t in tensors])
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3g}"
-
-
-def _fmt_count(value: float) -> str:
-    return "n/a" if not math.isfinite(value) else f"{math.ceil(value):,}"
-
-
-def _format_table(header: list, rows: list) -> str:
-    cells = [header] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = [
-        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        for r in cells
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -14,8 +14,10 @@ from fimhooks.fisher.preconditioning import (
     diagonal_denominator,
     kronecker_solve,
 )
+from fimhooks.fisher.quantities import ESTIMATOR_SPECS, UNBIASED_ESTIMATORS
 
-ESTIMATOR_CHOICES = ("I1", "I2", "exact", "auto")
+#: The unbiased estimators, or ``"auto"``: the empirical Fisher does not precondition.
+ESTIMATOR_CHOICES = UNBIASED_ESTIMATORS + ("auto",)
 STRUCTURES = ("diag", "kfac")
 
 
@@ -143,18 +145,21 @@ class FisherPreconditioner:
         est = self.monitor.live_estimates()
         self._kronecker = {}
         if self.structure == "kfac":
-            kind = "sampled" if self.estimator == "I1" or not est.exact_pass else "exact"
+            sampled = (
+                self.estimator != "auto" and not ESTIMATOR_SPECS[self.estimator].needs_exact_pass
+            )
+            kind = "sampled" if sampled or not est.exact_pass else "exact"
             for layer, (A, G) in est.kronecker_factors(kind).items():
                 self._kronecker[layer] = damped_kronecker_inverses(A, G, self.damping)
                 self.choices[layer] = f"kfac-{kind}"
             self._warn_missing_factors()
         errors = est.relative_errors() if self.estimator == "auto" else None
         names = {}  # estimator -> parameter names it preconditions
-        for name, layer in self.monitor.structure().layer_of.items():
+        for name, layer in est.layers.items():
             if layer in self._kronecker or not est.has(name):
                 continue
             found = (errors or {}).get(layer, {})
-            unbiased = {e: v for e, v in found.items() if e != "EF"} or found
+            unbiased = {e: v for e, v in found.items() if ESTIMATOR_SPECS[e].unbiased} or found
             chosen = self.estimator if errors is None else min(unbiased, key=unbiased.get)
             self.choices[layer] = chosen
             names.setdefault(chosen, []).append(name)

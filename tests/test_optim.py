@@ -294,3 +294,14 @@ def test_diagonal_step_on_parametrized_leaves_uses_their_own_fisher():
     for name, p in model.named_parameters():
         assert monitor.estimates().fisher("exact")[name].shape == p.shape
         torch.testing.assert_close(p.grad, grads[name] / (ref[name] + 0.1), rtol=1e-8, atol=0)
+
+
+def test_the_declarations_say_what_preconditions_and_what_it_costs():
+    from fimhooks.fisher.guidance import cost_per_input
+    from fimhooks.fisher.quantities import ESTIMATOR_SPECS
+    from fimhooks.optim import ESTIMATOR_CHOICES
+
+    assert ESTIMATOR_CHOICES == ("I1", "I2", "exact", "auto")  # EF is biased
+    assert [cost_per_input(e, 3, 10) for e in ESTIMATOR_SPECS] == [3, 10, 10, 1]
+    assert [e for e, s in ESTIMATOR_SPECS.items() if s.needs_curvature] == ["I2"]
+    assert [e for e, s in ESTIMATOR_SPECS.items() if s.needs_data_labels] == ["EF"]

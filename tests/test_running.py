@@ -229,7 +229,7 @@ def test_a_parameter_frozen_mid_run_keeps_its_own_count_in_the_guidance():
     collect(monitor, model, loss_fn, x)
     collect(monitor, model, loss_fn, x)
     est = monitor.estimates()
-    weight, bias = est._acc["0.weight"], est._acc["0.bias"]
+    weight, bias = est.accumulators()["0.weight"], est.accumulators()["0.bias"]
     assert (weight.num_inputs, bias.num_inputs) == (3 * len(x), len(x))
     stats = est.layer_statistics()["0"]["exact"]
     per_input = sum(
@@ -293,3 +293,38 @@ def test_a_damaged_state_is_refused_up_front_naming_the_key():
     assert fresh.collected_steps == 0  # nothing was restored
     fresh.load_state_dict(state)
     assert fresh.collected_steps == 1
+
+
+def test_estimates_are_in_model_order_with_their_layers_public():
+    loss_fn, out, _ = make_loss("categorical")
+    model, x = make_model("tanh_mlp", out), make_input("tanh_mlp")
+    monitor = fimhooks.FisherMonitor(model, loss_fn)
+    collect(monitor, model, loss_fn, x)
+    monitor.remove()
+    est = monitor.estimates()
+    names = [name for name, _ in model.named_parameters()]
+    assert list(est.fisher("exact")) == names == list(est.accumulators())
+    assert est.layers == {name: name.rsplit(".", 1)[0] for name in names}
+    assert all(est.layer_of(name) == layer for name, layer in est.layers.items())
+    assert list(est.layer_statistics()) == list(dict.fromkeys(est.layers.values()))
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.7], ids=["cumulative", "ema"])
+def test_an_accumulator_restores_from_its_state_and_moves_exactly(ema_decay):
+    """The saved layout is a flat ``{key: tensor}`` (that of earlier checkpoints)."""
+    generator = torch.Generator().manual_seed(2)
+    batches = [(random_sums(generator, n), n) for n in (3, 1, 5)]
+    acc = RunningDiagonal(ema_decay, 2)
+    for sums, n in batches:
+        acc.update(sums, n)
+    state = acc.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state["stats"].values())
+    if ema_decay is not None:
+        assert {"mean_I1", "var_I1", "labelvar_v1", "varweight"} <= set(state["stats"])
+    restored = RunningDiagonal.from_state_dict(state).to("cpu")
+    assert type(restored) is type(acc)
+    restored.update(*batches[0])
+    acc.update(*batches[0])
+    for get in ("fisher", "label_variance", "sample_variance"):
+        torch.testing.assert_close(getattr(restored, get)("I1"), getattr(acc, get)("I1"))
+    assert restored.effective_inputs() == acc.effective_inputs()

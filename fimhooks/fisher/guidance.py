@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from fimhooks.fisher.quantities import ESTIMATOR_SPECS
+
 #: Most label draws per input that guidance suggests.
 MAX_DRAWS = 64
 
@@ -49,8 +51,9 @@ def draws_suggested(label_noise: float, data_noise: float) -> Optional[int]:
 
 
 def cost_per_input(estimator: str, draws: int, outputs: int) -> int:
-    """Vectors backpropagated per input: ``M`` for Î₁ alone, ``C`` for exact and Î₂.
+    """Vectors backpropagated per input, as ``Estimator.directions`` declares.
 
-    The empirical Fisher backpropagates one (the data's residual).
+    ``M`` for Î₁ alone, ``C`` for exact and Î₂, one (the data's residual) for the empirical
+    Fisher.
     """
-    return {"I1": draws, "EF": 1}.get(estimator, outputs)
+    return ESTIMATOR_SPECS[estimator].directions_per_input(draws, outputs)

@@ -44,8 +44,13 @@ class Estimator:
         bounded: The term that ``FisherEstimates.bounds`` bounds for it (docs/math.md §7): its
             summand's mean for ``exact``, its label-noise variance for Î₁ and Î₂; ``None``
             for the empirical Fisher.
-        data_labels: Whether it uses the data's labels (the empirical Fisher, docs/math.md §7b)
-            instead of labels drawn from the model.
+        directions: What it backpropagates per input, which sets its cost
+            (``directions_per_input``): ``"draws"`` (the ``M`` sampled residuals),
+            ``"outputs"`` (the ``C`` output directions) or ``"data"`` (the data's residual).
+        unbiased: Whether its expectation is the Fisher (not the empirical Fisher's).
+        needs_curvature: Whether it needs the network's second derivatives (Î₂).
+        needs_data_labels: Whether it uses the data's labels (the empirical Fisher,
+            docs/math.md §7b) instead of labels drawn from the model.
         block: The term of its full-block expected squared Frobenius error, if any.
     """
 
@@ -53,8 +58,15 @@ class Estimator:
     variance: Optional[str]
     needs_exact_pass: bool
     bounded: Optional[str]
-    data_labels: bool = False
+    directions: str
+    unbiased: bool = True
+    needs_curvature: bool = False
+    needs_data_labels: bool = False
     block: Optional[str] = None
+
+    def directions_per_input(self, draws: int, outputs: int) -> int:
+        """Vectors backpropagated per input with ``draws`` label draws and ``outputs`` ``C``."""
+        return {"draws": draws, "outputs": outputs, "data": 1}[self.directions]
 
 
 _BASE_TERMS = (
@@ -94,14 +106,28 @@ TERMS: Dict[str, Term] = {
 ESTIMATOR_SPECS: Dict[str, Estimator] = {
     e.name: e
     for e in (
-        Estimator("I1", variance="v1", needs_exact_pass=False, bounded="v1", block="block_v1"),
-        Estimator("I2", variance="v2", needs_exact_pass=True, bounded="v2", block="block_v2"),
-        Estimator("exact", variance=None, needs_exact_pass=True, bounded="exact"),
-        Estimator("EF", variance=None, needs_exact_pass=False, bounded=None, data_labels=True),
+        Estimator(
+            "I1", variance="v1", needs_exact_pass=False, bounded="v1", directions="draws",
+            block="block_v1",
+        ),
+        Estimator(
+            "I2", variance="v2", needs_exact_pass=True, bounded="v2", directions="outputs",
+            needs_curvature=True, block="block_v2",
+        ),
+        Estimator(
+            "exact", variance=None, needs_exact_pass=True, bounded="exact",
+            directions="outputs",
+        ),
+        Estimator(
+            "EF", variance=None, needs_exact_pass=False, bounded=None, directions="data",
+            unbiased=False, needs_data_labels=True,
+        ),
     )
-}
+}  # fmt: skip
 #: The estimators' names, in the order tables show them.
 ESTIMATORS = tuple(ESTIMATOR_SPECS)
+#: The estimators whose expectation is the Fisher (what may precondition or be recommended).
+UNBIASED_ESTIMATORS = tuple(e for e, spec in ESTIMATOR_SPECS.items() if spec.unbiased)
 #: What a monitor computes unless told otherwise (the empirical Fisher only when asked).
 DEFAULT_ESTIMATORS = ("I1", "I2", "exact")
 
