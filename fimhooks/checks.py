@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fimhooks.fisher.quantities import ESTIMATORS
+from fimhooks.fisher.quantities import ESTIMATORS, any_needs
 
 
 def check_not_watched(model: nn.Module, attached) -> None:
@@ -45,7 +45,7 @@ def check_options(mc_samples, every, ema_decay, output, batch_axis) -> None:
 
 def check_empirical(estimators: tuple, likelihood, loss_reduction: Optional[str]) -> None:
     """``"EF"`` with the Gaussian likelihood needs the loss's reduction."""
-    if "EF" in estimators and likelihood.name == "gaussian":
+    if any_needs(estimators, "needs_data_labels") and likelihood.name == "gaussian":
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(
                 "'EF' with the Gaussian likelihood reads (f − y) from the loss's gradient, "

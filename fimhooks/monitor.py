@@ -34,7 +34,7 @@ from fimhooks.engine.structure import ModelStructure, structure_key
 from fimhooks.engine.verification import OPTIONS as VERIFY_OPTIONS
 from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
 from fimhooks.fisher.likelihoods import likelihood_from
-from fimhooks.fisher.quantities import DEFAULT_ESTIMATORS
+from fimhooks.fisher.quantities import DEFAULT_ESTIMATORS, without_curvature
 from fimhooks.show.jsonlog import FisherLog
 from fimhooks.show.progress import progress
 
@@ -571,7 +571,7 @@ class FisherMonitor:
         """
         options = self._options()
         if self._collector.default_estimators:  # the saving monitor may have left 'I2' out
-            dropped = [e for e in options["estimators"] if e != "I2"]
+            dropped = list(without_curvature(options["estimators"]))
             if isinstance(state, dict) and state.get("options", {}).get("estimators") == dropped:
                 options["estimators"] = dropped
         check_state(state, options, self._parameter_shapes())

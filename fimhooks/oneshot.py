@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from fimhooks.estimates import FisherEstimates
+from fimhooks.fisher.quantities import any_needs
 from fimhooks.monitor import FisherMonitor
 
 Batch = Union[Tensor, tuple, dict]
@@ -57,7 +58,7 @@ def estimate(
     batches = [data] if isinstance(data, (Tensor, tuple, dict)) else data
     monitor = FisherMonitor(model, likelihood, **options)
     try:
-        empirical = "EF" in monitor.estimators
+        empirical = any_needs(monitor.estimators, "needs_data_labels")
         if loss is not None and not empirical:
             raise ValueError(
                 "fimhooks.estimate: loss= only gives 'EF' the data's labels (Î₁, Î₂ and exact "

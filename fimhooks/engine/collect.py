@@ -38,7 +38,13 @@ from fimhooks.engine.verification import (
     tolerance,
     verification_draw,
 )
-from fimhooks.fisher.quantities import exact_pass, terms_for
+from fimhooks.fisher.quantities import (
+    ESTIMATOR_SPECS,
+    any_needs,
+    exact_pass,
+    terms_for,
+    without_curvature,
+)
 
 #: Offset of the seed of the verification's directions from the label sampler's.
 VERIFICATION_SEED = 7919
@@ -173,7 +179,7 @@ class Collector:
                 )
                 self.warn.silence("empty")  # said already, more precisely
                 return
-            if "I2" in self.estimators:
+            if any_needs(self.estimators, "needs_curvature"):
                 self.check_no_curvature(record, uses)
         step.add(backend.batch_sums(record, draw, self.plan()), draw.num_inputs, positions.shape[2])
 
@@ -216,10 +222,11 @@ class Collector:
             self.exact_pass, self.bounds,
         )  # fmt: skip
         draw = dataclasses.replace(draw, gram_pairing=pairing)
-        if "EF" in self.terms:
+        if any_needs(self.estimators, "needs_data_labels"):
             read = (self.likelihood, self.class_axis, self.loss_reduction)
             residuals = data_residuals(grad, h, positions, observed, *read)
-            draw = with_data_residuals(draw, residuals, sampled=self.terms != {"EF"})
+            sampled = not all(ESTIMATOR_SPECS[e].needs_data_labels for e in self.estimators)
+            draw = with_data_residuals(draw, residuals, sampled=sampled)
         return draw
 
     def choose(self, record: ForwardRecord, draw: LabelDraw):
@@ -246,7 +253,7 @@ class Collector:
             return
         if not self.default_estimators:
             raise RuntimeError(f"fimhooks: 'I2' needs {reason}. Use estimators=('I1', 'exact').")
-        self.set_estimators(tuple(e for e in self.estimators if e != "I2"))
+        self.set_estimators(without_curvature(self.estimators))
         self.warn(
             "I2",
             f"'I2' is left out of the default estimators on this model: it needs {reason}. "

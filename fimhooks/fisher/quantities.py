@@ -132,6 +132,16 @@ UNBIASED_ESTIMATORS = tuple(e for e, spec in ESTIMATOR_SPECS.items() if spec.unb
 DEFAULT_ESTIMATORS = ("I1", "I2", "exact")
 
 
+def any_needs(estimators: Iterable[str], need: str) -> bool:
+    """Whether one of ``estimators`` has the declaration's ``need`` (``"needs_curvature"``)."""
+    return any(getattr(ESTIMATOR_SPECS[e], need) for e in estimators)
+
+
+def without_curvature(estimators: Iterable[str]) -> tuple:
+    """``estimators`` less those that need the network's second derivatives."""
+    return tuple(e for e in estimators if not ESTIMATOR_SPECS[e].needs_curvature)
+
+
 def label_sampled(estimator: str) -> bool:
     """Whether ``estimator`` draws labels from the model (it has label noise)."""
     return ESTIMATOR_SPECS[estimator].variance is not None
