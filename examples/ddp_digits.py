@@ -1,15 +1,17 @@
 """Train on the bundled digits with DistributedDataParallel, a FisherMonitor and its preconditioner.
 
-Run: torchrun --nproc-per-node 2 examples/ddp_digits.py   (CPU, gloo; about ten seconds)
+Run: torchrun --nproc-per-node 2 examples/ddp_digits.py --out ddp-digits   (CPU, gloo; about
+ten seconds)
 
-Rank 0 writes the log and the monitor's state into ``ddp-digits/`` (``FIMHOOKS_OUT`` sets
-another folder).
+Rank 0 writes the log and the monitor's state into the folder ``--out`` (default
+``ddp-digits``; the environment variable ``FIMHOOKS_OUT``, where set, is the default instead).
 
 Each rank trains on its own half of every batch. The monitor sums each collected step over
 the ranks, so every rank holds the estimates of one process on the whole batch, and the
 preconditioned gradients are identical on every rank. Rank 0 alone logs and prints.
 """
 
+import argparse
 import os
 
 import torch
@@ -22,7 +24,7 @@ from fimhooks.optim import FisherPreconditioner
 from fimhooks.show.demo import load
 
 
-def main(epochs: int = 3, batch_size: int = 64, seed: int = 0):
+def main(out: str = "ddp-digits", epochs: int = 3, batch_size: int = 64, seed: int = 0):
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(seed)  # the same initial model and batch order on every rank
@@ -34,7 +36,6 @@ def main(epochs: int = 3, batch_size: int = 64, seed: int = 0):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     monitor = fimhooks.FisherMonitor(model, loss_fn, ema_decay=0.9, seed=seed)
     precondition = FisherPreconditioner(monitor, damping=0.1, estimator="exact")
-    out = os.environ.get("FIMHOOKS_OUT", "ddp-digits")
     if monitor.is_main_process:
         os.makedirs(out, exist_ok=True)
     log = monitor.log_to(os.path.join(out, "log.jsonl"))  # rank 0 writes
@@ -62,4 +63,12 @@ def main(epochs: int = 3, batch_size: int = 64, seed: int = 0):
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("FIMHOOKS_OUT", "ddp-digits"),
+        help="folder for rank 0's log.jsonl and monitor.pt (default: %(default)s)",
+    )
+    parser.add_argument("--epochs", type=int, default=3, help="default: %(default)s")
+    args = parser.parse_args()
+    main(args.out, args.epochs)

@@ -13,7 +13,7 @@ from reference import per_input_reference
 
 import fimhooks
 from fimhooks.show.cli import main
-from fimhooks.show.demo import LOG_NAME, run_demo
+from fimhooks.show.demo import CONSOLE_WIDTH, LOG_NAME, console_summary, run_demo
 from fimhooks.show.jsonlog import VERSION, read_log
 from fimhooks.show.progress import postfix
 
@@ -102,7 +102,7 @@ def test_progress_postfix_names_traces_and_worst_layer():
     assert set(values) == {"tr I1", "tr I2", "tr exact", "worst rse"}
     stats = monitor.estimates().layer_statistics()
     worst = max(stats, key=lambda layer: max(stats[layer][e]["rse"] for e in ("I1", "I2", "exact")))
-    assert values["worst rse"].endswith(f"({worst})")
+    assert values["worst rse"].endswith(f" in layer {worst}")
 
 
 def table_of(markdown: str) -> dict:
@@ -133,6 +133,39 @@ def test_demo_end_to_end_report_matches_estimates(tmp_path):
         (tmp_path / name).unlink()
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "traces.png").exists() and (tmp_path / "report.md").exists()
+    printed = console_summary(monitor.estimates())
+    assert max(map(len, printed.splitlines())) <= CONSOLE_WIDTH  # fits a 1280-pixel window
+    header, _, *rows = printed.splitlines()[1 : 3 + len(stats)]
+    names = header.replace("tr ", "tr_").replace("rse ", "rse_").replace("label ", "label_").split()
+    console = {row.split()[0]: dict(zip(names, row.split())) for row in rows}
+    assert list(console) == list(stats)
+    for layer, row in console.items():
+        assert row["best"] == stats[layer]["recommended"]
+        assert math.isclose(float(row["rse_I1"]), stats[layer]["I1"]["rse"], rel_tol=1e-2)
+
+
+def test_demo_prints_the_table_that_fits_the_window(tmp_path, capsys):
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    *table, _, report = capsys.readouterr().out.splitlines()  # then a blank line, the path
+    assert "rse exact" in table[1] and "best" in table[1]
+    assert max(map(len, table)) <= CONSOLE_WIDTH and report.startswith("Report: ")
+    assert (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "1.5"])
+def test_cli_says_what_epochs_expects(value, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--epochs", value])
+    err = capsys.readouterr().err
+    assert f"--epochs: expected a positive integer, got '{value}'" in err
+
+
+def test_cli_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ["(default: digits)", "(default: 20)", "(default: fimhooks-demo)"]:
+        assert default in text
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -13,10 +13,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def positive_integer(text: str) -> int:
+    """An integer of at least 1; anything else is refused, naming what was given."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
@@ -26,12 +30,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="fimhooks", description="Online Fisher information with its variance.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = commands.add_parser("demo", help="train a small MLP on bundled data and report")
-    demo.add_argument("--dataset", choices=sorted(DATASETS), default="digits")
-    demo.add_argument("--epochs", type=_positive_int, default=20)
-    demo.add_argument("--out", type=Path, default=Path("fimhooks-demo"))
+    demo = commands.add_parser(
+        "demo",
+        help="train a small MLP on bundled data and report",
+        description="Train a small MLP on a data set bundled with scikit-learn, with a "
+        "monitor attached; write the log, the plots and the report to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default="digits",
+        help="digits: categorical, breast_cancer: Bernoulli, diabetes: Gaussian",
+    )
+    demo.add_argument(
+        "--epochs", type=positive_integer, default=20, help="passes over the data set"
+    )
+    demo.add_argument(
+        "--out", type=Path, default=Path("fimhooks-demo"), help="folder for log, plots, report"
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    report = commands.add_parser("report", help="rebuild plots and report from a log")
+    report = commands.add_parser(
+        "report",
+        help="rebuild plots and report from a log",
+        description="Rebuild the plots, report.md and report.html from a folder's log.",
+    )
     report.add_argument("dir", type=Path, help="folder holding fimhooks_log.jsonl")
     return parser
 
@@ -39,14 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from fimhooks.show.demo import LOG_NAME, run_demo
+    from fimhooks.show.demo import LOG_NAME, console_summary, run_demo
     from fimhooks.show.jsonlog import read_log
     from fimhooks.show.report import REPORT_HTML, write_report
 
     try:
         if args.command == "demo":
             monitor = run_demo(args.dataset, args.epochs, args.out, progress=not args.no_progress)
-            print(monitor.estimates().summary())
+            print(console_summary(monitor.estimates()))
             out = args.out
         else:
             out = args.dir

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fimhooks.fisher.quantities import label_sampled
 from fimhooks.monitor import FisherMonitor
 from fimhooks.show.jsonlog import read_log
 from fimhooks.show.report import write_report
 
 LOG_NAME = "fimhooks_log.jsonl"
+CONSOLE_WIDTH = 120  # characters: the demo's table fits a 1280-pixel terminal window
 
 
 @dataclass(frozen=True)
@@ -106,3 +110,48 @@ def run_demo(
         read_log(out / LOG_NAME), out, title=f"fimhooks demo: {dataset} ({spec.description})"
     )
     return monitor
+
+
+def _cell(value) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3g}"
+
+
+def console_summary(estimates, target: float = 0.05) -> str:
+    """The per-layer table the demo prints, at most ``CONSOLE_WIDTH`` characters wide.
+
+    Per estimator the trace and the relative standard error; the label share of the
+    sampled estimators; the recommended estimator and the inputs it needs to reach
+    ``target``. The full table (``FisherEstimates.summary``, with every estimator's
+    guidance, label draws and ``zero v2``) is in ``report.md`` and ``report.html``.
+    """
+    layers = estimates.layer_statistics(target)
+    estimators = list(estimates.estimators)
+    sampled = [e for e in estimators if label_sampled(e)] if estimates.exact_pass else []
+    header = ["layer", "module", "params"]
+    header += [f"{key} {e}" for e in estimators for key in ("tr", "rse")]
+    header += [f"label {e}" for e in sampled] + ["best", f"N@{target:.0%}"]
+    rows = [header]
+    for layer, stats in layers.items():
+        row = [layer or "<model>", str(stats["module"]), str(stats["params"])]
+        row += [_cell(stats[e][key]) for e in estimators for key in ("trace", "rse")]
+        row += [_cell(stats[e]["label_share"]) for e in sampled]
+        best = stats["recommended"]
+        needed = stats[best]["inputs_needed"] if best in stats else math.nan
+        row += [best, "n/a" if not math.isfinite(needed) else f"{math.ceil(needed):,}"]
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    legend = (
+        f"tr: trace; rse: relative standard error (label + data noise); label: part of the "
+        f"variance due to label noise; best: the estimator that reaches {target:.0%} with the "
+        f"fewest backpropagated vectors; N@{target:.0%}: the inputs it needs. The full table "
+        "is in report.md."
+    )
+    title = f"fimhooks: diagonal Fisher over {estimates.num_inputs} inputs"
+    if estimates.skipped:
+        title += f", {estimates.skipped} batches skipped"
+    return "\n".join([title, *lines, textwrap.fill(legend, CONSOLE_WIDTH)])

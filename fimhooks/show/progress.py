@@ -13,7 +13,8 @@ def progress(monitor, iterable: Iterable[T], **tqdm_options) -> Iterator[T]:
     """Yield from ``iterable`` under a tqdm bar; refresh its postfix on collected steps.
 
     The postfix shows the trace of each estimate (summed over layers) and the worst
-    relative standard error among layers, with that layer's name.
+    relative standard error among layers, with that layer's module path: ``worst rse:
+    0.52 in layer 0`` for ``model[0]`` (``in the model`` where the model is one layer).
     """
     bar = tqdm(iterable, **{"desc": "fimhooks", **tqdm_options})
     seen = monitor.collected_steps
@@ -25,7 +26,7 @@ def progress(monitor, iterable: Iterable[T], **tqdm_options) -> Iterator[T]:
 
 
 def postfix(estimates) -> dict:
-    """``{"tr I1": ..., "worst rse": "0.12 (layer)"}`` from a ``FisherEstimates``."""
+    """``{"tr I1": ..., "worst rse": "0.12 in layer 0"}`` from a ``FisherEstimates``."""
     layers = estimates.layer_statistics()
     values = {}
     for e in estimates.estimators:
@@ -34,5 +35,6 @@ def postfix(estimates) -> dict:
         ((layer, max(s[e]["rse"] for e in estimates.estimators)) for layer, s in layers.items()),
         key=lambda pair: pair[1],
     )
-    values["worst rse"] = f"{worst:.2g} ({worst_layer or '<model>'})"
+    where = f"layer {worst_layer}" if worst_layer else "the model"
+    values["worst rse"] = f"{worst:.2g} in {where}"
     return values
