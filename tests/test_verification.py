@@ -120,3 +120,25 @@ def test_sequence_first_inputs_with_the_models_own_parameters(length):
     assert_close(est.variance("I1"), ref["v1"], "v1")
     with pytest.raises(ValueError, match="batch_axis must be a non-negative integer"):
         fimhooks.FisherMonitor(model, "categorical", batch_axis=-1)
+
+
+def test_backend_option_chooses_the_backend(x):
+    """Both backends give the brute force; the chain backend refuses a pass it cannot take."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(50, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    ref = reference(model, x)
+    for backend in ("auto", "chain", "general"):
+        est = collect(model, x, backend=backend)
+        assert_close(est.fisher("exact"), ref["exact"], f"exact, backend={backend}")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fimhooks.FisherMonitor(model, "categorical", backend="fast")
+    mask = torch.tensor([True, False, True, True])  # a mask: not the chain backend's
+    monitor = fimhooks.FisherMonitor(model, "categorical", backend="chain", verify="off")
+    with pytest.raises(ValueError, match="backend='chain' does not apply"):
+        with monitor(mask=mask):
+            model(x).logsumexp(-1).sum().backward()
+    monitor.remove()
+    monitor = fimhooks.FisherMonitor(circular_cnn(), "categorical", backend="chain")
+    with pytest.raises(ValueError, match="backend='chain' does not apply"):  # circular padding
+        with monitor:
+            monitor.model(x).logsumexp(-1).sum().backward()
