@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
 
 from fimhooks.fisher.quantities import ESTIMATORS, any_needs
@@ -19,14 +18,6 @@ def check_not_watched(model: nn.Module, attached) -> None:
             f"{what} {type(model).__name__} is already watched by a FisherMonitor; call "
             "remove() on that monitor first (two monitors would each collect every step)."
         )
-
-
-def available(device: torch.device) -> bool:
-    """Whether this machine has ``device``."""
-    if device.type == "cpu":
-        return True
-    module = getattr(torch, device.type, None)
-    return bool(module is not None and module.is_available())
 
 
 def check_options(mc_samples, every, ema_decay, output, batch_axis) -> None:

@@ -7,7 +7,6 @@ statistics are the store's (``engine.store``).
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -558,7 +557,7 @@ class FisherMonitor:
             "parameters": self._parameter_shapes(),
             "entries": self._entries,
             **self._store.state_dict(),
-            "generators": {str(d): g.get_state() for d, g in self._sampler.generators.items()},
+            "generators": self._sampler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -581,17 +580,7 @@ class FisherMonitor:
             self._set_hooks(self._armed)
         devices = {name: p.device for name, p in self.model.named_parameters()}
         self._store.load_state_dict(state, devices)
-        for device, gen_state in state["generators"].items():
-            if checks.available(torch.device(device)):
-                self._sampler.generator(torch.device(device)).set_state(gen_state.cpu())
-            else:
-                warnings.warn(
-                    f"fimhooks: the state_dict holds the label sampler of device {device}, "
-                    "which this machine does not have; label draws on other devices start "
-                    "from the monitor's seed.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        self._sampler.load_state_dict(state["generators"])
 
     def _parameter_shapes(self) -> dict:
         return {n: list(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}

@@ -46,6 +46,15 @@ from fimhooks.fisher.quantities import (
     without_curvature,
 )
 
+
+def available(device: torch.device) -> bool:
+    """Whether this machine has ``device``."""
+    if device.type == "cpu":
+        return True
+    module = getattr(torch, device.type, None)
+    return bool(module is not None and module.is_available())
+
+
 #: Offset of the seed of the verification's directions from the label sampler's.
 VERIFICATION_SEED = 7919
 
@@ -93,6 +102,24 @@ class Sampler:
             self.draws += 1
             self.generators[device].manual_seed(self.rank_seed(self.block, self.draws))
         return self.generators[device]
+
+    def state_dict(self) -> dict:
+        """``{device: generator state}``."""
+        return {str(d): g.get_state() for d, g in self.generators.items()}
+
+    def load_state_dict(self, states: dict) -> None:
+        """Restore the generators of the devices this machine has (a warning for others)."""
+        for device, state in states.items():
+            if available(torch.device(device)):
+                self.generator(torch.device(device)).set_state(state.cpu())
+            else:
+                warnings.warn(
+                    f"fimhooks: the state_dict holds the label sampler of device {device}, "
+                    "which this machine does not have; label draws on other devices start "
+                    "from the monitor's seed.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
 
 class Collector:
