@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Set
 
@@ -107,6 +108,7 @@ class GeneralBackend:
         self.generic_paths: Set[str] = set()  # layers whose own rule disagreed
         self.axes: Dict[tuple, dict] = {}  # by signature: batch axes derived per call
         self.generic_layers: Dict[str, None] = {}  # an ordered set: layers replayed
+        self._held = (None, None, None)  # (weak record, state, its uses)
 
     def applies(self, record: ForwardRecord, draw: LabelDraw) -> bool:
         """Always: any graph autograd differentiates."""
@@ -131,7 +133,19 @@ class GeneralBackend:
         return general_batch_sums(h, self._to_output(h), draw, uses, *args)
 
     def uses(self, record: ForwardRecord) -> dict:
-        """``{parameter name: [(call, name inside the called module), ...]}``."""
+        """``{parameter name: [(call, name inside the called module), ...]}``.
+
+        Kept for the latest record until the verification changes a layer's rule or axes.
+        """
+        state = (frozenset(self.generic_paths), record.signature in self.axes)
+        held, held_state, held_uses = self._held
+        if held is not None and held() is record and held_state == state:
+            return held_uses
+        uses = self._uses(record)
+        self._held = (weakref.ref(record), state, uses)
+        return uses
+
+    def _uses(self, record: ForwardRecord) -> dict:
         calls_at: Dict[str, list] = {}
         for call in per_input_calls(record, self.axes.get(record.signature)):
             if call.path in self.generic_paths:
