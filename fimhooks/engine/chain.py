@@ -248,33 +248,29 @@ def chain_batch_sums(
         samples = slice(start, min(N, start + step))
         n = len(range(N)[samples])
         rows = budget.count(COPIES * n * max(width, param_width), itemsize, share=0.25)
-        sizes = (rows, elements)
-        chain = _chain_pass(layers, rules, draw, samples, kappa, terms, kronecker, sizes)
+        chain = ChainPass(
+            weights=_rows_of(draw.weights, samples),
+            fourth_weights=_rows_of(draw.fourth_weights, samples),
+            coefficients=_rows_of(draw.coefficients, samples),
+            kappa=kappa,
+            terms=terms,
+            kronecker=kronecker,
+            layers=[(m, rule, x.requires_grad) for (m, x, _), rule in zip(layers, rules)],
+            rows=rows,
+            elements=elements,
+            factors=_rows_of(draw.bound_factors, samples),
+            data_weights=_rows_of(draw.data_weights, samples),
+            gram_pairing=draw.gram_pairing,
+        )
         part = _run(chain, layers, output, draw, samples)
         for key, value in part.items():
             results[key] = results[key].add(value) if key in results else value
     return results
 
 
-def _chain_pass(layers, rules, draw, samples, kappa, terms, kronecker, sizes) -> ChainPass:
-    def rows_of(x):
-        return None if x is None else x[samples, 0]
-
-    order = [(m, rule, x.requires_grad) for (m, x, _), rule in zip(layers, rules)]
-    weights, fourth, coefficients = draw.weights, draw.fourth_weights, draw.coefficients
-    return ChainPass(
-        rows_of(weights),
-        rows_of(fourth),
-        rows_of(coefficients),
-        kappa,
-        terms,
-        kronecker,
-        order,
-        *sizes,
-        rows_of(draw.bound_factors),
-        rows_of(draw.data_weights),
-        draw.gram_pairing,
-    )
+def _rows_of(x: Optional[Tensor], samples: slice) -> Optional[Tensor]:
+    """``[N, 1, ...]`` per-position tensor: the rows ``samples`` of its one position."""
+    return None if x is None else x[samples, 0]
 
 
 def _run(chain: ChainPass, layers, output: Tensor, draw: LabelDraw, samples: slice) -> dict:

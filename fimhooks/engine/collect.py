@@ -243,12 +243,10 @@ class Collector:
         """The step's whole label draw: sampled labels, block pairing, data residuals."""
         h = record.output
         generator = self.sampler.generator(h.device)
-        pairing = self.likelihood.gram_pairing if self.block_errors else None
         draw = draw_labels(
             self.likelihood, positions, observed, self.mc_samples, generator,
-            self.exact_pass, self.bounds,
+            self.exact_pass, self.bounds, self.block_errors,
         )  # fmt: skip
-        draw = dataclasses.replace(draw, gram_pairing=pairing)
         if any_needs(self.estimators, "needs_data_labels"):
             read = (self.likelihood, self.class_axis, self.loss_reduction)
             residuals = data_residuals(grad, h, positions, observed, *read)

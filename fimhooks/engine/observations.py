@@ -184,6 +184,7 @@ def draw_labels(
     generator: torch.Generator,
     exact_pass: bool,
     bounds: bool = False,
+    block_errors: bool = False,
 ) -> LabelDraw:
     """Draw labels at the observed positions only (masked ones are neither drawn nor counted).
 
@@ -195,6 +196,7 @@ def draw_labels(
         generator: The monitor's generator.
         exact_pass: Backpropagate ``C`` directions per position (else the ``M`` residuals).
         bounds: Also the factors of the bounds (docs/math.md §7; needs ``exact_pass``).
+        block_errors: Also the likelihood's Gram pairing of the block errors (``blocks``).
     """
     h = positions[observed]  # [P, C]
     counts = observed.sum(1)
@@ -216,6 +218,7 @@ def draw_labels(
         position_weights=position_weights.to(positions.dtype),
         num_inputs=int((counts > 0).sum()),
         bound_factors=_scatter(bound_factors(likelihood, h), observed) if bounds else None,
+        gram_pairing=likelihood.gram_pairing if block_errors else None,
     )
 
 
