@@ -7,6 +7,7 @@ statistics are the store's (``engine.store``).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -26,7 +27,7 @@ from fimhooks.engine.backends import BACKEND_OPTIONS
 from fimhooks.engine.collect import Collector, OnceWarnings, Sampler
 from fimhooks.engine.handles import Block, Hook, Listening
 from fimhooks.engine.memory import DEFAULT_MAX_MEMORY, Budget, check_max_memory
-from fimhooks.engine.recording import ForwardRecord
+from fimhooks.engine.recording import ForwardRecord, model_output
 from fimhooks.engine.step import Step
 from fimhooks.engine.store import ADDED, EMPTY, NONFINITE, Store, check_state
 from fimhooks.engine.structure import ModelStructure, structure_key
@@ -205,6 +206,7 @@ class FisherMonitor:
         self._records: List[ForwardRecord] = []
         self._recording: Optional[ForwardRecord] = None
         self._mask = self._started_mask = None
+        self._is_busy = functools.partial(_busy, weakref.ref(self))  # not keeping it alive
         self._set_hooks(True)
         self._reducer = None
         if sync and world_size > 1:
@@ -335,30 +337,14 @@ class FisherMonitor:
         path = self._structure.paths.get(id(module))  # None: a layer taken out of the model
         if self._recording is None or path is None:
             return
-        if not bn.normalises_with_batch(module):
-            self._recording.add(module, path, args, kwargs, output)
-            return None
-        self._recording.batch_statistics = path
-        if self.batchnorm != bn.FROZEN_BATCH_STATS:
-            self._recording.add(module, path, args, kwargs, output)
-            return None
-        statistics = bn.batch_statistics(args[0])
-        monitor = weakref.ref(self)
-        output = bn.frozen(module, args[0], output, statistics, lambda: _busy(monitor))
-        self._recording.add(module, path, args, kwargs, output, statistics)
-        return output
+        call = (args, kwargs, output)
+        return bn.record(self._recording, module, path, call, self.batchnorm, self._is_busy)
 
     def _finish_record(self, module, args, output) -> None:
         record, self._recording = self._recording, None
         if record is None:
             return
-        h = output if self._output_of is None else self._output_of(output)
-        if not isinstance(h, Tensor):
-            raise TypeError(
-                f"fimhooks: the model's forward returned {type(h).__name__}, not a tensor; "
-                "pass output= to FisherMonitor to select it, e.g. "
-                "output=lambda out: out.logits."
-            )
+        h = model_output(output, self._output_of)
         if not h.requires_grad:
             return
         record.output, record.output_version = h, h._version

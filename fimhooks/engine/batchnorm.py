@@ -74,6 +74,32 @@ class _FrozenStatistics(torch.autograd.Function):
         return None, grad, None, None
 
 
+def record(recording, module: nn.Module, path: str, call: tuple, option: str, active):
+    """Record one call in ``recording``; a layer normalising with the batch is marked.
+
+    Args:
+        recording: The ``ForwardRecord`` being filled.
+        module: The called module.
+        path: Its path in the model.
+        call: Its ``(args, kwargs, output)``.
+        option: The monitor's ``batchnorm``.
+        active: Whether the monitor runs its own backward pass now (``frozen``).
+
+    Returns:
+        The output with frozen statistics where ``option`` freezes them, else ``None``.
+    """
+    args, kwargs, output = call
+    if normalises_with_batch(module):
+        recording.batch_statistics = path
+        if option == FROZEN_BATCH_STATS:
+            statistics = batch_statistics(args[0])
+            output = frozen(module, args[0], output, statistics, active)
+            recording.add(module, path, args, kwargs, output, statistics)
+            return output
+    recording.add(module, path, args, kwargs, output)
+    return None
+
+
 def check_model(model: nn.Module, option: str) -> None:
     """A clear error for a BatchNorm layer that ``option`` does not cover."""
     for path, module in model.named_modules():

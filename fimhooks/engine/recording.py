@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -232,6 +232,18 @@ def _detached_upcast(value):
         return value
     value = value.detach()
     return value.float() if value.is_floating_point() and value.element_size() < 4 else value
+
+
+def model_output(output, select: Optional[Callable]) -> Tensor:
+    """The output tensor of the model's forward return value (``select``: ``output=``)."""
+    h = output if select is None else select(output)
+    if not isinstance(h, Tensor):
+        raise TypeError(
+            f"fimhooks: the model's forward returned {type(h).__name__}, not a tensor; "
+            "pass output= to FisherMonitor to select it, e.g. "
+            "output=lambda out: out.logits."
+        )
+    return h
 
 
 def first_tensor(output) -> Optional[Tensor]:
