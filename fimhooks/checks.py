@@ -20,8 +20,11 @@ def check_not_watched(model: nn.Module, attached) -> None:
         )
 
 
-def check_options(mc_samples, every, ema_decay, output, batch_axis) -> None:
-    """The monitor's scalar options."""
+def check_options(mc_samples, every, ema_decay, output, batch_axis, choices: dict) -> None:
+    """The monitor's scalar options; ``choices``: ``{option: (value, allowed values)}``."""
+    for option, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{option} must be one of {allowed}, got {value!r}.")
     if not (isinstance(mc_samples, int) and mc_samples >= 1):
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
     if not (isinstance(every, int) and every >= 1):

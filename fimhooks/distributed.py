@@ -599,6 +599,29 @@ class StepReducer:
         return tuple(joined.items())
 
 
+def rank_setup(model: nn.Module, group, seed: int, sync: bool):
+    """What a monitor on ``model`` needs under ``torch.distributed`` (checked on all ranks).
+
+    Returns:
+        ``(rank, seeds, reducer)``: the rank in ``group``; ``seeds(block, draw)`` giving
+        each rank its own label seeds, or ``None`` on one process; the ``StepReducer``
+        that sums the steps where ``sync``, else ``None``.
+    """
+    rank, world_size = process_group_of(group)
+    if world_size == 1:
+        return rank, None, None
+
+    def seeds(block: int, draw: int) -> int:  # restored by the block count alone
+        return rank_seed(seed, rank, block, draw)
+
+    reducer = None
+    if sync:
+        device = next(model.parameters(), torch.empty(0)).device
+        check_every_rank_builds(group)
+        reducer = StepReducer(group, [n for n, _ in model.named_parameters()], device)
+    return rank, seeds, reducer
+
+
 def rank_seed(seed: int, rank: int, *counters: int) -> int:
     """A seed of its own for each rank (and counters), reproducible from ``seed``.
 

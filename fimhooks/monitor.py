@@ -7,7 +7,6 @@ statistics are the store's (``engine.store``).
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -15,22 +14,17 @@ import torch
 from torch import Tensor, nn
 
 from fimhooks import checks
-from fimhooks.distributed import (
-    StepReducer,
-    check_every_rank_builds,
-    process_group_of,
-    rank_seed,
-    unwrap,
-)
+from fimhooks.distributed import rank_setup, unwrap
 from fimhooks.engine import batchnorm as bn
 from fimhooks.engine.backends import BACKEND_OPTIONS
 from fimhooks.engine.collect import Collector, OnceWarnings, Sampler
-from fimhooks.engine.handles import Block, Hook, Listening
+from fimhooks.engine.handles import Block, Listening
 from fimhooks.engine.memory import DEFAULT_MAX_MEMORY, Budget, check_max_memory
-from fimhooks.engine.recording import ForwardRecord, model_output
+from fimhooks.engine.recorder import Recorder
+from fimhooks.engine.recording import ForwardRecord
 from fimhooks.engine.step import Step
-from fimhooks.engine.store import ADDED, EMPTY, NONFINITE, Store, check_state
-from fimhooks.engine.structure import ModelStructure, structure_key
+from fimhooks.engine.store import ADDED, NOTICES, Store, check_state
+from fimhooks.engine.structure import ModelStructure
 from fimhooks.engine.verification import OPTIONS as VERIFY_OPTIONS
 from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
 from fimhooks.fisher.likelihoods import likelihood_from
@@ -152,17 +146,19 @@ class FisherMonitor:
         estimators = checks.check_estimators(
             DEFAULT_ESTIMATORS if estimators is None else estimators
         )
-        checks.check_options(mc_samples, every, ema_decay, output, batch_axis)
+        choices = {
+            "verify": (verify, VERIFY_OPTIONS),
+            "batchnorm": (batchnorm, bn.OPTIONS),
+            "backend": (backend, BACKEND_OPTIONS),
+        }
+        checks.check_options(mc_samples, every, ema_decay, output, batch_axis, choices)
         check_max_memory(max_memory)
-        for option, value, allowed in (
-            ("verify", verify, VERIFY_OPTIONS),
-            ("batchnorm", batchnorm, bn.OPTIONS),
-            ("backend", backend, BACKEND_OPTIONS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{option} must be one of {allowed}, got {value!r}.")
-        self.model, self._output_of = model, output
-        self.mc_samples, self.every, self.ema_decay = mc_samples, every, ema_decay
+        self.model, self.mc_samples, self.every, self.ema_decay = (
+            model,
+            mc_samples,
+            every,
+            ema_decay,
+        )
         self.batchnorm, self.max_memory, self.batch_axis = batchnorm, max_memory, batch_axis
         self.verify, self.backend = verify, backend
         self.bounds, self.block_errors = bool(bounds), bool(block_errors)
@@ -172,18 +168,10 @@ class FisherMonitor:
         checks.check_not_watched(model, _ATTACHED)
         loss_reduction = getattr(likelihood, "reduction", None)
         checks.check_empirical(estimators, self.likelihood, loss_reduction)
-        self._rank, world_size = process_group_of(process_group)
-        seeds = None
-        if world_size > 1:  # each rank its own draws, restored by the block count alone
-
-            def seeds(block: int, draw: int) -> int:
-                return rank_seed(self.seed, self._rank, block, draw)
-
-        self._sampler = Sampler(self.seed, seeds)
-        self._warn = OnceWarnings()
-        self._structure: Optional[ModelStructure] = None
+        self._sampler, self._warn = Sampler(self.seed), OnceWarnings()
+        self._recorder = Recorder(model, output, batchnorm, self._on_output_grad)
         self._collector = Collector(
-            model, self.structure, self.likelihood,
+            model, self._recorder.structure, self.likelihood,
             class_axis=1 if isinstance(likelihood, nn.CrossEntropyLoss) else -1,
             loss_reduction=loss_reduction, estimators=estimators,
             default_estimators=default_estimators, mc_samples=mc_samples, bounds=self.bounds,
@@ -197,23 +185,15 @@ class FisherMonitor:
                     f"{option}=True needs the exact pass (the output Jacobian's C directions): "
                     f"include 'exact' or 'I2' in estimators, got {estimators!r}."
                 )
-        self._store = Store(ema_decay, mc_samples)
-        self._step = Step()
-        self._handles, self._hooked = [], set()
+        self._store, self._step = Store(ema_decay, mc_samples), Step()
         self._entries = 0
-        self._collecting = self._inside = self._removed = self._busy = self._started = False
+        self._collecting = self._inside = self._removed = self._started = False
         self._listeners: List[Callable] = []
-        self._records: List[ForwardRecord] = []
-        self._recording: Optional[ForwardRecord] = None
         self._mask = self._started_mask = None
-        self._is_busy = functools.partial(_busy, weakref.ref(self))  # not keeping it alive
-        self._set_hooks(True)
-        self._reducer = None
-        if sync and world_size > 1:
-            device = next(model.parameters(), torch.empty(0)).device
-            names = [n for n, _ in model.named_parameters()]
-            check_every_rank_builds(process_group)
-            self._reducer = StepReducer(process_group, names, device)
+        self._rank, self._sampler.rank_seed, self._reducer = rank_setup(
+            model, process_group, self.seed, sync
+        )
+        self._recorder.set_hooks(True)
         _ATTACHED[model] = self
 
     # --- the context manager -------------------------------------------------------
@@ -242,7 +222,7 @@ class FisherMonitor:
         if self._armed:
             bn.check_model(self.model, self.batchnorm)
         self._mask = mask
-        self._inside = True
+        self._inside = self._recorder.keep_all = True
         self._collecting = self._armed
         self._entries += 1
         self._step = Step()
@@ -250,7 +230,7 @@ class FisherMonitor:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self._inside = False
+        self._inside = self._recorder.keep_all = False
         try:
             if self._collecting and not self._removed:  # removed inside: nothing collected
                 if exc_type is None:
@@ -258,10 +238,10 @@ class FisherMonitor:
                 elif self._reducer is not None:  # the other ranks wait for this one
                     self._reducer.reduce(self._step, failed=True)
         finally:
-            self._collecting, self._step = False, Step()
-            self._records, self._mask = [], None
+            self._collecting, self._step, self._mask = False, Step(), None
+            self._recorder.clear()
             if not self._removed:
-                self._set_hooks(self._armed or self._started)
+                self._recorder.set_hooks(self._armed or self._started)
         return False
 
     @property
@@ -274,19 +254,8 @@ class FisherMonitor:
         if self._reducer is not None:  # the sums of all ranks' inputs, on every rank
             step = self._reducer.reduce(step)
         outcome = self._store.commit(step)
-        if outcome == NONFINITE:
-            self._warn(
-                "nonfinite",
-                "a collected batch had a non-finite model output or Fisher statistic and "
-                "was skipped (counted in estimates().skipped); further skips are not "
-                "warned about.",
-            )
-        elif outcome == EMPTY:
-            self._warn(
-                "empty",
-                "nothing was collected inside `with monitor:`: call backward on a loss "
-                "computed from the monitored model's output inside the block.",
-            )
+        if outcome in NOTICES:
+            self._warn(outcome, NOTICES[outcome])
         elif outcome == ADDED:
             for listener in list(self._listeners):
                 listener(self)
@@ -299,65 +268,10 @@ class FisherMonitor:
         Layers added after the monitor was built and parameters replaced (``load_state_dict
         (assign=True)``) are picked up before the next collected step's forward pass.
         """
-        if self._structure is None or self._structure.key != structure_key(self.model):
-            self._structure = ModelStructure(self.model)
-            if self._handles:
-                self._hook_watched()
-        return self._structure
-
-    def _set_hooks(self, on: bool) -> None:
-        """Hooks exist only around collected steps, so other steps cost nothing extra."""
-        if on and not self._handles:
-            self.structure()
-            start, finish = Hook(self, "_start_record"), Hook(self, "_finish_record")
-            self._handles.append(self.model.register_forward_pre_hook(start))
-            self._hook_watched()
-            self._handles.append(self.model.register_forward_hook(finish))
-        elif not on:
-            for handle in self._handles:
-                handle.remove()
-            self._handles, self._hooked = [], set()
-
-    def _hook_watched(self) -> None:
-        """Record hooks on the watched modules that have none yet."""
-        record = Hook(self, "_record_call")
-        for module in self._structure.watched:
-            if id(module) not in self._hooked:
-                self._hooked.add(id(module))
-                self._handles.append(module.register_forward_hook(record, with_kwargs=True))
-
-    def _start_record(self, module, args) -> None:
-        # not while collecting (the generic rule may replay the model itself), nor inside a
-        # torch.func transform of the user's (its tensors are not the model's batch)
-        if torch.is_grad_enabled() and not self._busy and not _inside_transform():
-            self.structure()  # layers added since the hooks were set get theirs now
-            self._recording = ForwardRecord()
-
-    def _record_call(self, module, args, kwargs, output) -> None:
-        path = self._structure.paths.get(id(module))  # None: a layer taken out of the model
-        if self._recording is None or path is None:
-            return
-        call = (args, kwargs, output)
-        return bn.record(self._recording, module, path, call, self.batchnorm, self._is_busy)
-
-    def _finish_record(self, module, args, output) -> None:
-        record, self._recording = self._recording, None
-        if record is None:
-            return
-        h = model_output(output, self._output_of)
-        if not h.requires_grad:
-            return
-        record.output, record.output_version = h, h._version
-        if not self._inside:  # outside a block only the latest forward pass is kept
-            self._records = []
-        self._records.append(record)
-        monitor, weak_record = weakref.ref(self), weakref.ref(record)
-        h.register_hook(lambda grad: monitor() and monitor()._on_output_grad(weak_record(), grad))
+        return self._recorder.structure()
 
     def _on_output_grad(self, record: Optional[ForwardRecord], grad: Tensor) -> None:
         """The backward pass reached the model output: collect before it goes further."""
-        if self._busy:
-            return
         if self._started and not self._inside:  # start(): this backward is one block
             mask, self._started_mask = self._started_mask, None
             with Block(self._enter, self.__exit__, mask):
@@ -379,11 +293,11 @@ class FisherMonitor:
             return
         if record.consumed:
             return
-        self._busy, record.consumed = True, True
+        self._recorder.busy, record.consumed = True, True
         try:
             self._collector.collect(record, grad, self._mask, self._step)
         finally:
-            self._busy = False
+            self._recorder.busy = False
 
     # --- public API ----------------------------------------------------------------
 
@@ -408,6 +322,11 @@ class FisherMonitor:
         return self._rank == 0
 
     @property
+    def reducer(self):
+        """The ``StepReducer`` summing collected steps over the ranks (``None``: no sync)."""
+        return self._reducer
+
+    @property
     def backward_passes(self) -> int:
         """``with monitor:`` blocks entered so far."""
         return self._entries
@@ -415,7 +334,7 @@ class FisherMonitor:
     @property
     def held_forward_passes(self) -> int:
         """Forward passes held for a backward pass (none between steps)."""
-        return len(self._records)
+        return len(self._recorder.records)
 
     def estimates(self) -> FisherEstimates:
         """A detached snapshot of the running estimates."""
@@ -493,13 +412,13 @@ class FisherMonitor:
         if self._inside:
             raise RuntimeError("start() inside a `with monitor:` block: use one or the other.")
         self._started = True
-        self._set_hooks(True)
+        self._recorder.set_hooks(True)
         return self
 
     def stop(self) -> None:
         """End ``start()``: collect inside ``with monitor:`` blocks only."""
         self._started, self._started_mask = False, None
-        self._set_hooks(self._armed)
+        self._recorder.set_hooks(self._armed)
 
     @property
     def removed(self) -> bool:
@@ -527,11 +446,11 @@ class FisherMonitor:
 
     def remove(self) -> None:
         """Remove all hooks and leave the model exactly as it was."""
-        self._set_hooks(False)
+        self._recorder.set_hooks(False)
         self._removed = True
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
-        self._records, self._recording = [], None
+        self._recorder.clear()
 
     def state_dict(self) -> dict:
         """Statistics, schedule, sampler state and the parameters they belong to.
@@ -563,7 +482,7 @@ class FisherMonitor:
         self._collector.set_estimators(tuple(options["estimators"]))
         self._entries = state["entries"]
         if not self._removed:
-            self._set_hooks(self._armed)
+            self._recorder.set_hooks(self._armed)
         devices = {name: p.device for name, p in self.model.named_parameters()}
         self._store.load_state_dict(state, devices)
         self._sampler.load_state_dict(state["generators"])
@@ -585,15 +504,5 @@ class FisherMonitor:
         }
 
 
-def _inside_transform() -> bool:
-    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) is running."""
-    return torch._C._functorch.maybe_current_level() is not None
-
-
 #: The monitor attached to each model (one at a time).
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, FisherMonitor]" = weakref.WeakKeyDictionary()
-
-
-def _busy(monitor: "weakref.ref[FisherMonitor]") -> bool:
-    """Whether the monitor runs its own backward pass now."""
-    return monitor() is not None and monitor()._busy

@@ -114,9 +114,9 @@ def _statistics(rank: int, world_size: int, models=MODELS) -> dict:
             dist.all_gather_object(gathered, sampled)
             results[key + "/I1 same on all ranks"] = all(torch.equal(g, sampled) for g in gathered)
             results[key + "/I1 finite"] = bool(torch.isfinite(sampled).all())
-            factors = monitor._reducer.layout.factors
+            factors = monitor.reducer.layout.factors
             results[key + "/factors"] = sorted(name for name, sent in factors.items() if sent)
-            results[key + "/gathered"] = monitor._reducer.layout.gather
+            results[key + "/gathered"] = monitor.reducer.layout.gather
             monitor.remove()
     return results
 

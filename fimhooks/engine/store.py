@@ -12,6 +12,14 @@ from fimhooks.fisher.running import RunningDiagonal
 #: What ``Store.commit`` did with a step.
 ADDED, NONFINITE, EMPTY, MASKED = "added", "nonfinite", "empty", "masked"
 
+#: What the user is told (once) of an outcome.
+NOTICES = {
+    NONFINITE: "a collected batch had a non-finite model output or Fisher statistic and "
+    "was skipped (counted in estimates().skipped); further skips are not warned about.",
+    EMPTY: "nothing was collected inside `with monitor:`: call backward on a loss computed "
+    "from the monitored model's output inside the block.",
+}
+
 
 class Store:
     """Accumulators by parameter name, the skipped and the collected steps.
