@@ -1,0 +1,92 @@
+"""Where the score is squared: per observation, per input or per batch (docs/math.md §7d).
+
+Pure functions on tensors. Notation, per parameter entry (trailing axes ``*P``):
+
+* ``scores`` ``[M, N, T, *P]``: the score entries ``a = ∂ᵢ log p(y | x)`` of ``M`` label
+  draws at each of an input's ``T`` positions (observations);
+* ``weights`` ``[N, T]``: a position's weight in its input's summand, ``1/T_n`` (``0`` where
+  masked), so that an input's summand is the mean over its observations;
+* ``g``, ``v`` ``[N, T, *P]``: per observation ``E a² = g`` and ``Var a² = v`` (the exact
+  pass's ``exact`` and ``v1`` of one position).
+
+Every granularity squares a weighted sum of scores, with the weights' square roots
+``s = √w``, so that all three have the same expectation ``Σ_t w_t g_t`` per input:
+
+* ``"token"``: an input's summand is ``Σ_t w_t a_t²`` (one square per observation);
+* ``"input"``: ``(Σ_t s_t a_t)²`` (one square per input);
+* ``"batch"``: the batch's sum is ``(Σ_{n,t} s_nt a_nt)²`` (one square per step).
+
+Labels are drawn independently per observation given the inputs, so the cross terms
+``a_o a_o'`` have mean zero; they add variance, ``2[(Σ w g)² − Σ w² g²]``.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from torch import Tensor
+
+#: The granularities, finest first.
+GRANULARITIES: Tuple[str, ...] = ("token", "input", "batch")
+
+
+def check_granularity(granularity: str) -> str:
+    """``granularity`` if it is one of ``GRANULARITIES``, else a clear error."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+    return granularity
+
+
+def _spread(weights: Tensor, like: Tensor) -> Tensor:
+    """``weights [N, T]`` broadcast against ``like [..., N, T, *P]``."""
+    return weights.reshape(*weights.shape, *[1] * (like.dim() - weights.dim()))
+
+
+def summands(scores: Tensor, weights: Tensor, granularity: str) -> Tensor:
+    """Each draw's summands: ``[M, N, *P]`` per input, or ``[M, *P]`` for ``"batch"``.
+
+    The step's estimate is the mean over draws of the summands' sum, divided by ``N``.
+    """
+    w = _spread(weights, scores[0]).to(scores.dtype)
+    if granularity == "token":
+        return (w * scores * scores).sum(2)
+    scaled = (w.sqrt() * scores).sum(2)  # [M, N, *P]
+    if granularity == "batch":
+        scaled = scaled.sum(1)
+    return scaled * scaled
+
+
+def label_variance(g: Tensor, v: Tensor, weights: Tensor, granularity: str) -> Tensor:
+    """Closed-form label-noise variance of one draw's summand, from per-observation moments.
+
+    Args:
+        g: ``[N, T, *P]`` the observations' ``E a²``.
+        v: ``[N, T, *P]`` their ``Var a²``.
+        weights: ``[N, T]``.
+        granularity: One of ``GRANULARITIES``.
+
+    Returns:
+        ``[N, *P]`` per input (``"token"``, ``"input"``), ``[*P]`` for ``"batch"``:
+        ``Σ w² v``, plus ``2[(Σ w g)² − Σ w² g²]`` over an input's (the batch's)
+        observations for the coarser two.
+    """
+    w = _spread(weights, g).to(g.dtype)
+    w2 = w * w
+    squares = (w2 * v).sum(1)
+    if granularity == "token":
+        return squares
+    mean, mean_sq = (w * g).sum(1), (w2 * g * g).sum(1)
+    if granularity == "batch":
+        squares, mean, mean_sq = squares.sum(0), mean.sum(0), mean_sq.sum(0)
+    return squares + 2 * (mean * mean - mean_sq)
+
+
+def draw_variance(draws: Tensor) -> Tensor:
+    """Unbiased estimate of one draw's label-noise variance from ``M ≥ 2`` draws ``[M, ...]``.
+
+    The sample variance among independent draws of the same summand (same inputs): its
+    expectation is the closed form of ``label_variance``, on any model.
+    """
+    if draws.shape[0] < 2:
+        raise ValueError("the spread among label draws needs mc_samples >= 2.")
+    return draws.var(0, unbiased=True)

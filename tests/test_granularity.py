@@ -1,0 +1,201 @@
+"""Granularities of the score's square (docs/math.md §7d) against the joint label distribution.
+
+The score tables come from ``torch.func`` Jacobians on tiny float64 models; the joint
+distribution of all observations' labels is enumerated, so each granularity's mean and
+variance are exact and the closed forms must match them. Sampled draws are checked with
+z-scores whose scale comes from the same enumeration.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from fimhooks.fisher.granularity import (
+    GRANULARITIES,
+    check_granularity,
+    draw_variance,
+    label_variance,
+    summands,
+)
+from tests.reference import _label_distribution
+
+Z = 4.5  # z-score bound per entry: a two-sided normal tail of 7e-6
+
+
+class TinyLM(nn.Module):
+    """Embedding, a causal mix of the previous position, logits tied to the embedding."""
+
+    def __init__(self, vocab=3, width=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+
+    def forward(self, tokens):
+        e = self.embed(tokens)
+        previous = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], dim=1)
+        return torch.tanh(self.mix(e + 0.5 * previous)) @ self.embed.weight.T
+
+
+def score_table(model, x, likelihood):
+    """``(scores [N, T, Y, P], probs [N, T, Y])``: every observation's score per label value."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    h = functional_call(model, params, (x,))
+    h = h.reshape(h.shape[0], -1, h.shape[-1])  # [N, T, C]
+    jac = jacrev(lambda q: functional_call(model, q, (x,)))(params)
+    J = torch.cat([j.reshape(*h.shape, -1) for j in jac.values()], dim=-1)  # [N, T, C, P]
+    probs, scores = [], []
+    for n, t in itertools.product(range(h.shape[0]), range(h.shape[1])):
+        p, residuals = _label_distribution(likelihood, h[n, t])
+        probs.append(p)
+        scores.append(residuals @ J[n, t])
+    N, T = h.shape[:2]
+    return torch.stack(scores).unflatten(0, (N, T)), torch.stack(probs).unflatten(0, (N, T))
+
+
+def moments(scores, probs):
+    """Per observation ``g = E a²`` and ``v = Var a²``, ``[N, T, P]``."""
+    p = probs.unsqueeze(-1)
+    g = (p * scores**2).sum(2)
+    return g, (p * scores**4).sum(2) - g * g
+
+
+def joint(scores, probs):
+    """All joint labels: scores ``[J, N, T, P]`` (J as the draws' axis) and probabilities ``[J]``."""
+    N, T, Y = probs.shape
+    labels = torch.tensor(list(itertools.product(range(Y), repeat=N * T))).reshape(-1, N, T)
+    n, t = torch.meshgrid(torch.arange(N), torch.arange(T), indexing="ij")
+    return scores[n, t, labels], probs[n, t, labels].flatten(1).prod(1)
+
+
+def weights_of(mask):
+    """``1/T_n`` at observed positions, 0 where masked."""
+    mask = mask.double()
+    return mask / mask.sum(1, keepdim=True)
+
+
+def lm_case():
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    x = torch.tensor([[0, 2, 1], [1, 1, 0]])
+    scores, probs = score_table(model, x, "categorical")
+    mask = torch.tensor([[True, True, True], [True, True, False]])  # a padded position
+    return scores, probs, weights_of(mask)
+
+
+def bernoulli_case():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    scores, probs = score_table(model, x, "bernoulli")  # one observation per input, 4 patterns
+    return scores, probs, torch.ones(3, 1, dtype=torch.float64)
+
+
+CASES = {"language model, masked": lm_case, "bernoulli MLP": bernoulli_case}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_closed_forms_are_the_joint_distributions_mean_and_variance(case, granularity):
+    scores, probs, weights = CASES[case]()
+    values, chance = joint(scores, probs)
+    assert torch.isclose(chance.sum(), torch.tensor(1.0, dtype=chance.dtype))
+    x = summands(values, weights, granularity)  # [J, N, P] or [J, P]
+    c = chance.reshape(-1, *[1] * (x.dim() - 1))
+    mean = (c * x).sum(0)
+    variance = (c * (x - mean) ** 2).sum(0)
+    g, v = moments(scores, probs)
+    expected = (weights.unsqueeze(-1) * g).sum(1)  # each input's Fisher, the same for all three
+    if granularity == "batch":
+        expected = expected.sum(0)
+    torch.testing.assert_close(mean, expected)
+    torch.testing.assert_close(variance, label_variance(g, v, weights, granularity))
+
+
+def test_the_coarser_squares_carry_more_label_noise_here():
+    scores, probs, weights = lm_case()
+    g, v = moments(scores, probs)
+    token, per_input = (label_variance(g, v, weights, k).sum(0) for k in ("token", "input"))
+    assert (per_input >= token - 1e-12).all() and (per_input > token).any()
+
+
+def test_per_input_outputs_make_token_and_input_the_same():
+    scores, probs, weights = bernoulli_case()
+    values, _ = joint(scores, probs)
+    torch.testing.assert_close(
+        summands(values, weights, "token"), summands(values, weights, "input")
+    )
+    g, v = moments(scores, probs)
+    torch.testing.assert_close(
+        label_variance(g, v, weights, "token"), label_variance(g, v, weights, "input")
+    )
+
+
+def test_gaussian_scores_give_twice_the_squared_mean():
+    # a Gaussian observation's score is Gaussian: (Σ s a)² is σ²χ²₁ with σ² = Σ w g
+    g = torch.tensor([[[0.3, 1.0], [2.0, 0.1]]], dtype=torch.float64)
+    weights = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    variance = label_variance(g, 2 * g * g, weights, "input")
+    torch.testing.assert_close(variance, 2 * (weights.unsqueeze(-1) * g).sum(1) ** 2)
+
+
+def sample(scores, probs, draws, generator):
+    """``draws`` independent label draws: scores ``[draws, N, T, P]``."""
+    N, T, Y = probs.shape
+    labels = torch.multinomial(probs.reshape(-1, Y), draws, True, generator=generator)
+    labels = labels.T.reshape(draws, N, T)
+    n, t = torch.meshgrid(torch.arange(N), torch.arange(T), indexing="ij")
+    return scores[n, t, labels]
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_sampled_summands_are_unbiased(granularity):
+    scores, probs, weights = lm_case()
+    g, v = moments(scores, probs)
+    draws = 20_000
+    x = summands(
+        sample(scores, probs, draws, torch.Generator().manual_seed(5)), weights, granularity
+    )
+    expected = (weights.unsqueeze(-1) * g).sum(1)
+    expected = expected.sum(0) if granularity == "batch" else expected
+    standard_error = (label_variance(g, v, weights, granularity) / draws).sqrt()
+    z = (x.mean(0) - expected) / standard_error.clamp_min(1e-300)
+    assert z[standard_error > 0].abs().max() < Z
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("mc_samples", [2, 5])
+def test_the_spread_among_draws_is_an_unbiased_estimate_of_the_closed_form(granularity, mc_samples):
+    scores, probs, weights = lm_case()
+    g, v = moments(scores, probs)
+    closed = label_variance(g, v, weights, granularity)
+    # the sample variance of M draws has variance (μ₄ − σ⁴ (M − 3)/(M − 1)) / M, with μ₄
+    # the summand's central fourth moment, from the joint distribution
+    values, chance = joint(scores, probs)
+    x = summands(values, weights, granularity)
+    c = chance.reshape(-1, *[1] * (x.dim() - 1))
+    mu4 = (c * (x - (c * x).sum(0)) ** 4).sum(0)
+    spread_var = (mu4 - closed**2 * (mc_samples - 3) / (mc_samples - 1)) / mc_samples
+    repeats = 5_000
+    generator = torch.Generator().manual_seed(7)
+    drawn = sample(scores, probs, repeats * mc_samples, generator)
+    drawn = summands(drawn, weights, granularity).unflatten(0, (mc_samples, repeats))
+    estimates = draw_variance(drawn)  # [repeats, ...]
+    standard_error = (spread_var / repeats).sqrt()
+    z = (estimates.mean(0) - closed) / standard_error.clamp_min(1e-300)
+    assert z[standard_error > 0].abs().max() < Z
+
+
+def test_one_draw_has_no_spread():
+    with pytest.raises(ValueError, match="mc_samples >= 2"):
+        draw_variance(torch.ones(1, 3))
+
+
+def test_an_unknown_granularity_is_named():
+    assert check_granularity("input") == "input"
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        check_granularity("sequence")
