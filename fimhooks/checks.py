@@ -37,8 +37,16 @@ def check_options(mc_samples, every, ema_decay, output, batch_axis, choices: dic
         raise ValueError(f"batch_axis must be a non-negative integer, got {batch_axis!r}.")
 
 
-def check_empirical(estimators: tuple, likelihood, loss_reduction: Optional[str]) -> None:
-    """``"EF"`` with the Gaussian likelihood needs the loss's reduction."""
+def check_empirical(
+    estimators: tuple, likelihood, loss_reduction: Optional[str], granularity: str = "token"
+) -> None:
+    """``"EF"`` is per observation, and with the Gaussian likelihood needs the loss's reduction."""
+    if any_needs(estimators, "needs_data_labels") and granularity != "token":
+        raise ValueError(
+            f"'EF' squares the gradient of each observation; granularity={granularity!r} "
+            "applies to the sampled-label estimators only: collect 'EF' with "
+            "granularity='token' (a monitor of its own)."
+        )
     if any_needs(estimators, "needs_data_labels") and likelihood.name == "gaussian":
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(

@@ -27,6 +27,7 @@ from fimhooks.engine.store import ADDED, NOTICES, Store, check_state
 from fimhooks.engine.structure import ModelStructure
 from fimhooks.engine.verification import OPTIONS as VERIFY_OPTIONS
 from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
+from fimhooks.fisher.granularity import PER_INPUT_GRANULARITIES
 from fimhooks.fisher.likelihoods import likelihood_from
 from fimhooks.fisher.quantities import DEFAULT_ESTIMATORS, without_curvature
 from fimhooks.show.jsonlog import FisherLog
@@ -106,6 +107,11 @@ class FisherMonitor:
             ``[T, N, ...]`` inputs (the output's is always the first). The layers' own
             batch axes are read from the data flow; this one is needed where the model
             replays as a whole (parameters of its own, such as a class token).
+        granularity: Where Î₁ squares the score (docs/math.md §7d): ``"token"`` (default)
+            once per observation; ``"input"`` once per input, the square of its score
+            summed over its positions divided by their number: the same Fisher, with more
+            label noise (reported), at the cost of per-input gradients. Outputs with one
+            observation per input give the same numbers either way.
         backend: ``"auto"`` (default): the chain backend where the forward pass is a chain
             of supported layers, else the general one; ``"general"``: always the general
             backend (any graph); ``"chain"``: the chain backend, an error where it does not
@@ -136,6 +142,7 @@ class FisherMonitor:
         block_errors: bool = False,
         verify: str = "first",
         batch_axis: int = 0,
+        granularity: str = "token",
         backend: str = "auto",
     ):
         if not isinstance(model, nn.Module):
@@ -150,6 +157,7 @@ class FisherMonitor:
             "verify": (verify, VERIFY_OPTIONS),
             "batchnorm": (batchnorm, bn.OPTIONS),
             "backend": (backend, BACKEND_OPTIONS),
+            "granularity": (granularity, PER_INPUT_GRANULARITIES),
         }
         checks.check_options(mc_samples, every, ema_decay, output, batch_axis, choices)
         check_max_memory(max_memory)
@@ -160,14 +168,14 @@ class FisherMonitor:
             ema_decay,
         )
         self.batchnorm, self.max_memory, self.batch_axis = batchnorm, max_memory, batch_axis
-        self.verify, self.backend = verify, backend
+        self.verify, self.backend, self.granularity = verify, backend, granularity
         self.bounds, self.block_errors = bool(bounds), bool(block_errors)
         self.seed = torch.initial_seed() if seed is None else int(seed)
         checks.check_not_extended(model)
         bn.check_model(self.model, self.batchnorm)
         checks.check_not_watched(model, _ATTACHED)
         loss_reduction = getattr(likelihood, "reduction", None)
-        checks.check_empirical(estimators, self.likelihood, loss_reduction)
+        checks.check_empirical(estimators, self.likelihood, loss_reduction, granularity)
         self._sampler, self._warn = Sampler(self.seed), OnceWarnings()
         self._recorder = Recorder(model, output, batchnorm, self._on_output_grad)
         self._collector = Collector(
@@ -177,7 +185,7 @@ class FisherMonitor:
             default_estimators=default_estimators, mc_samples=mc_samples, bounds=self.bounds,
             block_errors=self.block_errors, batchnorm=batchnorm, verify=verify,
             batch_axis=batch_axis, backend=backend, budget=Budget(max_memory),
-            sampler=self._sampler, warn=self._warn,
+            sampler=self._sampler, warn=self._warn, granularity=granularity,
         )  # fmt: skip
         for option, value in (("bounds", bounds), ("block_errors", block_errors)):
             if value and not self._collector.exact_pass:
@@ -501,6 +509,7 @@ class FisherMonitor:
             "batchnorm": self.batchnorm,
             "bounds": self.bounds,
             "block_errors": self.block_errors,
+            "granularity": self.granularity,
         }
 
 

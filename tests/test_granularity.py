@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
+import fimhooks
 from fimhooks.fisher.granularity import (
     GRANULARITIES,
     check_granularity,
@@ -34,11 +35,13 @@ class TinyLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
 
     def forward(self, tokens):
         e = self.embed(tokens)
         previous = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], dim=1)
-        return torch.tanh(self.mix(e + 0.5 * previous)) @ self.embed.weight.T
+        return self.head(torch.tanh(self.mix(e + 0.5 * previous)))
 
 
 def score_table(model, x, likelihood):
@@ -199,3 +202,92 @@ def test_an_unknown_granularity_is_named():
     assert check_granularity("input") == "input"
     with pytest.raises(ValueError, match="granularity must be one of"):
         check_granularity("sequence")
+
+
+# --- the monitor at granularity "input" ----------------------------------------------------
+
+
+def lm_batch():
+    torch.manual_seed(0)
+    model = TinyLM(vocab=4, width=3).double()
+    x = torch.tensor([[0, 2, 1, 3], [1, 1, 0, 2], [3, 0, 2, 2]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    return model, x, mask
+
+
+def collect(monitor, model, x, mask, steps):
+    for _ in range(steps):
+        with monitor(mask=mask):
+            model(x).sum().backward()
+    model.zero_grad()
+    return monitor.estimates()
+
+
+def flat(diagonal):
+    return torch.cat([v.flatten() for v in diagonal.values()])
+
+
+def lm_truth(model, x, mask, mc_samples=1):
+    """Per-observation Fisher and the input granularity's variance, from enumeration."""
+    scores, probs = score_table(model, x, "categorical")
+    weights = weights_of(mask)
+    g, v = moments(scores, probs)
+    fisher = (weights.unsqueeze(-1) * g).sum(1).mean(0)
+    variance = label_variance(g, v, weights, "input").sum(0) / (len(x) ** 2 * mc_samples)
+    return fisher, variance
+
+
+@pytest.mark.parametrize("mc_samples", [1, 3])
+def test_input_granularity_variance_is_the_enumerated_closed_form(mc_samples):
+    model, x, mask = lm_batch()
+    monitor = fimhooks.FisherMonitor(
+        model, "categorical", estimators=("I1", "exact"), granularity="input",
+        mc_samples=mc_samples,
+    )  # fmt: skip
+    est = collect(monitor, model, x, mask, steps=1)
+    fisher, variance = lm_truth(model, x, mask, mc_samples)
+    torch.testing.assert_close(flat(est.fisher("exact")), fisher)
+    torch.testing.assert_close(flat(est.variance("I1")), variance)
+    monitor.remove()
+    token = fimhooks.FisherMonitor(model, "categorical", estimators=("I1", "exact"))
+    token_variance = flat(collect(token, model, x, mask, steps=1).variance("I1"))
+    assert (token_variance < variance).any()  # the cross terms are there
+
+
+@pytest.mark.parametrize("estimators", [("I1",), ("I1", "exact")])
+def test_input_granularity_is_unbiased(estimators):
+    # ("I1",): one backward of each input's summed residuals; with "exact": per position
+    model, x, mask = lm_batch()
+    steps = 400
+    monitor = fimhooks.FisherMonitor(
+        model, "categorical", estimators=estimators, granularity="input", seed=11
+    )
+    est = collect(monitor, model, x, mask, steps)
+    fisher, variance = lm_truth(model, x, mask)
+    z = (flat(est.fisher("I1")) - fisher) / (variance / steps).sqrt().clamp_min(1e-300)
+    assert z[variance > 0].abs().max() < Z
+
+
+def test_input_granularity_is_token_where_each_input_is_one_observation():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    numbers = []
+    for granularity in ("token", "input"):
+        monitor = fimhooks.FisherMonitor(
+            model, "categorical", estimators=("I1", "exact"), granularity=granularity, seed=4
+        )
+        est = collect(monitor, model, x, None, steps=2)
+        numbers.append((flat(est.fisher("I1")), flat(est.variance("I1"))))
+        monitor.remove()
+    torch.testing.assert_close(numbers[0], numbers[1], rtol=0, atol=0)
+
+
+def test_granularity_errors_are_clear():
+    model, _, _ = lm_batch()
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        fimhooks.FisherMonitor(model, "categorical", granularity="sequence")
+    with pytest.raises(ValueError, match="'EF' squares the gradient of each observation"):
+        fimhooks.FisherMonitor(
+            model, nn.CrossEntropyLoss(), estimators=("EF",), granularity="input"
+        )

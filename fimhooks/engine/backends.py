@@ -46,12 +46,15 @@ class StepPlan:
         kappa: The likelihood's ``κ``.
         budget: Memory for the step's extra tensors.
         kronecker: Also the Kronecker factors of Linear layers (chain backend only).
+        granularity: Where Î₁ squares the score (``fisher.granularity``); the chain has
+            one position per input, where ``"token"`` and ``"input"`` agree.
     """
 
     terms: frozenset
     kappa: float
     budget: Budget
     kronecker: bool = False
+    granularity: str = "token"
 
 
 class ChainBackend:
@@ -129,7 +132,7 @@ class GeneralBackend:
                         "or call model.eval() while collecting."
                     )
         h = record.output
-        args = (plan.kappa, plan.terms, plan.budget, rows)
+        args = (plan.kappa, plan.terms, plan.budget, rows, plan.granularity)
         return general_batch_sums(h, self._to_output(h), draw, uses, *args)
 
     def uses(self, record: ForwardRecord) -> dict:

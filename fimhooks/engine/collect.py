@@ -133,8 +133,8 @@ class Collector:
         loss_reduction: The loss module's reduction, where one was given (for ``"EF"``).
         estimators: The estimators asked for.
         default_estimators: Whether they are the defaults (``"I2"`` may then be left out).
-        mc_samples, bounds, block_errors, batchnorm, verify, batch_axis, backend: The
-            monitor's options of those names.
+        mc_samples, bounds, block_errors, batchnorm, verify, batch_axis, backend,
+            granularity: The monitor's options of those names.
         budget: Memory for a step's extra tensors.
         sampler: The label generators.
         warn: Warns once per key (``OnceWarnings``).
@@ -145,11 +145,13 @@ class Collector:
         loss_reduction: Optional[str], estimators: tuple, default_estimators: bool,
         mc_samples: int, bounds: bool, block_errors: bool, batchnorm: str, verify: str,
         batch_axis: int, backend: str, budget: Budget, sampler: Sampler, warn: Callable,
+        granularity: str = "token",
     ):  # fmt: skip
         self.model, self.likelihood, self.class_axis = model, likelihood, class_axis
         self.loss_reduction, self.default_estimators = loss_reduction, default_estimators
         self.mc_samples, self.bounds, self.block_errors = mc_samples, bounds, block_errors
         self.batchnorm, self.verify, self.backend = batchnorm, verify, backend
+        self.granularity = granularity
         self.budget, self.sampler, self.warn = budget, sampler, warn
         self.kronecker = False
         self.set_estimators(estimators)
@@ -169,9 +171,12 @@ class Collector:
         return tuple(self.backends["general"].generic_layers)
 
     def plan(self, terms: Optional[frozenset] = None) -> StepPlan:
-        """What the backends compute: the estimators' terms, or ``terms`` alone."""
-        kronecker = self.kronecker and terms is None
-        return StepPlan(terms or self.terms, self.likelihood.kappa, self.budget, kronecker)
+        """What the backends compute: the estimators' terms, or ``terms`` alone (per token)."""
+        kappa, whole = self.likelihood.kappa, terms is None
+        granularity = self.granularity if whole else "token"
+        return StepPlan(
+            terms or self.terms, kappa, self.budget, self.kronecker and whole, granularity
+        )
 
     def to_output(self, h: Tensor) -> Callable:
         """``[D, N, T, C]`` vectors in the layout of the output ``h``."""

@@ -24,7 +24,7 @@ from torch import Tensor
 from fimhooks.engine.chain import outer_products
 from fimhooks.engine.layers import per_input_rule, spec_for
 from fimhooks.engine.memory import COPIES, Budget
-from fimhooks.engine.observations import LabelDraw
+from fimhooks.engine.observations import LabelDraw, summed_over_positions
 from fimhooks.engine.recording import Call
 from fimhooks.fisher.diagonal_terms import (
     BatchSums,
@@ -35,6 +35,7 @@ from fimhooks.fisher.diagonal_terms import (
     finish_terms,
     rank_one_batch_sums,
 )
+from fimhooks.fisher.granularity import input_terms, squared_weighted_fisher, weighted_scores
 
 #: One use of a parameter: a call and the parameter's name inside the called module.
 Use = Tuple[Call, str]
@@ -49,6 +50,7 @@ def general_batch_sums(
     terms: frozenset,
     budget: Budget,
     rows: Optional[int] = None,
+    granularity: str = "token",
 ) -> Dict[str, BatchSums]:
     """Batch sums of every parameter in ``uses`` for one collected step.
 
@@ -61,10 +63,18 @@ def general_batch_sums(
         terms: The terms to reduce (``diagonal_terms``).
         budget: Memory for the step's extra tensors.
         rows: Reduce the first ``rows`` inputs only (default: all).
+        granularity: ``"token"`` or ``"input"``: where Î₁ squares the score
+            (docs/math.md §7d). Without the exact pass, ``"input"`` backpropagates each
+            input's residuals at all its positions together, one vector per draw.
 
     Returns:
         ``{parameter name: BatchSums}``.
     """
+    square_inputs = granularity == "input" and draw.directions.shape[2] > 1
+    if square_inputs and draw.weights is None:
+        T, C = draw.directions.shape[2:]
+        draw, square_inputs = summed_over_positions(draw), False
+        to_output = _from_summed(to_output, T, C)
     calls = list({id(c): c for use in uses.values() for c, _ in use}.values())
     K, N, T = draw.directions.shape[:3]
     largest = max(p.numel() for p in _parameters(uses).values())
@@ -91,24 +101,30 @@ def general_batch_sums(
     for start in range(0, N, step):
         samples = slice(start, min(N, start + step))
         sums = _input_chunk_sums(
-            output, to_output, draw, uses, calls, chunks, samples, kappa, terms
+            output, to_output, draw, uses, calls, chunks, samples, kappa, terms, square_inputs
         )
         for name, value in sums.items():
             totals[name] = totals[name].add(value) if name in totals else value
     return totals
 
 
-def _input_chunk_sums(output, to_output, draw, uses, calls, chunks, samples, kappa, terms):
+def _input_chunk_sums(
+    output, to_output, draw, uses, calls, chunks, samples, kappa, terms, square_inputs
+):
     """Batch sums over the inputs ``samples``, a chunk of positions and directions at a time.
 
     Direction sums of a position are added over its chunks of directions and turned into
     terms after the last one; terms are added over positions with the positions' weights.
+    With ``square_inputs`` (granularity ``"input"`` with the exact pass) each draw's
+    weighted scores are added over positions too, and squared once per input.
     """
     K = draw.directions.shape[0]
     # rank-one layers (weight and bias of a Linear): terms of the layer's output, per call
     rank_one = {name: id(u[0][0]) for name, u in uses.items() if _is_rank_one(u, draw)}
     per_input: Dict[object, dict] = {}  # by parameter name, or by call for rank-one layers
     partial: Dict[object, dict] = {}
+    scores: Dict[object, Tensor] = {}  # square_inputs: Σ_t s_t a_t, [M, n, *P]
+    squared: Dict[object, Tensor] = {}  # square_inputs: Σ_t w_t² g_t², [n, *P]
     for positions, directions in chunks:
         captured = _backward(output, to_output, draw, positions, directions, samples, calls)
         done = set()  # a rank-one layer's output terms serve its weight and its bias
@@ -131,7 +147,14 @@ def _input_chunk_sums(output, to_output, draw, uses, calls, chunks, samples, kap
             finished = finish_terms(value, kappa, terms, K, factors)
             position_terms = _by_position(finished, len(positions))
             per_input[key] = add_positions(per_input.get(key, {}), position_terms, weights)
+            if square_inputs and "scores" in value:
+                at = value["scores"].unflatten(1, (len(positions), -1))
+                scores[key] = scores.get(key, 0) + weighted_scores(at, weights)
+                g = position_terms["exact"]
+                squared[key] = squared.get(key, 0) + squared_weighted_fisher(g, weights)
         partial = {}
+    for key in scores:
+        per_input[key] = input_terms(per_input[key], scores[key], squared[key])
     sums = {}
     for name, param_uses in uses.items():
         terms_of = per_input.get(rank_one.get(name, name))
@@ -213,6 +236,11 @@ def batched_grad(output: Tensor, inputs: list, vectors: Tensor) -> list:
             None if rows[0][i] is None else torch.stack([r[i] for r in rows])
             for i in range(len(inputs))
         ]
+
+
+def _from_summed(to_output: callable, T: int, C: int) -> callable:
+    """``to_output`` for ``[D, N, 1, T·C]`` vectors (``summed_over_positions``)."""
+    return lambda vectors: to_output(vectors.unflatten(-1, (T, C)).squeeze(2))
 
 
 def _use_grads(call: Call, local: str, grad_out: Tensor, samples: slice) -> Tensor:

@@ -296,6 +296,31 @@ def with_data_residuals(draw: LabelDraw, residuals: Tensor, sampled: bool) -> La
     )
 
 
+def summed_over_positions(draw: LabelDraw) -> LabelDraw:
+    """A sampled-residuals draw as one observation per input (granularity ``"input"``).
+
+    Each input's direction is its residuals at all ``T`` positions, each scaled by the
+    square root of its position weight, ``√(1/T_n)``, as ``[M, N, 1, T·C]``: its
+    backpropagated image is the input's score summed over its positions, and the square
+    of that, ``(1/T)(Σ_t a_t)²``, is the input's summand (docs/math.md §7d). Map vectors
+    back to the output's layout by reshaping ``[D, N, 1, T·C]`` to ``[D, N, T, C]``.
+
+    Args:
+        draw: A draw without the exact pass (``weights is None``) nor the data's labels.
+    """
+    given = draw.directions
+    M, N, T, C = given.shape
+    scale = draw.position_weights.sqrt()[None, :, :, None]
+    held = (given[:] * scale.to(given.dtype)).reshape(M, N, 1, T * C)
+    observed = draw.position_weights.sum(1, keepdim=True) > 0
+    positions = given.positions.reshape(N, 1, T * C)
+    return dataclasses.replace(
+        draw,
+        directions=Directions(positions, observed, held=held, dtype=given.dtype),
+        position_weights=observed.to(draw.position_weights.dtype),
+    )
+
+
 def _scatter(values: Tensor, observed: Tensor) -> Tensor:
     """``[P, *rest]`` values at the observed positions to ``[N, T, *rest]`` (zeros elsewhere)."""
     out = values.new_zeros(*observed.shape, *values.shape[1:])

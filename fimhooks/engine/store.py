@@ -111,7 +111,7 @@ def check_state(state, options: dict, shapes: Dict[str, list]) -> None:
         raise ValueError(
             f"state_dict has no {missing}: pass what FisherMonitor.state_dict() returned."
         )
-    saved = {"batchnorm": "error", **state["options"]}  # states from before the option
+    saved = {"batchnorm": "error", "granularity": "token", **state["options"]}  # older states
     if saved != options:
         raise ValueError(f"state_dict was saved with options {saved}, this monitor has {options}.")
     if state["parameters"] != shapes:

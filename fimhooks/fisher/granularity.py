@@ -22,12 +22,15 @@ Labels are drawn independently per observation given the inputs, so the cross te
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Tuple
 
+import torch
 from torch import Tensor
 
 #: The granularities, finest first.
 GRANULARITIES: Tuple[str, ...] = ("token", "input", "batch")
+#: Those with per-input summands (a sample variance across inputs, a data variance).
+PER_INPUT_GRANULARITIES: Tuple[str, ...] = GRANULARITIES[:2]
 
 
 def check_granularity(granularity: str) -> str:
@@ -90,3 +93,40 @@ def draw_variance(draws: Tensor) -> Tensor:
     if draws.shape[0] < 2:
         raise ValueError("the spread among label draws needs mc_samples >= 2.")
     return draws.var(0, unbiased=True)
+
+
+def weighted_scores(scores: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_t s_t a_t`` over some positions: ``scores [M, t, n, *P]``, ``weights [n, t]``.
+
+    Returns:
+        ``[M, n, *P]``, to be added over an input's chunks of positions.
+    """
+    s = weights.sqrt().T.to(scores.dtype)  # [t, n]
+    return torch.einsum("tn,mtn...->mn...", s, scores)
+
+
+def squared_weighted_fisher(g: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_t w_t² g_t²`` over some positions: ``g [t, n, *P]``, ``weights [n, t]`` → ``[n, *P]``."""
+    w2 = (weights * weights).T.to(g.dtype)
+    return torch.einsum("tn,tn...->n...", w2, g * g)
+
+
+def input_terms(terms: Dict[str, Tensor], scores: Tensor, squared: Tensor) -> Dict[str, Tensor]:
+    """An input's terms at granularity ``"input"`` from those at ``"token"``.
+
+    Args:
+        terms: ``{term: [n, *P]}`` added over positions (``diagonal_terms.add_positions``):
+            ``exact = Σ w g``, ``v1 = Σ w² v``, ...
+        scores: ``[M, n, *P]`` ``Σ_t s_t a_t`` of each draw (``weighted_scores``).
+        squared: ``[n, *P]`` ``Σ_t w_t² g_t²`` (``squared_weighted_fisher``).
+
+    Returns:
+        The terms with ``I1`` the mean over draws of ``(Σ_t s_t a_t)²`` and ``v1`` with the
+        cross terms' ``2[(Σ w g)² − Σ w² g²]`` added.
+    """
+    out = dict(terms)
+    if "I1" in terms:
+        out["I1"] = (scores * scores).mean(0)
+    if "v1" in terms:
+        out["v1"] = terms["v1"] + 2 * (terms["exact"] * terms["exact"] - squared)
+    return out
