@@ -11,6 +11,7 @@ from torch import Tensor
 from fimhooks.fisher.guidance import cost_per_input, draws_suggested, inputs_needed
 from fimhooks.fisher.quantities import (
     BOUND_SIDES,
+    CLOSED_FORM,
     ESTIMATOR_SPECS,
     ESTIMATORS,
     bound_term,
@@ -36,6 +37,9 @@ class FisherEstimates:
         layer_types: ``{module path: class name}``, shown beside the paths.
         estimators: The estimators that were collected.
         exact_pass: Whether the closed-form (exact-pass) quantities were collected.
+        label_noise: Where the label-noise variances come from: ``"closed form"`` (the
+            exact pass), ``"draws"`` (the spread among ``M ≥ 2`` label draws, docs/math.md
+            §7d) or ``None`` (not collected). Default: ``"closed form"`` with the exact pass.
         bounds: Whether the bounds of docs/math.md §7 were collected.
         block_errors: Whether the layers' full-block Frobenius errors were collected.
         num_outputs: Outputs ``C`` of the network (the exact pass backpropagates ``C``
@@ -53,6 +57,7 @@ class FisherEstimates:
         estimators: tuple,
         layer_types: Optional[Dict[str, str]] = None,
         exact_pass: bool,
+        label_noise: Optional[str] = None,
         bounds: bool = False,
         block_errors: bool = False,
         num_outputs: int = 1,
@@ -66,6 +71,7 @@ class FisherEstimates:
         self._layer_types = layer_types or {}
         self.estimators = tuple(estimators)
         self.exact_pass = exact_pass
+        self.label_noise = CLOSED_FORM if exact_pass else label_noise
         self.has_bounds = bounds
         self.has_block_errors = block_errors
         self.num_outputs = num_outputs
@@ -108,6 +114,7 @@ class FisherEstimates:
             estimators=self.estimators,
             layer_types=self._layer_types,
             exact_pass=self.exact_pass,
+            label_noise=self.label_noise,
             bounds=self.has_bounds and other.has_bounds,
             block_errors=self.has_block_errors and other.has_block_errors,
             num_outputs=self.num_outputs,
@@ -125,15 +132,18 @@ class FisherEstimates:
         return {n: a.fisher(estimator) for n, a in self._acc.items()}
 
     def variance(self, estimator: str) -> Diagonal:
-        """Closed-form label-noise variance of the running estimate (docs/math.md §3, §5).
+        """Label-noise variance of the running estimate (docs/math.md §3, §5, §7d).
 
-        Zero for ``"exact"``, which has no label noise.
+        The closed form with the exact pass, else its unbiased estimate from the spread
+        among ``mc_samples ≥ 2`` draws (``label_noise`` says which). Zero for ``"exact"``
+        and ``"EF"``, which have no label noise.
         """
         self._check(estimator)
-        if not self.exact_pass:
+        if self.label_noise is None:
             raise ValueError(
-                "the closed-form variance needs the exact pass: include 'exact' (or 'I2') "
-                "in estimators; with estimators=('I1',) use empirical_variance('I1')."
+                "the label-noise variance needs the exact pass ('exact' or 'I2' in "
+                "estimators) or mc_samples >= 2 (its estimate from the draws' spread); "
+                f"with estimators={self.estimators} use empirical_variance({estimator!r})."
             )
         return {n: a.label_variance(estimator) for n, a in self._acc.items()}
 
@@ -229,11 +239,24 @@ class FisherEstimates:
         return {n: a.fisher("EF") - a.fisher("exact") for n, a in self._acc.items()}
 
     def data_variance(self) -> Diagonal:
-        """Data-noise variance of the running exact estimate (docs/math.md §4)."""
-        if not self.exact_pass:
-            raise ValueError("data_variance needs 'exact' or 'I2' in estimators.")
+        """Data-noise variance of the running estimate (docs/math.md §4).
+
+        With the exact pass the sample variance of ``exact``; with the draws' spread
+        (``label_noise == "draws"``) the empirical variance of the first sampled estimator
+        less its label-noise variance, clamped at zero.
+        """
         self._check_collected()
-        return {n: a.sample_variance("exact") for n, a in self._acc.items()}
+        if self.exact_pass:
+            return {n: a.sample_variance("exact") for n, a in self._acc.items()}
+        sampled = [e for e in self.estimators if label_sampled(e)]
+        if self.label_noise is None or not sampled:
+            raise ValueError(
+                "data_variance needs 'exact' or 'I2' in estimators, or 'I1' with mc_samples >= 2."
+            )
+        return {
+            n: (self._variances(sampled[0], a)[1] - a.label_variance(sampled[0])).clamp_min(0)
+            for n, a in self._acc.items()
+        }
 
     def empirical_variance(self, estimator: str) -> Diagonal:
         """Sample variance of the per-input summands over ``N`` (docs/math.md §4)."""
@@ -292,15 +315,20 @@ class FisherEstimates:
             label_sum = sum(label for _, label in sums)
             # the noise of one input: each parameter's variance times its own input count
             per_input = [(t * n, label * n) for (t, label), n in zip(sums, n_eff)]
-            if self.exact_pass:
+            if self.label_noise is not None:
                 label_noise = sum(label for _, label in per_input) * draws
                 data_noise = sum(t - label for t, label in per_input)
+                if not self.exact_pass and data_noise < 0:  # the draws' estimate: noisy
+                    data_noise = 0.0
             else:  # the empirical variance holds both noises at the current draws
                 label_noise, data_noise = 0.0, sum(t for t, _ in per_input)
             sq_norm = (fisher * fisher).sum().item()
             needed = inputs_needed(label_noise, data_noise, sq_norm, target, draws)
             costs[e] = needed * cost_per_input(e, draws, self.num_outputs)
-            share = total_sum and label_sum / total_sum if self.exact_pass else None
+            share = None
+            if self.label_noise is not None:
+                share = total_sum and label_sum / total_sum
+                share = 1.0 if share > 1.0 else share
             stats[e] = {
                 "trace": fisher.sum().item(),
                 "rse": math.sqrt(total_sum / sq_norm) if sq_norm > 0 else math.inf,
@@ -308,7 +336,7 @@ class FisherEstimates:
                 "data_share": None if share is None else 1.0 - share,
                 "inputs_needed": needed,
                 "draws_suggested": draws_suggested(label_noise, data_noise)
-                if self.exact_pass and label_sampled(e)
+                if self.label_noise is not None and label_sampled(e)
                 else None,
                 "rse_histogram": _rse_histogram(fisher, total),
             }
@@ -335,14 +363,17 @@ class FisherEstimates:
     def _variances(self, estimator: str, acc: RunningDiagonal):
         """``(label, label + data)`` variances of a parameter's running estimate (docs/math.md §4).
 
-        Without the exact pass: ``(None, empirical variance)``, which holds both noises.
+        Without the exact pass: ``(None, empirical variance)``, which holds both noises,
+        or with the draws' spread ``(its label-noise estimate, empirical variance)``.
         The empirical Fisher has no label noise: ``(0, its empirical variance)``.
         """
+        known = self.label_noise is not None
         if ESTIMATOR_SPECS[estimator].needs_data_labels:
             empirical = acc.sample_variance(estimator)
-            return (torch.zeros_like(empirical) if self.exact_pass else None), empirical
+            return (torch.zeros_like(empirical) if known else None), empirical
         if not self.exact_pass:
-            return None, acc.sample_variance(estimator)
+            empirical = acc.sample_variance(estimator)
+            return (acc.label_variance(estimator) if known else None), empirical
         label = acc.label_variance(estimator)
         return label, label + acc.sample_variance("exact")
 

@@ -359,6 +359,7 @@ class FisherMonitor:
             estimators=self.estimators,
             layer_types={path: type(m).__name__ for path, m in self.model.named_modules()},
             exact_pass=self._collector.exact_pass,
+            label_noise=self._collector.label_noise,
             bounds=self.bounds,
             block_errors=self.block_errors,
             num_outputs=self._store.num_outputs,

@@ -291,3 +291,83 @@ def test_granularity_errors_are_clear():
         fimhooks.FisherMonitor(
             model, nn.CrossEntropyLoss(), estimators=("EF",), granularity="input"
         )
+
+
+# --- label noise from the draws' spread, without the exact pass ----------------------------
+
+
+@pytest.mark.parametrize("granularity", ["token", "input"])
+def test_the_draws_spread_estimates_the_closed_form_without_the_exact_pass(granularity):
+    model, x, mask = lm_batch()
+    mc_samples, steps = 3, 300
+    monitor = fimhooks.FisherMonitor(
+        model, "categorical", estimators=("I1",), mc_samples=mc_samples,
+        granularity=granularity, seed=13,
+    )  # fmt: skip
+    est = collect(monitor, model, x, mask, steps)
+    assert est.label_noise == "draws"
+    scores, probs = score_table(model, x, "categorical")
+    g, v = moments(scores, probs)
+    # one draw's summand variance per input; the running estimate over identical steps
+    closed = label_variance(g, v, weights_of(mask), granularity).sum(0)
+    closed = closed / (len(x) ** 2 * mc_samples * steps)
+
+    # the spread's own variance per step, (μ₄ − σ⁴ (M−3)/(M−1))/M for each sample variance
+    # taken: of a position's a² ("token", added with w⁴) or of an input's summand ("input"),
+    # the moments enumerated over that position's or input's labels
+    def spread_variance(values, chance):
+        c = chance.reshape(*chance.shape, *[1] * (values.dim() - chance.dim()))
+        centred = values - (c * values).sum(0)
+        sigma2, mu4 = (c * centred**2).sum(0), (c * centred**4).sum(0)
+        return (mu4 - sigma2**2 * (mc_samples - 3) / (mc_samples - 1)) / mc_samples
+
+    weights = weights_of(mask)
+    if granularity == "token":
+        per_position = spread_variance(scores.movedim(2, 0) ** 2, probs.movedim(2, 0))
+        spread_var = ((weights**4).unsqueeze(-1) * per_position).sum((0, 1))
+    else:
+        spread_var = 0
+        for n in range(len(x)):
+            values, chance = joint(scores[n : n + 1], probs[n : n + 1])
+            summand = summands(values, weights[n : n + 1], granularity)[:, 0]  # [J, P]
+            spread_var = spread_var + spread_variance(summand, chance)
+    spread_se = spread_var.sqrt() / (len(x) ** 2 * mc_samples * steps) / steps**0.5
+    z = (flat(est.variance("I1")) - closed) / spread_se.clamp_min(1e-300)
+    assert z[spread_se > 0].abs().max() < Z
+    summary = est.summary()
+    assert "spread among the label draws" in summary and "label share I1" in summary
+
+
+def test_one_draw_without_the_exact_pass_has_no_label_noise_variance():
+    model, x, mask = lm_batch()
+    monitor = fimhooks.FisherMonitor(model, "categorical", estimators=("I1",))
+    est = collect(monitor, model, x, mask, steps=1)
+    assert est.label_noise is None
+    with pytest.raises(ValueError, match="mc_samples >= 2"):
+        est.variance("I1")
+
+
+@pytest.mark.parametrize("backend", ["chain", "general"])
+def test_the_draws_spread_on_a_chain_of_layers(backend):
+    # a Linear weight's sums are formed from its output's terms and its input (rank one)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    mc_samples, steps = 4, 300
+    monitor = fimhooks.FisherMonitor(
+        model, "bernoulli", estimators=("I1",), mc_samples=mc_samples, backend=backend, seed=2
+    )
+    for _ in range(steps):
+        with monitor:
+            model(x).sum().backward()
+    est = monitor.estimates()
+    scores, probs = score_table(model, x, "bernoulli")
+    g, v = moments(scores, probs)
+    closed = v.sum((0, 1)) / (len(x) ** 2 * mc_samples * steps)
+    c = probs.movedim(2, 0).unsqueeze(-1)
+    centred = scores.movedim(2, 0) ** 2 - g
+    sigma2, mu4 = (c * centred**2).sum(0), (c * centred**4).sum(0)
+    spread_var = ((mu4 - sigma2**2 * (mc_samples - 3) / (mc_samples - 1)) / mc_samples).sum((0, 1))
+    spread_se = spread_var.sqrt() / (len(x) ** 2 * mc_samples * steps) / steps**0.5
+    z = (flat(est.variance("I1")) - closed) / spread_se.clamp_min(1e-300)
+    assert z[spread_se > 0].abs().max() < Z

@@ -39,6 +39,8 @@ from fimhooks.engine.verification import (
     verification_draw,
 )
 from fimhooks.fisher.quantities import (
+    CLOSED_FORM,
+    DRAWS,
     ESTIMATOR_SPECS,
     any_needs,
     exact_pass,
@@ -162,8 +164,10 @@ class Collector:
     def set_estimators(self, estimators: tuple) -> None:
         """Collect these estimators (and the terms they need) from now on."""
         self.estimators = tuple(estimators)
-        self.terms = terms_for(self.estimators, self.bounds)
+        self.terms = terms_for(self.estimators, self.bounds, self.mc_samples)
         self.exact_pass = exact_pass(self.terms)
+        spread = any(ESTIMATOR_SPECS[e].variance in self.terms for e in self.estimators)
+        self.label_noise = CLOSED_FORM if self.exact_pass else DRAWS if spread else None
 
     @property
     def generic_layers(self) -> tuple:

@@ -43,7 +43,8 @@ def per_input_terms(
     """Per-input diagonal terms.
 
     With ``weights=None`` the directions are the sampled residuals themselves (Î₁ only):
-    ``I1`` is then the mean of ``U²`` over the ``K = M`` directions. With ``W=None`` (no
+    ``I1`` is then the mean of ``U²`` over the ``K = M`` directions, and ``v1`` (with
+    ``M ≥ 2``) the unbiased sample variance of ``U²`` among them. With ``W=None`` (no
     curvature) ``I2`` is ``exact`` itself (the same tensor) and ``v2`` and its bounds are
     left out: zero.
 
@@ -67,7 +68,8 @@ def direction_sums(
     Returns:
         ``{"g": Σ w U², "fourth": Σ w4 U⁴, "scores": Σ R U [M, N, *P], "W2": Σ w W²,
         "residuals": Σ R W [M, N, *P]}``, those the wanted terms need; ``{"U2": Σ U²}``
-        when the directions are the sampled residuals. For bounds also ``"sq_u": Σ U²``,
+        when the directions are the sampled residuals, with ``{"U4": Σ U⁴}`` for ``v1``
+        (their spread). For bounds also ``"sq_u": Σ U²``,
         ``"sum_u": Σ U`` and, with curvature, ``"sq_w"``, ``"sum_w"`` (over the
         likelihood's directions); for ``EF``, ``"ef": Σ d U²`` (``d = data_weights``).
     """
@@ -81,7 +83,11 @@ def direction_sums(
 
     out = {"ef": _weighted_sum(data_weights, U2)} if "EF" in wanted else {}
     if weights is None:
-        return {**out, "U2": over_basis(U2)} if "I1" in wanted else out
+        if "I1" in wanted:
+            out["U2"] = over_basis(U2)
+        if "v1" in wanted:  # the spread among the draws (docs/math.md §7d)
+            out["U4"] = over_basis(U2 * U2)
+        return out
     out["g"] = _weighted_sum(weights, U2)
     if "v1" in wanted:
         out["fourth"] = _weighted_sum(fourth_weights, U2 * U2)
@@ -117,8 +123,11 @@ def finish_terms(
     """
     out = {"EF": sums["ef"]} if "ef" in sums else {}
     if "g" not in sums:  # the directions are the sampled residuals (and the data's)
+        draws = directions - ("ef" in sums)
         if "U2" in sums:
-            out["I1"] = sums["U2"] / (directions - ("ef" in sums))
+            out["I1"] = sums["U2"] / draws
+        if "U4" in sums:  # the unbiased sample variance of U² among the draws
+            out["v1"] = (sums["U4"] - sums["U2"] * sums["U2"] / draws) / (draws - 1)
         return out
     g = sums["g"]
     out["exact"] = g

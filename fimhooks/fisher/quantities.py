@@ -128,6 +128,9 @@ ESTIMATOR_SPECS: Dict[str, Estimator] = {
 ESTIMATORS = tuple(ESTIMATOR_SPECS)
 #: The estimators whose expectation is the Fisher (what may precondition or be recommended).
 UNBIASED_ESTIMATORS = tuple(e for e, spec in ESTIMATOR_SPECS.items() if spec.unbiased)
+#: Where label-noise variances come from (``FisherEstimates.label_noise``): the exact
+#: pass's closed form, or the spread among ``M ≥ 2`` label draws (docs/math.md §7d).
+CLOSED_FORM, DRAWS = "closed form", "draws"
 #: What a monitor computes unless told otherwise (the empirical Fisher only when asked).
 DEFAULT_ESTIMATORS = ("I1", "I2", "exact")
 
@@ -147,17 +150,22 @@ def label_sampled(estimator: str) -> bool:
     return ESTIMATOR_SPECS[estimator].variance is not None
 
 
-def terms_for(estimators: Iterable[str], bounds: bool = False) -> FrozenSet[str]:
+def terms_for(
+    estimators: Iterable[str], bounds: bool = False, mc_samples: int = 1
+) -> FrozenSet[str]:
     """Terms to reduce for ``estimators``.
 
-    Without the exact pass (Î₁, ``EF``) only the summands themselves. With it, ``exact``
+    Without the exact pass (Î₁, ``EF``) the summands themselves and, with ``mc_samples ≥
+    2``, the label-noise variances of those that draw labels, estimated from the spread
+    among the draws (docs/math.md §7d). With the exact pass, ``exact``
     (the data variance's summand) and, for each estimator, its summand and its variance
     term; with ``bounds``, also the two bound terms of each estimator's bounded term
     (docs/math.md §7).
     """
     specs = [ESTIMATOR_SPECS[e] for e in estimators]
     if not any(s.needs_exact_pass for s in specs):
-        return frozenset(s.name for s in specs)
+        spread = {s.variance for s in specs if s.variance} if mc_samples >= 2 else set()
+        return frozenset(s.name for s in specs) | spread
     terms = {"exact"}
     for spec in specs:
         terms |= {spec.name} | ({spec.variance} if spec.variance else set())

@@ -126,7 +126,7 @@ def console_summary(estimates, target: float = 0.05) -> str:
     """
     layers = estimates.layer_statistics(target)
     estimators = list(estimates.estimators)
-    sampled = [e for e in estimators if label_sampled(e)] if estimates.exact_pass else []
+    sampled = [e for e in estimators if label_sampled(e)] if estimates.label_noise else []
     header = ["layer", "module", "params"]
     header += [f"{key} {e}" for e in estimators for key in ("tr", "rse")]
     header += [f"label {e}" for e in sampled] + ["best", f"N@{target:.0%}"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, List
 
-from fimhooks.fisher.quantities import ESTIMATOR_SPECS, label_sampled
+from fimhooks.fisher.quantities import DRAWS, ESTIMATOR_SPECS, label_sampled
 
 if TYPE_CHECKING:
     from fimhooks.estimates import FisherEstimates
@@ -16,7 +16,8 @@ def summary_table(estimates: "FisherEstimates", target: float) -> str:
     layers = estimates.layer_statistics(target)
     estimators = estimates.estimators
     exact_pass = estimates.exact_pass
-    sampled = [e for e in estimators if label_sampled(e)] if exact_pass else []
+    known = estimates.label_noise is not None
+    sampled = [e for e in estimators if label_sampled(e)] if known else []
     biased = [e for e in estimators if ESTIMATOR_SPECS[e].needs_data_labels] if exact_pass else []
     bounded = [e for e in estimators if ESTIMATOR_SPECS[e].bounded] if estimates.has_bounds else []
     zero_v2 = "zero_v2" in next(iter(layers.values()))
@@ -44,6 +45,11 @@ def summary_table(estimates: "FisherEstimates", target: float) -> str:
         f", {estimates.skipped} batches skipped" if estimates.skipped else ""
     )
     legend = _legend(target, sampled, biased, bounded, zero_v2, estimates.generic_layers)
+    if sampled and estimates.label_noise == DRAWS:
+        legend += (
+            "\nLabel noise of every layer: estimated from the spread among the label draws "
+            "(no exact pass), not the closed form."
+        )
     return title + "\n" + format_table(header, rows) + "\n" + legend
 
 
