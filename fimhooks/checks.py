@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import nn
 
-from fimhooks.fisher.quantities import ESTIMATORS, any_needs
+from fimhooks.fisher.quantities import ESTIMATORS, any_needs, label_sampled
 
 
 def check_not_watched(model: nn.Module, attached) -> None:
@@ -54,6 +54,21 @@ def check_empirical(
                 "whose scale depends on the loss: pass the nn.MSELoss module itself "
                 "(reduction 'mean' or 'sum') as the likelihood."
             )
+
+
+def check_batch_granularity(estimators: tuple, granularity: str, backend: str) -> None:
+    """Granularity ``"batch"`` squares the batch's sampled score: Î₁ alone, any backend."""
+    if granularity != "batch":
+        return
+    others = [e for e in estimators if not label_sampled(e) or any_needs([e], "needs_curvature")]
+    if others or backend != "auto":
+        raise ValueError(
+            "granularity='batch' squares the score summed over the batch, one backward of "
+            "the sampled-label loss: it serves estimators=('I1',) with backend='auto' "
+            f"(got estimators={estimators!r}, backend={backend!r}). Take the others in a "
+            "monitor with granularity 'token' or 'input'; with mc_samples >= 2 the "
+            "spread among the draws gives the label noise."
+        )
 
 
 def check_estimators(estimators) -> tuple:

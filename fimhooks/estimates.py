@@ -40,6 +40,8 @@ class FisherEstimates:
         label_noise: Where the label-noise variances come from: ``"closed form"`` (the
             exact pass), ``"draws"`` (the spread among ``M ≥ 2`` label draws, docs/math.md
             §7d) or ``None`` (not collected). Default: ``"closed form"`` with the exact pass.
+        granularity: Where Î₁ squared the score (docs/math.md §7d); ``"batch"`` steps have
+            no per-input summands, hence no sample variance across inputs.
         bounds: Whether the bounds of docs/math.md §7 were collected.
         block_errors: Whether the layers' full-block Frobenius errors were collected.
         num_outputs: Outputs ``C`` of the network (the exact pass backpropagates ``C``
@@ -58,6 +60,7 @@ class FisherEstimates:
         layer_types: Optional[Dict[str, str]] = None,
         exact_pass: bool,
         label_noise: Optional[str] = None,
+        granularity: str = "token",
         bounds: bool = False,
         block_errors: bool = False,
         num_outputs: int = 1,
@@ -72,6 +75,7 @@ class FisherEstimates:
         self.estimators = tuple(estimators)
         self.exact_pass = exact_pass
         self.label_noise = CLOSED_FORM if exact_pass else label_noise
+        self.granularity = granularity
         self.has_bounds = bounds
         self.has_block_errors = block_errors
         self.num_outputs = num_outputs
@@ -115,6 +119,7 @@ class FisherEstimates:
             layer_types=self._layer_types,
             exact_pass=self.exact_pass,
             label_noise=self.label_noise,
+            granularity=self.granularity,
             bounds=self.has_bounds and other.has_bounds,
             block_errors=self.has_block_errors and other.has_block_errors,
             num_outputs=self.num_outputs,
@@ -246,6 +251,7 @@ class FisherEstimates:
         less its label-noise variance, clamped at zero.
         """
         self._check_collected()
+        self._check_per_input("data_variance")
         if self.exact_pass:
             return {n: a.sample_variance("exact") for n, a in self._acc.items()}
         sampled = [e for e in self.estimators if label_sampled(e)]
@@ -261,6 +267,7 @@ class FisherEstimates:
     def empirical_variance(self, estimator: str) -> Diagonal:
         """Sample variance of the per-input summands over ``N`` (docs/math.md §4)."""
         self._check(estimator)
+        self._check_per_input("empirical_variance")
         return {n: a.sample_variance(estimator) for n, a in self._acc.items()}
 
     def layer_statistics(self, target: float = DEFAULT_TARGET) -> Dict[str, dict]:
@@ -326,7 +333,9 @@ class FisherEstimates:
             needed = inputs_needed(label_noise, data_noise, sq_norm, target, draws)
             costs[e] = needed * cost_per_input(e, draws, self.num_outputs)
             share = None
-            if self.label_noise is not None:
+            if self.granularity == "batch":  # no data variance: its share is unknown
+                data_noise = math.nan
+            elif self.label_noise is not None:
                 share = total_sum and label_sum / total_sum
                 share = 1.0 if share > 1.0 else share
             stats[e] = {
@@ -368,6 +377,9 @@ class FisherEstimates:
         The empirical Fisher has no label noise: ``(0, its empirical variance)``.
         """
         known = self.label_noise is not None
+        if self.granularity == "batch":  # the label noise alone is known
+            label = acc.label_variance(estimator) if known else None
+            return label, label if known else torch.full_like(acc.fisher(estimator), math.nan)
         if ESTIMATOR_SPECS[estimator].needs_data_labels:
             empirical = acc.sample_variance(estimator)
             return (torch.zeros_like(empirical) if known else None), empirical
@@ -414,6 +426,14 @@ class FisherEstimates:
                 f"{estimator!r} was not collected; the monitor computes {self.estimators}."
             )
         self._check_collected()
+
+    def _check_per_input(self, what: str) -> None:
+        if self.granularity == "batch":
+            raise ValueError(
+                f"{what} is undefined at granularity 'batch': its steps square the "
+                "batch's score, so there are no per-input summands to vary across inputs. "
+                "Use granularity 'input' or 'token' for the data noise."
+            )
 
     def _check_collected(self) -> None:
         if not self._acc:

@@ -27,7 +27,7 @@ from fimhooks.engine.store import ADDED, NOTICES, Store, check_state
 from fimhooks.engine.structure import ModelStructure
 from fimhooks.engine.verification import OPTIONS as VERIFY_OPTIONS
 from fimhooks.estimates import DEFAULT_TARGET, FisherEstimates
-from fimhooks.fisher.granularity import PER_INPUT_GRANULARITIES
+from fimhooks.fisher.granularity import GRANULARITIES
 from fimhooks.fisher.likelihoods import likelihood_from
 from fimhooks.fisher.quantities import DEFAULT_ESTIMATORS, without_curvature
 from fimhooks.show.jsonlog import FisherLog
@@ -111,7 +111,9 @@ class FisherMonitor:
             once per observation; ``"input"`` once per input, the square of its score
             summed over its positions divided by their number: the same Fisher, with more
             label noise (reported), at the cost of per-input gradients. Outputs with one
-            observation per input give the same numbers either way.
+            observation per input give the same numbers either way. ``"batch"``: once
+            per step, the batch's score (one backward of the sampled-label loss, no
+            per-input tensor): ``"I1"`` only (its default), without a data variance.
         backend: ``"auto"`` (default): the chain backend where the forward pass is a chain
             of supported layers, else the general one; ``"general"``: always the general
             backend (any graph); ``"chain"``: the chain backend, an error where it does not
@@ -150,14 +152,14 @@ class FisherMonitor:
         model, process_group = unwrap(model, process_group)
         self.likelihood = likelihood_from(likelihood, sigma)
         default_estimators = estimators is None
-        estimators = checks.check_estimators(
-            DEFAULT_ESTIMATORS if estimators is None else estimators
-        )
+        if estimators is None:  # one backward of the batch serves Î₁ alone
+            estimators = ("I1",) if granularity == "batch" else DEFAULT_ESTIMATORS
+        estimators = checks.check_estimators(estimators)
         choices = {
             "verify": (verify, VERIFY_OPTIONS),
             "batchnorm": (batchnorm, bn.OPTIONS),
             "backend": (backend, BACKEND_OPTIONS),
-            "granularity": (granularity, PER_INPUT_GRANULARITIES),
+            "granularity": (granularity, GRANULARITIES),
         }
         checks.check_options(mc_samples, every, ema_decay, output, batch_axis, choices)
         check_max_memory(max_memory)
@@ -176,6 +178,7 @@ class FisherMonitor:
         checks.check_not_watched(model, _ATTACHED)
         loss_reduction = getattr(likelihood, "reduction", None)
         checks.check_empirical(estimators, self.likelihood, loss_reduction, granularity)
+        checks.check_batch_granularity(estimators, granularity, backend)
         self._sampler, self._warn = Sampler(self.seed), OnceWarnings()
         self._recorder = Recorder(model, output, batchnorm, self._on_output_grad)
         self._collector = Collector(
@@ -360,6 +363,7 @@ class FisherMonitor:
             layer_types={path: type(m).__name__ for path, m in self.model.named_modules()},
             exact_pass=self._collector.exact_pass,
             label_noise=self._collector.label_noise,
+            granularity=self.granularity,
             bounds=self.bounds,
             block_errors=self.block_errors,
             num_outputs=self._store.num_outputs,

@@ -9,6 +9,7 @@ z-scores whose scale comes from the same enumeration.
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -371,3 +372,68 @@ def test_the_draws_spread_on_a_chain_of_layers(backend):
     spread_se = spread_var.sqrt() / (len(x) ** 2 * mc_samples * steps) / steps**0.5
     z = (flat(est.variance("I1")) - closed) / spread_se.clamp_min(1e-300)
     assert z[spread_se > 0].abs().max() < Z
+
+
+# --- granularity "batch": one backward of the batch's sampled-label loss --------------------
+
+
+def small_lm_batch():
+    torch.manual_seed(4)
+    model = TinyLM(vocab=3, width=2).double()
+    x = torch.tensor([[0, 2], [1, 1]])
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    return model, x, mask
+
+
+@pytest.mark.parametrize("mc_samples", [2, 4])
+def test_batch_granularity_is_unbiased_and_its_spread_estimates_the_closed_form(mc_samples):
+    model, x, mask = small_lm_batch()
+    steps = 400
+    monitor = fimhooks.FisherMonitor(
+        model, "categorical", granularity="batch", mc_samples=mc_samples, seed=17
+    )
+    assert monitor.estimators == ("I1",)
+    est = collect(monitor, model, x, mask, steps)
+    scores, probs = score_table(model, x, "categorical")
+    weights = weights_of(mask)
+    g, v = moments(scores, probs)
+    fisher = (weights.unsqueeze(-1) * g).sum(1).mean(0)
+    scale = len(x) ** 2 * mc_samples * steps  # one draw's sum to the running estimate
+    closed = label_variance(g, v, weights, "batch") / scale
+    z = (flat(est.fisher("I1")) - fisher) / closed.sqrt().clamp_min(1e-300)
+    assert z[closed > 0].abs().max() < Z
+    # the spread's own variance: (μ₄ − σ⁴ (M−3)/(M−1))/M of the batch's summand, enumerated
+    values, chance = joint(scores, probs)
+    summand = summands(values, weights, "batch")  # [J, P]
+    c = chance.unsqueeze(1)
+    centred = summand - (c * summand).sum(0)
+    sigma2, mu4 = (c * centred**2).sum(0), (c * centred**4).sum(0)
+    torch.testing.assert_close(sigma2, label_variance(g, v, weights, "batch"))
+    spread_var = (mu4 - sigma2**2 * (mc_samples - 3) / (mc_samples - 1)) / mc_samples
+    spread_se = spread_var.sqrt() * steps**0.5 / (scale * steps)
+    z = (flat(est.variance("I1")) - closed) / spread_se.clamp_min(1e-300)
+    assert z[spread_se > 0].abs().max() < Z
+
+
+def test_batch_granularity_leaves_the_gradients_and_says_what_it_cannot_know():
+    model, x, mask = small_lm_batch()
+    model(x).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monitor = fimhooks.FisherMonitor(model, "categorical", granularity="batch", mc_samples=2)
+    with monitor(mask=mask):
+        model(x).sum().backward()
+    assert all(torch.equal(p.grad, e) for p, e in zip(model.parameters(), expected))
+    est = monitor.estimates()
+    for undefined in (est.data_variance, lambda: est.empirical_variance("I1")):
+        with pytest.raises(ValueError, match="undefined at granularity 'batch'"):
+            undefined()
+    stats = est.layer_statistics()["embed"]["I1"]
+    assert stats["label_share"] is None and stats["draws_suggested"] is None
+    assert math.isfinite(stats["rse"])  # label noise alone
+    assert "embed" in est.summary()
+    monitor.remove()
+    with pytest.raises(ValueError, match="granularity='batch' squares the score"):
+        fimhooks.FisherMonitor(
+            model, "categorical", granularity="batch", estimators=("I1", "exact")
+        )

@@ -8,7 +8,7 @@ Each backend answers two questions, keyed by parameter name:
 ``"chain"``: chains of supported layers, through BackPACK's module derivatives
 (``engine.chain``); ``"general"``: any graph autograd differentiates (``engine.general``),
 with the graph analysis it needs (which calls can be taken per input, and where Î₂ would
-need curvature it does not follow). A new backend is one more class with these two methods,
+need curvature it does not follow). ``BatchBackend`` serves granularity ``"batch"`` alone. A new backend is one more class with these two methods,
 added to ``backends()``.
 """
 
@@ -20,11 +20,12 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Set
 
+import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge
 
 from fimhooks.engine.chain import chain_batch_sums
-from fimhooks.engine.general import general_batch_sums
+from fimhooks.engine.general import batched_grad, general_batch_sums
 from fimhooks.engine.graph import broadcast_sums, curved_layer
 from fimhooks.engine.layers import affine_in, generic_grads, per_input_rule, random_inside, spec_for
 from fimhooks.engine.memory import Budget
@@ -32,6 +33,7 @@ from fimhooks.engine.observations import LabelDraw
 from fimhooks.engine.recording import ForwardRecord, chain_of
 from fimhooks.engine.structure import ModelStructure
 from fimhooks.fisher.diagonal_terms import BatchSums
+from fimhooks.fisher.granularity import batch_terms
 
 #: The values of ``FisherMonitor(backend=...)``.
 BACKEND_OPTIONS = ("auto", "chain", "general")
@@ -187,6 +189,44 @@ class GeneralBackend:
             for name in names
             for c, local in uses.get(name, ())
             if per_input_rule(c, [local]) is not generic_grads
+        }
+
+
+class BatchBackend:
+    """Granularity ``"batch"``: the score summed over the step's observations, per draw.
+
+    One batched backward of the ``M`` sampled residuals, each position's scaled by
+    ``√(1/T_n)``, from the model output to the parameters: ``M`` parameter-sized
+    gradients, no per-input tensor and no per-input rule (docs/math.md §7d).
+
+    Args:
+        model: The watched model.
+        to_output: ``h -> ([D, N, T, C] -> [D, *h.shape])``, the output's layout.
+    """
+
+    name = "batch"
+
+    def __init__(self, model: nn.Module, to_output):
+        self.model, self._to_output = model, to_output
+
+    def applies(self, record: ForwardRecord, draw: LabelDraw) -> bool:
+        """Always: it backpropagates with autograd alone."""
+        return True
+
+    def batch_sums(self, record, draw, plan, rows=None) -> Dict[str, BatchSums]:
+        """``{parameter name: BatchSums}`` of the parameters the output reaches."""
+        h = record.output
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        held = draw.directions[:]  # [M, N, T, C] sampled residuals
+        scale = draw.position_weights.sqrt()[None, :, :, None].to(held.dtype)
+        vectors = self._to_output(h)(held * scale).to(h.dtype)
+        grads = batched_grad(h, list(params.values()), vectors)
+        return {
+            name: BatchSums(
+                batch_terms(g.detach().to(torch.promote_types(g.dtype, torch.float32)), plan.terms)
+            )
+            for name, g in zip(params, grads)
+            if g is not None
         }
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fimhooks.engine import batchnorm as bn
-from fimhooks.engine.backends import StepPlan, backends, curvature_needed
+from fimhooks.engine.backends import BatchBackend, StepPlan, backends, curvature_needed
 from fimhooks.engine.graph import reentrant_checkpoint
 from fimhooks.engine.memory import Budget
 from fimhooks.engine.observations import (
@@ -158,6 +158,7 @@ class Collector:
         self.kronecker = False
         self.set_estimators(estimators)
         self.backends = backends(model, structure, self.to_output, batch_axis)
+        self.batch = BatchBackend(model, self.to_output)
         self._structure = structure
         self._verified = set()  # signatures of forward passes
 
@@ -200,6 +201,13 @@ class Collector:
             step.nonfinite = True
             return
         draw = self.draw(record, grad, positions, observed)
+        if self.granularity == "batch":  # autograd alone, no per-input rule to verify
+            step.add(
+                self.batch.batch_sums(record, draw, self.plan()),
+                draw.num_inputs,
+                positions.shape[2],
+            )
+            return
         if self.verify == "always" or (
             self.verify == "first" and record.signature not in self._verified
         ):

@@ -130,3 +130,21 @@ def input_terms(terms: Dict[str, Tensor], scores: Tensor, squared: Tensor) -> Di
     if "v1" in terms:
         out["v1"] = terms["v1"] + 2 * (terms["exact"] * terms["exact"] - squared)
     return out
+
+
+def batch_terms(scores: Tensor, terms) -> Dict[str, Tensor]:
+    """A step's sums at granularity ``"batch"`` from each draw's weighted batch score.
+
+    Args:
+        scores: ``[M, *P]`` ``Σ_o s_o a_o`` over the step's observations, per draw.
+        terms: The terms wanted: ``"I1"`` and, with ``M ≥ 2``, ``"v1"``.
+
+    Returns:
+        ``{"I1": mean over draws of the square, "v1": its spread among the draws}``, the
+        step's sums (the estimate is ``I1 / N``).
+    """
+    squares = scores * scores
+    out = {"I1": squares.mean(0)} if "I1" in terms else {}
+    if "v1" in terms:
+        out["v1"] = draw_variance(squares)
+    return out

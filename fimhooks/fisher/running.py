@@ -442,6 +442,8 @@ def _ema_step(sums: Dict[str, Tensor], n: int, mc_samples: int) -> Statistics:
         if name in sums:
             total = sums[name]
             step["mean"][name] = total / n
+            if name + "_sq" not in sums:  # no per-input summands (granularity "batch")
+                continue
             m2 = (sums[name + "_sq"] - total**2 / n).clamp_min_(0.0)
             step["variance"][name] = m2 / ((n - 1) * n) if n > 1 else torch.zeros_like(m2)
             step["variance_weight"][name] = total.new_tensor(float(n > 1))
