@@ -47,6 +47,9 @@ ROWS = [
     "fimhooks I1+exact",
     "fimhooks I1+I2+exact",
     "fimhooks not collected",
+    "fimhooks I1 input",
+    "fimhooks I1 batch",
+    "sampled-label backward",
     "backpack DiagGGNExact",
     "backpack DiagGGNMC",
     "backpack DiagHessian",
@@ -216,16 +219,33 @@ def make_step(row: str, model, loss_fn, x, y, model_name: str = ""):
         return plain_step
     if row.startswith("fimhooks"):
         estimators = {
-            "fimhooks I1": ("I1",),
             "fimhooks I1+exact": ("I1", "exact"),
-        }.get(row, ("I1", "I2", "exact"))
+            "fimhooks I1+I2+exact": ("I1", "I2", "exact"),
+        }.get(row, ("I1",))
         if model_name in BRANCHING:  # Î₂ there needs curvature fimhooks does not follow
             estimators = tuple(e for e in estimators if e != "I2")
         every = 10**9 if row == "fimhooks not collected" else 1
+        granularity = {"fimhooks I1 input": "input", "fimhooks I1 batch": "batch"}.get(row)
         likelihood = "categorical" if isinstance(loss_fn, nn.CrossEntropyLoss) else "gaussian"
-        monitor = fimhooks.FisherMonitor(model, likelihood, estimators=estimators, every=every)
+        monitor = fimhooks.FisherMonitor(
+            model, likelihood, estimators=estimators, every=every,
+            granularity=granularity or "token",
+        )  # fmt: skip
         plain_step(monitor)  # the first step is collected; later ones are not
         return lambda: plain_step(monitor)
+    if row == "sampled-label backward":  # granularity "batch"'s limit: one more backward
+        sum_loss = type(loss_fn)(reduction="sum")
+
+        def step():
+            optimizer.zero_grad()
+            output = model(x)
+            loss_fn(output, y).backward(retain_graph=True)
+            labels = sampled_labels(loss_fn, output.detach())
+            for g in torch.autograd.grad(sum_loss(output, labels), params):
+                g * g
+            optimizer.step()
+
+        return step
     if row == "torch.func I1":
         from torch.func import functional_call, grad, vmap
 
