@@ -322,20 +322,12 @@ class FisherEstimates:
             label_sum = sum(label for _, label in sums)
             # the noise of one input: each parameter's variance times its own input count
             per_input = [(t * n, label * n) for (t, label), n in zip(sums, n_eff)]
-            if self.label_noise is not None:
-                label_noise = sum(label for _, label in per_input) * draws
-                data_noise = sum(t - label for t, label in per_input)
-                if not self.exact_pass and data_noise < 0:  # the draws' estimate: noisy
-                    data_noise = 0.0
-            else:  # the empirical variance holds both noises at the current draws
-                label_noise, data_noise = 0.0, sum(t for t, _ in per_input)
+            label_noise, data_noise = _noises(per_input, draws, self.label_noise, self.granularity)
             sq_norm = (fisher * fisher).sum().item()
             needed = inputs_needed(label_noise, data_noise, sq_norm, target, draws)
             costs[e] = needed * cost_per_input(e, draws, self.num_outputs)
             share = None
-            if self.granularity == "batch":  # no data variance: its share is unknown
-                data_noise = math.nan
-            elif self.label_noise is not None:
+            if math.isfinite(data_noise) and self.label_noise is not None:
                 share = total_sum and label_sum / total_sum
                 share = 1.0 if share > 1.0 else share
             stats[e] = {
@@ -451,6 +443,26 @@ BINS_PER_DECADE = 4
 RSE_BINS = [
     10 ** (k / BINS_PER_DECADE) for k in range(-3 * BINS_PER_DECADE, 3 * BINS_PER_DECADE + 1)
 ]
+
+
+def _noises(per_input: list, draws: int, label_noise, granularity: str) -> Tuple[float, float]:
+    """A layer's label noise of one input and one draw, and its data noise of one input.
+
+    Args:
+        per_input: ``[(label + data, label)]`` variances of one input, per parameter.
+        draws: ``M``.
+        label_noise: ``FisherEstimates.label_noise``.
+        granularity: ``"batch"`` has no data noise (NaN).
+    """
+    if label_noise is None:  # the empirical variance holds both noises at the current draws
+        return 0.0, sum(t for t, _ in per_input)
+    label = sum(v for _, v in per_input) * draws
+    if granularity == "batch":
+        return label, math.nan
+    data = sum(t - v for t, v in per_input)
+    if label_noise != CLOSED_FORM and data < 0:  # the draws' estimate is noisy
+        data = 0.0
+    return label, data
 
 
 def _rse_histogram(fisher: Tensor, variance: Tensor) -> List[int]:

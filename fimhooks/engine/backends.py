@@ -8,8 +8,9 @@ Each backend answers two questions, keyed by parameter name:
 ``"chain"``: chains of supported layers, through BackPACK's module derivatives
 (``engine.chain``); ``"general"``: any graph autograd differentiates (``engine.general``),
 with the graph analysis it needs (which calls can be taken per input, and where Î₂ would
-need curvature it does not follow). ``BatchBackend`` serves granularity ``"batch"`` alone. A new backend is one more class with these two methods,
-added to ``backends()``.
+need curvature it does not follow). A new backend is one more class with these two methods,
+added to ``backends()``. ``BatchBackend``, with the same two methods, serves granularity
+``"batch"`` alone (the collector asks it directly).
 """
 
 from __future__ import annotations
@@ -220,14 +221,13 @@ class BatchBackend:
         held = draw.directions[:]  # [M, N, T, C] sampled residuals
         scale = draw.position_weights.sqrt()[None, :, :, None].to(held.dtype)
         vectors = self._to_output(h)(held * scale).to(h.dtype)
-        grads = batched_grad(h, list(params.values()), vectors)
-        return {
-            name: BatchSums(
-                batch_terms(g.detach().to(torch.promote_types(g.dtype, torch.float32)), plan.terms)
-            )
-            for name, g in zip(params, grads)
-            if g is not None
-        }
+        grads = batched_grad(h, list(params.values()), vectors)  # [M, *P] each
+        sums = {}
+        for name, g in zip(params, grads):
+            if g is not None:  # a parameter the output does not reach has no sums
+                g = g.detach().to(torch.promote_types(g.dtype, torch.float32))
+                sums[name] = BatchSums(batch_terms(g, plan.terms))
+        return sums
 
 
 def backends(model, structure, to_output, batch_axis) -> Dict[str, object]:

@@ -50,6 +50,11 @@ def summary_table(estimates: "FisherEstimates", target: float) -> str:
             "\nLabel noise of every layer: estimated from the spread among the label draws "
             "(no exact pass), not the closed form."
         )
+    if estimates.granularity == "batch":
+        legend += (
+            "\nGranularity 'batch': the rse holds the label noise alone; its steps have no "
+            "per-input summands, so the data noise (and N@, label share) is unknown."
+        )
     return title + "\n" + format_table(header, rows) + "\n" + legend
 
 
