@@ -220,8 +220,14 @@ def batched_grad(output: Tensor, inputs: list, vectors: Tensor) -> list:
     """``∂(vᵀ output)/∂inputs`` for each of ``vectors [D, *output.shape]``: ``[D, *input]``.
 
     One batched backward; where an operation has no batching rule (checkpointing's saved
-    tensor hooks, ...), one backward per vector. ``None`` for an input not reached.
+    tensor hooks, ...), one backward per vector. ``None`` for an input not reached. A
+    single vector takes a plain backward (no ``vmap``).
     """
+    if len(vectors) == 1:
+        grads = torch.autograd.grad(
+            [output], inputs, [vectors[0]], retain_graph=True, allow_unused=True
+        )
+        return [None if g is None else g.unsqueeze(0) for g in grads]
     try:
         return torch.autograd.grad(
             [output], inputs, [vectors], retain_graph=True, allow_unused=True,
