@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Union
+import warnings
+from typing import Callable, Dict, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,9 @@ def estimate(
     *,
     loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     progress: bool = True,
+    target_rse: Optional[float] = None,
+    max_inputs: Optional[int] = None,
+    layers: Optional[Sequence[str]] = None,
     **options,
 ) -> FisherEstimates:
     """Diagonal Fisher estimates over ``data`` in one shot.
@@ -40,6 +44,11 @@ def estimate(
             loss module given as ``likelihood``, or cross-entropy with the class axis last
             for ``"categorical"``, binary cross-entropy with logits for ``"bernoulli"``).
         progress: Show a tqdm progress bar.
+        target_rse: Stop once every layer's relative standard error (``relative_errors``,
+            label and data noise) is at most this, for every collected estimator; a
+            warning names the layers that have not reached it when the data runs out.
+        max_inputs: Stop once this many inputs are collected.
+        layers: The layers (module paths) ``target_rse`` looks at (default: all).
         **options: ``FisherMonitor`` options (``mc_samples``, ``estimators``, ...).
 
     Returns:
@@ -55,6 +64,7 @@ def estimate(
             "(all are frozen), so there is nothing to estimate; set requires_grad=True on "
             "the parameters whose Fisher you want."
         )
+    _check_stopping(target_rse, max_inputs, layers)
     batches = [data] if isinstance(data, (Tensor, tuple, dict)) else data
     monitor = FisherMonitor(model, likelihood, **options)
     try:
@@ -76,9 +86,59 @@ def estimate(
                     # not backward(inputs=[output]): nested backward passes from a
                     # tensor whose .grad that backward fills fail in torch
                     torch.autograd.grad(scalar, output)
-        return monitor.estimates()
+                if target_rse is not None and _reached(monitor, target_rse, layers):
+                    return monitor.estimates()
+                if max_inputs is not None and monitor.live_estimates().num_inputs >= max_inputs:
+                    break
+        est = monitor.estimates()
+        if target_rse is not None:
+            _warn_unreached(est, target_rse, layers)
+        return est
     finally:
         monitor.remove()
+
+
+def _check_stopping(target_rse, max_inputs, layers) -> None:
+    if target_rse is not None and not (isinstance(target_rse, (int, float)) and target_rse > 0):
+        raise ValueError(f"target_rse must be a positive number, got {target_rse!r}.")
+    if max_inputs is not None and not (isinstance(max_inputs, int) and max_inputs >= 1):
+        raise ValueError(f"max_inputs must be a positive integer, got {max_inputs!r}.")
+    if layers is not None and target_rse is None:
+        raise ValueError("layers= names the layers that target_rse looks at: pass target_rse.")
+
+
+def _worst_errors(est: FisherEstimates, layers) -> Dict[str, float]:
+    """Each looked-at layer's largest rse over the estimators (NaN: not known yet)."""
+    errors = est.relative_errors()
+    if layers is not None:
+        unknown = sorted(set(layers) - set(errors))
+        if unknown:
+            raise ValueError(
+                f"layers {unknown} have no collected parameters; the layers are {sorted(errors)}."
+            )
+        errors = {layer: errors[layer] for layer in layers}
+    return {layer: max(rse.values()) for layer, rse in errors.items()}
+
+
+def _reached(monitor: FisherMonitor, target: float, layers) -> bool:
+    if not monitor.collected_steps:
+        return False
+    return all(rse <= target for rse in _worst_errors(monitor.live_estimates(), layers).values())
+
+
+def _warn_unreached(est: FisherEstimates, target: float, layers) -> None:
+    if not est.num_inputs:
+        return
+    missed = {k: v for k, v in _worst_errors(est, layers).items() if not v <= target}
+    if missed:
+        worst = max(missed, key=lambda k: missed[k] if missed[k] == missed[k] else float("inf"))
+        warnings.warn(
+            f"fimhooks.estimate: target_rse={target} not reached after {est.num_inputs} "
+            f"inputs on {len(missed)} layer(s), the worst '{worst}' at {missed[worst]:.3g}: "
+            "pass more data (or more label draws, mc_samples, where label noise dominates).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _negative_log_likelihood(likelihood: Union[str, nn.Module]) -> Callable:

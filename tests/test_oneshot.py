@@ -86,3 +86,49 @@ def test_estimate_enables_gradients_under_no_grad():
     with torch.no_grad():
         est = fimhooks.estimate(model, "categorical", x, progress=False)
     assert est.num_inputs == len(x)
+
+
+def _stream(x, count):
+    """``count`` batches of 8 rows each (drawn from ``x``), counting those taken."""
+    taken = []
+
+    def batches():
+        for k in range(count):
+            taken.append(k)
+            yield x[torch.randint(0, len(x), (8,), generator=torch.Generator().manual_seed(k))]
+
+    return batches(), taken
+
+
+def test_estimate_stops_at_the_target_rse():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(64, 4, dtype=torch.float64)
+    batches, taken = _stream(x, 200)
+    est = fimhooks.estimate(model, "categorical", batches, target_rse=0.2, seed=1, progress=False)
+    assert 1 < len(taken) < 200
+    assert all(max(r.values()) <= 0.2 for r in est.relative_errors().values())
+    # one batch fewer had not reached it: the same draws, stopped by max_inputs
+    again, _ = _stream(x, 200)
+    fewer = fimhooks.estimate(
+        model, "categorical", again, max_inputs=8 * (len(taken) - 1), seed=1, progress=False
+    )
+    assert fewer.num_inputs == 8 * (len(taken) - 1)
+    assert max(max(r.values()) for r in fewer.relative_errors().values()) > 0.2
+
+
+def test_estimate_says_which_layers_missed_the_target():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"target_rse=0.001 not reached after 16 inputs"):
+        fimhooks.estimate(model, "categorical", [x[:8], x[8:]], target_rse=1e-3, progress=False)
+    batches, taken = _stream(x, 50)
+    est = fimhooks.estimate(
+        model, "categorical", batches, target_rse=0.3, layers=["2"], seed=1, progress=False
+    )
+    assert max(est.relative_errors()["2"].values()) <= 0.3
+    with pytest.raises(ValueError, match=r"layers \['9'\] have no collected parameters"):
+        fimhooks.estimate(model, "categorical", x, target_rse=0.3, layers=["9"], progress=False)
+    with pytest.raises(ValueError, match="target_rse must be a positive number"):
+        fimhooks.estimate(model, "categorical", x, target_rse=0, progress=False)
