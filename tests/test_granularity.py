@@ -45,12 +45,16 @@ class TinyLM(nn.Module):
         return self.head(torch.tanh(self.mix(e + 0.5 * previous)))
 
 
-def score_table(model, x, likelihood):
+def score_table(model, x, likelihood, output=lambda out: out):
     """``(scores [N, T, Y, P], probs [N, T, Y])``: every observation's score per label value."""
     params = {n: p.detach() for n, p in model.named_parameters()}
-    h = functional_call(model, params, (x,))
+
+    def logits(q):
+        return output(functional_call(model, q, (x,)))
+
+    h = logits(params)
     h = h.reshape(h.shape[0], -1, h.shape[-1])  # [N, T, C]
-    jac = jacrev(lambda q: functional_call(model, q, (x,)))(params)
+    jac = jacrev(logits)(params)
     J = torch.cat([j.reshape(*h.shape, -1) for j in jac.values()], dim=-1)  # [N, T, C, P]
     probs, scores = [], []
     for n, t in itertools.product(range(h.shape[0]), range(h.shape[1])):
@@ -461,3 +465,45 @@ def test_intervals_from_the_draws_spread_cover_the_fisher(granularity):
     covered = ((estimate - fisher).abs() <= 1.96 * variance.sqrt()).double().mean(0)
     keep = g.sum((0, 1)) > 0
     assert ((covered[keep] - 0.95).abs() < 4 * (0.95 * 0.05 / runs) ** 0.5).all(), covered
+
+
+@pytest.mark.parametrize("granularity", ["input", "batch"])
+def test_a_hugging_face_gpt2_at_the_coarser_granularities(granularity):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=5, n_positions=3, n_embd=4, n_layer=1, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double()  # lm_head tied to wte
+    tokens = torch.tensor([[0, 3, 1], [4, 4, 2]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    logits = lambda out: out.logits  # noqa: E731
+    scores, probs = score_table(model, tokens, "categorical", logits)
+    weights = weights_of(mask)
+    g, v = moments(scores, probs)
+    fisher = (weights.unsqueeze(-1) * g).sum(1).mean(0)
+    mc_samples, steps = 2, 150
+    closed = label_variance(g, v, weights, granularity)
+    closed = (closed if granularity == "batch" else closed.sum(0)) / (len(tokens) ** 2 * mc_samples)
+    if granularity == "input":  # the closed form from the exact pass, in one step
+        monitor = fimhooks.FisherMonitor(
+            model, "categorical", output=logits, estimators=("I1", "exact"),
+            granularity="input", mc_samples=mc_samples,
+        )  # fmt: skip
+        with monitor(mask=mask):
+            model(tokens).logits.sum().backward()
+        torch.testing.assert_close(flat(monitor.estimates().variance("I1")), closed)
+        monitor.remove()
+    monitor = fimhooks.FisherMonitor(
+        model, "categorical", output=logits, estimators=("I1",), granularity=granularity,
+        mc_samples=mc_samples, seed=5,
+    )  # fmt: skip
+    for _ in range(steps):
+        with monitor(mask=mask):
+            model(tokens).logits.sum().backward()
+    model.zero_grad()
+    standard_error = (closed / steps).sqrt()
+    z = (flat(monitor.estimates().fisher("I1")) - fisher) / standard_error.clamp_min(1e-300)
+    noisy = closed > 1e-12 * closed.max()  # zero-Fisher entries (key biases): rounding only
+    assert z[noisy].abs().max() < Z
