@@ -59,8 +59,10 @@ ROWS = [
     "torch.func I1",
 ]
 MODELS = ["mlp_relu", "mlp_tanh", "cnn", "mse_mlp", "resnet_gn", "resnet_bn", "transformer_lm"]
+#: Run only when named (``--models gpt2_50k``): needs ``transformers``; T 256, V 50257.
+EXTRA_MODELS = ["gpt2_50k"]
 #: Models that are not chains of layers: BackPACK needs its graph converter for them.
-BRANCHING = ("resnet_gn", "resnet_bn", "transformer_lm")
+BRANCHING = ("resnet_gn", "resnet_bn", "transformer_lm", "gpt2_50k")
 
 
 class ResidualBlock(nn.Module):
@@ -137,9 +139,29 @@ class SequenceCrossEntropy(nn.CrossEntropyLoss):
         return super().forward(logits.flatten(0, 1), target.flatten())
 
 
+class Logits(nn.Module):
+    """A Hugging Face language model returning its logits ``[N, T, V]``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):  # noqa: D102
+        return self.model(tokens).logits
+
+
 def make_problem(name: str, batch: int, device: str):
     """Model, loss, inputs and labels of a benchmark problem."""
     torch.manual_seed(0)
+    if name == "gpt2_50k":  # Hugging Face GPT-2 from a config: 4 layers, d 256, V 50257
+        import transformers
+
+        config = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=256)
+        model, x = (
+            Logits(transformers.GPT2LMHeadModel(config)),
+            torch.randint(0, 50257, (batch, 256)),
+        )
+        return model.to(device), SequenceCrossEntropy(), x.to(device), x.to(device)
     if name == "transformer_lm":
         model, x = LanguageModel(), torch.randint(0, 512, (batch, 64))
         return model.to(device), SequenceCrossEntropy(), x.to(device), x.to(device)

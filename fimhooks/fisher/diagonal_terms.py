@@ -78,7 +78,7 @@ def direction_sums(
 
     def over_basis(values):  # Σ over the likelihood's (or sampled) directions only
         if data_weights is None:
-            return values.sum(0)
+            return values[0] if len(values) == 1 else values.sum(0)
         return _weighted_sum(1 - data_weights, values)
 
     out = {"ef": _weighted_sum(data_weights, U2)} if "EF" in wanted else {}
@@ -125,7 +125,7 @@ def finish_terms(
     if "g" not in sums:  # the directions are the sampled residuals (and the data's)
         draws = directions - ("ef" in sums)
         if "U2" in sums:
-            out["I1"] = sums["U2"] / draws
+            out["I1"] = sums["U2"] if draws == 1 else sums["U2"] / draws
         if "U4" in sums:  # the unbiased sample variance of U² among the draws
             out["v1"] = (sums["U4"] - sums["U2"] * sums["U2"] / draws) / (draws - 1)
         return out
@@ -191,10 +191,14 @@ def add_positions(total: Dict[str, Tensor], terms: Dict[str, Tensor], weights: T
         weights: ``[n, t]``.
     """
     out = {}
+    whole = weights.shape[1] == 1 and bool((weights == 1).all())  # one position of weight 1
     for name, value in terms.items():
         twin = next((k for k in out if terms[k] is value), None)
         if twin is not None:
             out[name] = out[twin]
+            continue
+        if whole:
+            out[name] = total[name] + value[0] if name in total else value[0]
             continue
         w = weights * weights if TERMS[name].label_variance else weights
         scaled = torch.einsum("nt,tn...->n...", w.to(value.dtype), value)
