@@ -19,7 +19,6 @@ from torch.func import functional_call, jacrev
 import fimhooks
 from fimhooks.fisher.granularity import (
     GRANULARITIES,
-    check_granularity,
     draw_variance,
     label_variance,
     summands,
@@ -201,12 +200,6 @@ def test_the_spread_among_draws_is_an_unbiased_estimate_of_the_closed_form(granu
 def test_one_draw_has_no_spread():
     with pytest.raises(ValueError, match="mc_samples >= 2"):
         draw_variance(torch.ones(1, 3))
-
-
-def test_an_unknown_granularity_is_named():
-    assert check_granularity("input") == "input"
-    with pytest.raises(ValueError, match="granularity must be one of"):
-        check_granularity("sequence")
 
 
 # --- the monitor at granularity "input" ----------------------------------------------------

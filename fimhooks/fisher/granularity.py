@@ -29,15 +29,6 @@ from torch import Tensor
 
 #: The granularities, finest first.
 GRANULARITIES: Tuple[str, ...] = ("token", "input", "batch")
-#: Those with per-input summands (a sample variance across inputs, a data variance).
-PER_INPUT_GRANULARITIES: Tuple[str, ...] = GRANULARITIES[:2]
-
-
-def check_granularity(granularity: str) -> str:
-    """``granularity`` if it is one of ``GRANULARITIES``, else a clear error."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
-    return granularity
 
 
 def _spread(weights: Tensor, like: Tensor) -> Tensor:
