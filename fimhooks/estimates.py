@@ -136,14 +136,22 @@ class FisherEstimates:
         self._check(estimator)
         return {n: a.fisher(estimator) for n, a in self._acc.items()}
 
-    def variance(self, estimator: str) -> Diagonal:
+    def variance(self, estimator: str, granularity: Optional[str] = None) -> Diagonal:
         """Label-noise variance of the running estimate (docs/math.md §3, §5, §7d).
 
         The closed form with the exact pass, else its unbiased estimate from the spread
         among ``mc_samples ≥ 2`` draws (``label_noise`` says which). Zero for ``"exact"``
         and ``"EF"``, which have no label noise.
+
+        Args:
+            estimator: The estimator.
+            granularity: ``"token"`` or ``"input"``: Î₁'s variance had it squared the
+                score at that granularity, on the same inputs (closed form only; default:
+                the monitor's own).
         """
         self._check(estimator)
+        if granularity not in (None, self.granularity):
+            return self._variance_at(estimator, granularity)
         if self.label_noise is None:
             raise ValueError(
                 "the label-noise variance needs the exact pass ('exact' or 'I2' in "
@@ -151,6 +159,25 @@ class FisherEstimates:
                 f"with estimators={self.estimators} use empirical_variance({estimator!r})."
             )
         return {n: a.label_variance(estimator) for n, a in self._acc.items()}
+
+    def _variance_at(self, estimator: str, granularity: str) -> Diagonal:
+        """Î₁'s closed-form variance at the other per-input granularity: ``v1 ± 2 x1``."""
+        per_input = ("token", "input")
+        if estimator != "I1" or self.label_noise != CLOSED_FORM or granularity not in per_input:
+            raise ValueError(
+                "variance(e, granularity=...) compares Î₁ at granularities 'token' and "
+                "'input' from the exact pass's closed form (estimators with 'exact' or 'I2', "
+                f"granularity 'token' or 'input'); got {estimator!r} at {granularity!r} "
+                f"from a monitor at {self.granularity!r} (label noise: {self.label_noise})."
+            )
+        sign = 2.0 if granularity == "input" else -2.0
+
+        def at(acc):
+            cross = acc.label_variance_term("x1")
+            v1 = acc.label_variance("I1")
+            return v1 if cross is None else v1 + sign * cross
+
+        return {n: at(a) for n, a in self._acc.items()}
 
     def bounds(self, estimator: str) -> Tuple[Diagonal, Diagonal]:
         """Lower and upper bounds of docs/math.md §7 (Soen & Sun 2024, Thm 4.1).
@@ -281,7 +308,9 @@ class FisherEstimates:
         relative standard errors over ``RSE_BINS``; with bounds, ``bound_tightness`` and
         ``bound_lower``: the layer's sum of the upper (lower) bounds over the sum of what
         they bound (``bounds``; ``inf``/``nan`` where that is zero); for the empirical
-        Fisher with the exact pass, ``bias`` and ``trace_bias`` (``_bias``). Per layer also
+        Fisher with the exact pass, ``bias`` and ``trace_bias`` (``_bias``); for Î₁ on
+        outputs with positions and the exact pass, ``rse_by_granularity``: ``{"token",
+        "input": rse}`` on the same inputs (docs/math.md §7d). Per layer also
         ``params``, ``zero_v2`` (entries of Î₂ without label noise) and ``recommended``: the
         unbiased estimator reaching ``target`` with the fewest backpropagated vectors.
         """
@@ -341,6 +370,8 @@ class FisherEstimates:
                 else None,
                 "rse_histogram": _rse_histogram(fisher, total),
             }
+            if e == "I1" and any(a.label_variance_term("x1") is not None for a in accs):
+                stats[e]["rse_by_granularity"] = self._rse_by_granularity(names, sq_norm)
             if self.has_bounds and ESTIMATOR_SPECS[e].bounded:
                 stats[e].update(_bound_ratios(e, accs))
             if ESTIMATOR_SPECS[e].needs_data_labels and self.exact_pass:
@@ -352,6 +383,16 @@ class FisherEstimates:
         # at equal cost, the estimator without label noise
         stats["recommended"] = min(unbiased, key=lambda e: (costs[e], label_sampled(e)))
         return stats
+
+    def _rse_by_granularity(self, names: List[str], sq_norm: float) -> Dict[str, float]:
+        """A layer's Î₁ rse had it been squared per observation or per input (same data)."""
+        data = sum(self._acc[n].sample_variance("exact").sum().item() for n in names)
+        out = {}
+        for granularity in ("token", "input"):
+            label = self.variance("I1", granularity=granularity)
+            total = data + sum(label[n].sum().item() for n in names)
+            out[granularity] = math.sqrt(total / sq_norm) if sq_norm > 0 else math.inf
+        return out
 
     def standard_errors(self, estimator: str) -> Diagonal:
         """Standard error of each entry of the running estimate, ``sqrt(label + data)``.

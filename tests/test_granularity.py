@@ -500,3 +500,28 @@ def test_a_hugging_face_gpt2_at_the_coarser_granularities(granularity):
     z = (flat(monitor.estimates().fisher("I1")) - fisher) / standard_error.clamp_min(1e-300)
     noisy = closed > 1e-12 * closed.max()  # zero-Fisher entries (key biases): rounding only
     assert z[noisy].abs().max() < Z
+
+
+@pytest.mark.parametrize("collected", ["token", "input"])
+def test_either_granularitys_variance_from_one_monitor(collected):
+    # the exact pass keeps the cross terms, so one monitor gives both closed forms
+    model, x, mask = lm_batch()
+    scores, probs = score_table(model, x, "categorical")
+    g, v = moments(scores, probs)
+    monitor = fimhooks.FisherMonitor(
+        model, "categorical", estimators=("I1", "exact"), granularity=collected, mc_samples=2
+    )
+    est = collect(monitor, model, x, mask, steps=1)
+    for granularity in ("token", "input"):
+        closed = label_variance(g, v, weights_of(mask), granularity).sum(0) / (len(x) ** 2 * 2)
+        torch.testing.assert_close(flat(est.variance("I1", granularity=granularity)), closed)
+    with pytest.raises(ValueError, match="compares Î₁ at granularities"):
+        est.variance("I1", granularity="batch")
+    stats = est.layer_statistics()["mix"]["I1"]["rse_by_granularity"]
+    names = ("mix.weight", "mix.bias")
+    data = sum(est.data_variance()[n].sum() for n in names)
+    norm = sum((est.fisher("I1")[n] ** 2).sum() for n in names)
+    for granularity, rse in stats.items():
+        label = sum(est.variance("I1", granularity=granularity)[n].sum() for n in names)
+        assert rse == pytest.approx(((data + label) / norm).sqrt().item(), rel=1e-12)
+    assert stats["token"] < stats["input"]  # the cross terms: more noise at "input"

@@ -121,6 +121,8 @@ def _input_chunk_sums(
     K = draw.directions.shape[0]
     # rank-one layers (weight and bias of a Linear): terms of the layer's output, per call
     rank_one = {name: id(u[0][0]) for name, u in uses.items() if _is_rank_one(u, draw)}
+    # an input's cross terms between positions: where it has several and exact is reduced
+    cross_terms = "x1" in terms and draw.directions.shape[2] > 1 and draw.weights is not None
     per_input: Dict[object, dict] = {}  # by parameter name, or by call for rank-one layers
     partial: Dict[object, dict] = {}
     scores: Dict[object, Tensor] = {}  # square_inputs: Σ_t s_t a_t, [M, n, *P]
@@ -150,11 +152,12 @@ def _input_chunk_sums(
             if square_inputs and "scores" in value:
                 at = value["scores"].unflatten(1, (len(positions), -1))
                 scores[key] = scores.get(key, 0) + weighted_scores(at, weights)
+            if cross_terms:
                 g = position_terms["exact"]
                 squared[key] = squared.get(key, 0) + squared_weighted_fisher(g, weights)
         partial = {}
-    for key in scores:
-        per_input[key] = input_terms(per_input[key], scores[key], squared[key])
+    for key in squared:
+        per_input[key] = input_terms(per_input[key], scores.get(key), squared[key])
     sums = {}
     for name, param_uses in uses.items():
         terms_of = per_input.get(rank_one.get(name, name))

@@ -102,24 +102,28 @@ def squared_weighted_fisher(g: Tensor, weights: Tensor) -> Tensor:
     return torch.einsum("tn,tn...->n...", w2, g * g)
 
 
-def input_terms(terms: Dict[str, Tensor], scores: Tensor, squared: Tensor) -> Dict[str, Tensor]:
-    """An input's terms at granularity ``"input"`` from those at ``"token"``.
+def input_terms(terms: Dict[str, Tensor], scores, squared: Tensor) -> Dict[str, Tensor]:
+    """An input's terms at granularity ``"input"`` from those at ``"token"`` (and ``x1``).
 
     Args:
         terms: ``{term: [n, *P]}`` added over positions (``diagonal_terms.add_positions``):
             ``exact = Σ w g``, ``v1 = Σ w² v``, ...
-        scores: ``[M, n, *P]`` ``Σ_t s_t a_t`` of each draw (``weighted_scores``).
+        scores: ``[M, n, *P]`` ``Σ_t s_t a_t`` of each draw (``weighted_scores``), or
+            ``None`` to keep the ``"token"`` terms.
         squared: ``[n, *P]`` ``Σ_t w_t² g_t²`` (``squared_weighted_fisher``).
 
     Returns:
-        The terms with ``I1`` the mean over draws of ``(Σ_t s_t a_t)²`` and ``v1`` with the
-        cross terms' ``2[(Σ w g)² − Σ w² g²]`` added.
+        The terms with ``x1``, the cross terms ``(Σ w g)² − Σ w² g²``, and (given
+        ``scores``) ``I1`` the mean over draws of ``(Σ_t s_t a_t)²`` and ``v1`` with
+        ``2 x1`` added.
     """
     out = dict(terms)
-    if "I1" in terms:
+    if scores is not None and "I1" in terms:
         out["I1"] = (scores * scores).mean(0)
-    if "v1" in terms:
-        out["v1"] = terms["v1"] + 2 * (terms["exact"] * terms["exact"] - squared)
+    cross = terms["exact"] * terms["exact"] - squared
+    if scores is not None and "v1" in terms:
+        out["v1"] = terms["v1"] + 2 * cross
+    out["x1"] = cross
     return out
 
 

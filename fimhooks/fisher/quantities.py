@@ -76,6 +76,8 @@ _BASE_TERMS = (
     Term("EF", input_power=2, summand=True, label_variance=False),
     Term("v1", input_power=4, summand=False, label_variance=True),
     Term("v2", input_power=4, summand=False, label_variance=True),
+    # the cross terms an input's square adds to v1: (Σ_t w g)² − Σ_t w² g² (docs/math.md §7d)
+    Term("x1", input_power=4, summand=False, label_variance=True),
 )
 #: The two sides of a bound term's name: ``"v1_lower"`` bounds ``v1`` from below.
 BOUND_SIDES = ("lower", "upper")
@@ -159,14 +161,14 @@ def terms_for(
     2``, the label-noise variances of those that draw labels, estimated from the spread
     among the draws (docs/math.md §7d). With the exact pass, ``exact``
     (the data variance's summand) and, for each estimator, its summand and its variance
-    term; with ``bounds``, also the two bound terms of each estimator's bounded term
+    term (for Î₁ also ``x1``, its cross terms between an input's positions); with ``bounds``, also the two bound terms of each estimator's bounded term
     (docs/math.md §7).
     """
     specs = [ESTIMATOR_SPECS[e] for e in estimators]
     if not any(s.needs_exact_pass for s in specs):
         spread = {s.variance for s in specs if s.variance} if mc_samples >= 2 else set()
         return frozenset(s.name for s in specs) | spread
-    terms = {"exact"}
+    terms = {"exact"} | ({"x1"} if "I1" in estimators else set())
     for spec in specs:
         terms |= {spec.name} | ({spec.variance} if spec.variance else set())
         if bounds and spec.bounded:
