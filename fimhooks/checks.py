@@ -56,8 +56,27 @@ def check_empirical(
             )
 
 
-def check_batch_granularity(estimators: tuple, granularity: str, backend: str) -> None:
-    """Granularity ``"batch"`` squares the batch's sampled score: Î₁ alone, any backend."""
+def check_granularity(estimators: tuple, granularity: str, backend: str, extras: dict) -> None:
+    """What a coarser granularity serves.
+
+    The bounds and block errors are those of the per-observation square; ``"batch"``
+    squares the batch's sampled score: Î₁ alone, on any backend.
+
+    Args:
+        estimators: The estimators asked for.
+        granularity: The monitor's granularity.
+        backend: The monitor's backend option.
+        extras: ``{"bounds": bool, "block_errors": bool}`` as asked.
+    """
+    if granularity == "token":
+        return
+    asked = [name for name, on in extras.items() if on]
+    if asked:
+        raise ValueError(
+            f"{' and '.join(asked)} hold for granularity 'token' (the square of each "
+            f"observation's score); got granularity={granularity!r}: collect them with a "
+            "monitor at 'token'."
+        )
     if granularity != "batch":
         return
     others = [e for e in estimators if not label_sampled(e) or any_needs([e], "needs_curvature")]

@@ -178,7 +178,8 @@ class FisherMonitor:
         checks.check_not_watched(model, _ATTACHED)
         loss_reduction = getattr(likelihood, "reduction", None)
         checks.check_empirical(estimators, self.likelihood, loss_reduction, granularity)
-        checks.check_batch_granularity(estimators, granularity, backend)
+        extras = {"bounds": bounds, "block_errors": block_errors}
+        checks.check_granularity(estimators, granularity, backend, extras)
         self._sampler, self._warn = Sampler(self.seed), OnceWarnings()
         self._recorder = Recorder(model, output, batchnorm, self._on_output_grad)
         self._collector = Collector(

@@ -283,6 +283,8 @@ def test_input_granularity_is_token_where_each_input_is_one_observation():
 
 def test_granularity_errors_are_clear():
     model, _, _ = lm_batch()
+    with pytest.raises(ValueError, match="bounds hold for granularity 'token'"):
+        fimhooks.FisherMonitor(model, "categorical", granularity="input", bounds=True)
     with pytest.raises(ValueError, match="granularity must be one of"):
         fimhooks.FisherMonitor(model, "categorical", granularity="sequence")
     with pytest.raises(ValueError, match="'EF' squares the gradient of each observation"):
