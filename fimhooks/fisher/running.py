@@ -276,10 +276,9 @@ class CumulativeDiagonal(RunningDiagonal):
         if self.mc_samples != other.mc_samples:
             raise ValueError("cannot merge statistics with different mc_samples.")
         self._fold()
-        other._fold()
         sums = self.stats["sum"]
-        for key, value in other.stats["sum"].items():
-            sums[key] = sums[key] + value if key in sums else value.clone()
+        for key, value in other.state_dict()["stats"].items():  # its staged steps folded in
+            sums[key] = sums[key] + value if key in sums else value
         self.aliases.update(other.aliases)
         self.num_inputs += other.num_inputs
         self.num_steps += other.num_steps
