@@ -37,16 +37,8 @@ def check_options(mc_samples, every, ema_decay, output, batch_axis, choices: dic
         raise ValueError(f"batch_axis must be a non-negative integer, got {batch_axis!r}.")
 
 
-def check_empirical(
-    estimators: tuple, likelihood, loss_reduction: Optional[str], granularity: str = "token"
-) -> None:
-    """``"EF"`` is per observation, and with the Gaussian likelihood needs the loss's reduction."""
-    if any_needs(estimators, "needs_data_labels") and granularity != "token":
-        raise ValueError(
-            f"'EF' squares the gradient of each observation; granularity={granularity!r} "
-            "applies to the sampled-label estimators only: collect 'EF' with "
-            "granularity='token' (a monitor of its own)."
-        )
+def check_empirical(estimators: tuple, likelihood, loss_reduction: Optional[str]) -> None:
+    """``"EF"`` with the Gaussian likelihood needs the loss's reduction."""
     if any_needs(estimators, "needs_data_labels") and likelihood.name == "gaussian":
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(
@@ -59,8 +51,8 @@ def check_empirical(
 def check_granularity(estimators: tuple, granularity: str, backend: str, extras: dict) -> None:
     """What a coarser granularity serves.
 
-    The bounds and block errors are those of the per-observation square; ``"batch"``
-    squares the batch's sampled score: Î₁ alone, on any backend.
+    The bounds, block errors and ``"EF"`` are those of the per-observation square;
+    ``"batch"`` squares the batch's sampled score: Î₁ alone, on any backend.
 
     Args:
         estimators: The estimators asked for.
@@ -70,6 +62,12 @@ def check_granularity(estimators: tuple, granularity: str, backend: str, extras:
     """
     if granularity == "token":
         return
+    if any_needs(estimators, "needs_data_labels"):
+        raise ValueError(
+            f"'EF' squares the gradient of each observation; granularity={granularity!r} "
+            "applies to the sampled-label estimators only: collect 'EF' with "
+            "granularity='token' (a monitor of its own)."
+        )
     asked = [name for name, on in extras.items() if on]
     if asked:
         raise ValueError(

@@ -163,12 +163,8 @@ class FisherMonitor:
         }
         checks.check_options(mc_samples, every, ema_decay, output, batch_axis, choices)
         check_max_memory(max_memory)
-        self.model, self.mc_samples, self.every, self.ema_decay = (
-            model,
-            mc_samples,
-            every,
-            ema_decay,
-        )
+        self.model, self.mc_samples = model, mc_samples
+        self.every, self.ema_decay = every, ema_decay
         self.batchnorm, self.max_memory, self.batch_axis = batchnorm, max_memory, batch_axis
         self.verify, self.backend, self.granularity = verify, backend, granularity
         self.bounds, self.block_errors = bool(bounds), bool(block_errors)
@@ -177,7 +173,7 @@ class FisherMonitor:
         bn.check_model(self.model, self.batchnorm)
         checks.check_not_watched(model, _ATTACHED)
         loss_reduction = getattr(likelihood, "reduction", None)
-        checks.check_empirical(estimators, self.likelihood, loss_reduction, granularity)
+        checks.check_empirical(estimators, self.likelihood, loss_reduction)
         extras = {"bounds": bounds, "block_errors": block_errors}
         checks.check_granularity(estimators, granularity, backend, extras)
         self._sampler, self._warn = Sampler(self.seed), OnceWarnings()

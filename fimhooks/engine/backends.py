@@ -30,7 +30,7 @@ from fimhooks.engine.general import batched_grad, general_batch_sums
 from fimhooks.engine.graph import broadcast_sums, curved_layer
 from fimhooks.engine.layers import affine_in, generic_grads, per_input_rule, random_inside, spec_for
 from fimhooks.engine.memory import Budget
-from fimhooks.engine.observations import LabelDraw
+from fimhooks.engine.observations import LabelDraw, scaled_residuals
 from fimhooks.engine.recording import ForwardRecord, chain_of
 from fimhooks.engine.structure import ModelStructure
 from fimhooks.fisher.diagonal_terms import BatchSums
@@ -218,9 +218,7 @@ class BatchBackend:
         """``{parameter name: BatchSums}`` of the parameters the output reaches."""
         h = record.output
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        held = draw.directions[:]  # [M, N, T, C] sampled residuals
-        scale = draw.position_weights.sqrt()[None, :, :, None].to(held.dtype)
-        vectors = self._to_output(h)(held * scale).to(h.dtype)
+        vectors = self._to_output(h)(scaled_residuals(draw)).to(h.dtype)
         grads = batched_grad(h, list(params.values()), vectors)  # [M, *P] each
         sums = {}
         for name, g in zip(params, grads):

@@ -126,7 +126,7 @@ def _input_chunk_sums(
     per_input: Dict[object, dict] = {}  # by parameter name, or by call for rank-one layers
     partial: Dict[object, dict] = {}
     scores: Dict[object, Tensor] = {}  # square_inputs: Σ_t s_t a_t, [M, n, *P]
-    squared: Dict[object, Tensor] = {}  # square_inputs: Σ_t w_t² g_t², [n, *P]
+    squared: Dict[object, Tensor] = {}  # cross_terms: Σ_t w_t² g_t², [n, *P]
     for positions, directions in chunks:
         captured = _backward(output, to_output, draw, positions, directions, samples, calls)
         done = set()  # a rank-one layer's output terms serve its weight and its bias

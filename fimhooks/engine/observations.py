@@ -296,6 +296,19 @@ def with_data_residuals(draw: LabelDraw, residuals: Tensor, sampled: bool) -> La
     )
 
 
+def scaled_residuals(draw: LabelDraw) -> Tensor:
+    """``[M, N, T, C]`` sampled residuals, each position's times ``√(1/T_n)`` (0 if masked).
+
+    Their backpropagated image is an input's (or, summed, the batch's) score weighted so
+    that its square has the per-observation Fisher as its mean (docs/math.md §7d).
+
+    Args:
+        draw: A draw without the exact pass (its directions are the sampled residuals).
+    """
+    held = draw.directions[:]
+    return held * draw.position_weights.sqrt()[None, :, :, None].to(held.dtype)
+
+
 def summed_over_positions(draw: LabelDraw) -> LabelDraw:
     """A sampled-residuals draw as one observation per input (granularity ``"input"``).
 
@@ -310,8 +323,7 @@ def summed_over_positions(draw: LabelDraw) -> LabelDraw:
     """
     given = draw.directions
     M, N, T, C = given.shape
-    scale = draw.position_weights.sqrt()[None, :, :, None]
-    held = (given[:] * scale.to(given.dtype)).reshape(M, N, 1, T * C)
+    held = scaled_residuals(draw).reshape(M, N, 1, T * C)
     observed = draw.position_weights.sum(1, keepdim=True) > 0
     positions = given.positions.reshape(N, 1, T * C)
     return dataclasses.replace(
