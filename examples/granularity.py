@@ -7,8 +7,8 @@ different estimators, and a 64-32-10 tanh MLP on scikit-learn's digits, where "t
 evaluation batch, each granularity gets
 
 * the closed-form label-noise variance of one collected step (token, input: the exact
-  pass's ``variance("I1")``; batch: derived from the input granularity's exact pass,
-  docs/granularity.md), and the draws' estimate of it (``estimators=("I1",)``,
+  pass's ``variance("I1")``; batch: the input monitor's ``variance("I1",
+  granularity="batch")``, docs/granularity.md), and the draws' estimate of it (``estimators=("I1",)``,
   ``mc_samples >= 2``);
 * the variance observed over ``--repeats`` independent collected steps on the same batch,
   against the closed form (calibration, ≈ 1);
@@ -262,10 +262,10 @@ def by_layer(diagonal, estimates):
 def closed_forms(model, x, y, args):
     """Exact diagonal, data variance and closed-form label variance of one step, per entry.
 
-    Token and input from their exact pass; batch from the input one: the batch's square
-    is that of the sum of the inputs' summed scores, so its variance adds the cross terms
-    ``2[(Σ f_n)² − Σ f_n²] / (N² M)`` of the inputs' exact diagonals ``f_n``, and
-    ``Σ f_n² = N(N−1)·data_variance + N·exact²``.
+    Token and input from their exact pass; batch from the input one's
+    ``variance("I1", granularity="batch")``: the batch's square is that of the sum of the
+    inputs' summed scores, so its variance adds the cross terms
+    ``2[(Σ f_n)² − Σ f_n²] / (N² M)`` of the inputs' exact diagonals ``f_n``.
 
     Args:
         model: The network.
@@ -296,14 +296,10 @@ def closed_forms(model, x, y, args):
         if granularity == "token":  # the same closed form, had the square been per input
             other = estimates.variance("I1", granularity="input")
             out["input_from_token"] = by_layer(other, estimates)
+        else:  # had the square been per batch (same inputs, one backward pass)
+            out["batch"] = by_layer(estimates.variance("I1", granularity="batch"), estimates)
         out.setdefault("exact", by_layer(estimates.fisher("exact"), estimates))
         out.setdefault("data", by_layer(estimates.data_variance(), estimates))
-    n, m = len(x), args.mc_samples
-    out["batch"] = {
-        layer: out["input"][layer]
-        + 2 * (n - 1) / (n * m) * (out["exact"][layer] ** 2 - out["data"][layer])
-        for layer in out["exact"]
-    }
     return out
 
 

@@ -48,6 +48,18 @@ def check_empirical(estimators: tuple, likelihood, loss_reduction: Optional[str]
             )
 
 
+def resolve_granularity(granularity: str, estimators: tuple, extras: dict) -> str:
+    """The granularity that ``"auto"`` stands for, else ``granularity`` itself.
+
+    ``"input"``, the same estimator as ``"token"`` where each input has one position, except
+    where ``"EF"``, bounds or block errors (``extras``) need each observation's square.
+    """
+    if granularity != "auto":
+        return granularity
+    per_observation = any_needs(estimators, "needs_data_labels") or any(extras.values())
+    return "token" if per_observation else "input"
+
+
 def check_granularity(estimators: tuple, granularity: str, backend: str, extras: dict) -> None:
     """What a coarser granularity serves.
 

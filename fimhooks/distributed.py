@@ -48,7 +48,7 @@ from fimhooks.fisher.diagonal_terms import BatchSums, RankOne, rank_one_sum_keys
 FAILURE_NOTICE_SECONDS = 10.0
 
 #: Header entries after the per-rank failure flags.
-_INPUTS, _NONFINITE, _MISFIT, _WITH_OUTPUTS, _OUTPUTS = range(5)
+_INPUTS, _NONFINITE, _MISFIT, _WITH_OUTPUTS, _OUTPUTS, _POSITIONS = range(6)
 #: Rank-one sums are sent dense only where that moves this many times fewer numbers than
 #: their factors: the sender forms dense sums with a dozen operations, which take longer
 #: than moving the factors of a narrow layer (``benchmarks/bench_sync.py``).
@@ -472,7 +472,7 @@ class StepReducer:
         self.world_size = dist.get_world_size(self.group)
         self.order = list(order)
         self.device = device
-        self.layout = Layout(self.world_size + 5, self.world_size)
+        self.layout = Layout(self.world_size + 6, self.world_size)
         self._buffers = Buffers(self.layout, self.rank, device)
         self._fitting: Dict[Tuple[Description, torch.dtype], bool] = {}
 
@@ -507,6 +507,7 @@ class StepReducer:
         header[extra + _MISFIT] = float(not self._fitting[description, dtype])
         header[extra + _WITH_OUTPUTS] = float(step.num_outputs is not None)
         header[extra + _OUTPUTS] = step.num_outputs or 0
+        header[extra + _POSITIONS] = step.positions
         if failed:
             self._tell_failure(header)
             return None
@@ -529,6 +530,7 @@ class StepReducer:
             int(round(head[extra + _INPUTS])),
             head[extra + _NONFINITE] > 0,
             int(round(head[extra + _OUTPUTS] / with_outputs)) if with_outputs else None,
+            head[extra + _POSITIONS] / with_outputs if with_outputs else 0,
         )
 
     def _sum(self, header: List[float], pending: Dict[str, BatchSums]) -> List[float]:

@@ -8,7 +8,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fimhooks.fisher.guidance import cost_per_input, draws_suggested, inputs_needed
+from fimhooks.fisher.granularity import GRANULARITIES, vectors_per_pass
+from fimhooks.fisher.guidance import (
+    cost_per_input,
+    draws_suggested,
+    inputs_needed,
+    recommended_granularity,
+    rse_at_same_cost,
+)
 from fimhooks.fisher.quantities import (
     BOUND_SIDES,
     CLOSED_FORM,
@@ -46,6 +53,8 @@ class FisherEstimates:
         block_errors: Whether the layers' full-block Frobenius errors were collected.
         num_outputs: Outputs ``C`` of the network (the exact pass backpropagates ``C``
             vectors per input).
+        positions_per_input: Mean positions ``T`` per input of the collected outputs
+            (padded), which sets the cost of granularity ``"token"``.
         skipped: Collected batches skipped for non-finite statistics.
         generic_layers: Paths of the layers whose per-input gradients came from the
             generic ``torch.func`` rule.
@@ -64,6 +73,7 @@ class FisherEstimates:
         bounds: bool = False,
         block_errors: bool = False,
         num_outputs: int = 1,
+        positions_per_input: float = 1.0,
         skipped: int = 0,
         generic_layers: tuple = (),
     ):
@@ -79,6 +89,7 @@ class FisherEstimates:
         self.has_bounds = bounds
         self.has_block_errors = block_errors
         self.num_outputs = num_outputs
+        self.positions_per_input = positions_per_input
         self.skipped = skipped
         self.generic_layers = tuple(generic_layers)
 
@@ -123,6 +134,11 @@ class FisherEstimates:
             bounds=self.has_bounds and other.has_bounds,
             block_errors=self.has_block_errors and other.has_block_errors,
             num_outputs=self.num_outputs,
+            positions_per_input=(
+                self.positions_per_input * self.num_inputs
+                + other.positions_per_input * other.num_inputs
+            )
+            / max(1, self.num_inputs + other.num_inputs),
             skipped=self.skipped + other.skipped,
             generic_layers=tuple(dict.fromkeys(self.generic_layers + other.generic_layers)),
         )
@@ -145,9 +161,9 @@ class FisherEstimates:
 
         Args:
             estimator: The estimator.
-            granularity: ``"token"`` or ``"input"``: Î₁'s variance had it squared the
-                score at that granularity, on the same inputs (closed form only; default:
-                the monitor's own).
+            granularity: ``"token"``, ``"input"`` or ``"batch"``: Î₁'s variance had it
+                squared the score at that granularity, on the same inputs and passes
+                (closed form only; default: the monitor's own).
         """
         self._check(estimator)
         if granularity not in (None, self.granularity):
@@ -161,21 +177,41 @@ class FisherEstimates:
         return {n: a.label_variance(estimator) for n, a in self._acc.items()}
 
     def _variance_at(self, estimator: str, granularity: str) -> Diagonal:
-        """Î₁'s closed-form variance at the other per-input granularity: ``v1 ± 2 x1``."""
-        per_input = ("token", "input")
-        if estimator != "I1" or self.label_noise != CLOSED_FORM or granularity not in per_input:
+        """Î₁'s closed-form variance at another granularity (docs/math.md §7d).
+
+        ``v1`` at ``"token"``, plus ``2 x1`` (between an input's positions) at ``"input"``
+        and ``"batch"``, plus ``2 xb`` (between a pass's inputs) at ``"batch"``.
+        """
+        if (
+            estimator != "I1"
+            or self.label_noise != CLOSED_FORM
+            or granularity not in GRANULARITIES
+            or self.granularity == "batch"
+        ):
             raise ValueError(
-                "variance(e, granularity=...) compares Î₁ at granularities 'token' and "
-                "'input' from the exact pass's closed form (estimators with 'exact' or 'I2', "
+                "variance(e, granularity=...) gives Î₁ at granularities 'token', 'input' and "
+                "'batch' from the exact pass's closed form (estimators with 'exact' or 'I2', "
                 f"granularity 'token' or 'input'); got {estimator!r} at {granularity!r} "
                 f"from a monitor at {self.granularity!r} (label noise: {self.label_noise})."
             )
-        sign = 2.0 if granularity == "input" else -2.0
+        level = GRANULARITIES.index
 
         def at(acc):
-            cross = acc.label_variance_term("x1")
-            v1 = acc.label_variance("I1")
-            return v1 if cross is None else v1 + sign * cross
+            token = acc.label_variance("I1")
+            cross = {t: acc.label_variance_term(t) for t in ("x1", "xb")}
+            if cross["x1"] is not None and level(self.granularity) >= level("input"):
+                token = token - 2 * cross["x1"]  # this monitor's v1 holds them
+            if cross["x1"] is not None and level(granularity) >= level("input"):
+                token = token + 2 * cross["x1"]
+            if granularity == "batch":
+                if cross["xb"] is None:
+                    raise ValueError(
+                        "the cross terms between inputs were not collected (statistics "
+                        "saved by an older version): variance(e, granularity='batch') "
+                        "needs a monitor that collected them."
+                    )
+                token = token + 2 * cross["xb"]
+            return token
 
         return {n: at(a) for n, a in self._acc.items()}
 
@@ -308,11 +344,14 @@ class FisherEstimates:
         relative standard errors over ``RSE_BINS``; with bounds, ``bound_tightness`` and
         ``bound_lower``: the layer's sum of the upper (lower) bounds over the sum of what
         they bound (``bounds``; ``inf``/``nan`` where that is zero); for the empirical
-        Fisher with the exact pass, ``bias`` and ``trace_bias`` (``_bias``); for Î₁ on
-        outputs with positions and the exact pass, ``rse_by_granularity``: ``{"token",
-        "input": rse}`` on the same inputs (docs/math.md §7d). Per layer also
-        ``params``, ``zero_v2`` (entries of Î₂ without label noise) and ``recommended``: the
-        unbiased estimator reaching ``target`` with the fewest backpropagated vectors.
+        Fisher with the exact pass, ``bias`` and ``trace_bias`` (``_bias``); for Î₁ with
+        the exact pass, per granularity (``{"token", "input", "batch": ...}``, docs/math.md
+        §7d): ``rse_by_granularity`` on the same inputs, ``vectors_by_granularity`` backpropagated per pass
+        and ``rse_at_same_cost``, the rse had it spent this monitor's vectors. Per layer
+        also ``params``, ``zero_v2`` (entries of Î₂ without label noise), ``recommended``:
+        the unbiased estimator reaching ``target`` with the fewest backpropagated vectors,
+        and with the granularities' rse ``recommended_granularity``: Î₁'s of least
+        ``rse² × vectors``.
         """
         self._check_collected()
         return {layer: self._layer_stats(names, target) for layer, names in self._layers().items()}
@@ -370,8 +409,11 @@ class FisherEstimates:
                 else None,
                 "rse_histogram": _rse_histogram(fisher, total),
             }
-            if e == "I1" and any(a.label_variance_term("x1") is not None for a in accs):
-                stats[e]["rse_by_granularity"] = self._rse_by_granularity(names, sq_norm)
+            if e == "I1" and any(a.label_variance_term("xb") is not None for a in accs):
+                stats[e].update(self._granularities(names, sq_norm, draws))
+                stats["recommended_granularity"] = recommended_granularity(
+                    stats[e]["rse_by_granularity"], stats[e]["vectors_by_granularity"]
+                )
             if self.has_bounds and ESTIMATOR_SPECS[e].bounded:
                 stats[e].update(_bound_ratios(e, accs))
             if ESTIMATOR_SPECS[e].needs_data_labels and self.exact_pass:
@@ -384,15 +426,20 @@ class FisherEstimates:
         stats["recommended"] = min(unbiased, key=lambda e: (costs[e], label_sampled(e)))
         return stats
 
-    def _rse_by_granularity(self, names: List[str], sq_norm: float) -> Dict[str, float]:
-        """A layer's Î₁ rse had it been squared per observation or per input (same data)."""
+    def _granularities(self, names: List[str], sq_norm: float, draws: int) -> dict:
+        """A layer's Î₁ at each granularity on the same inputs: rse, cost, rse at equal cost."""
         data = sum(self._acc[n].sample_variance("exact").sum().item() for n in names)
-        out = {}
-        for granularity in ("token", "input"):
+        rse = {}
+        for granularity in GRANULARITIES:
             label = self.variance("I1", granularity=granularity)
             total = data + sum(label[n].sum().item() for n in names)
-            out[granularity] = math.sqrt(total / sq_norm) if sq_norm > 0 else math.inf
-        return out
+            rse[granularity] = math.sqrt(total / sq_norm) if sq_norm > 0 else math.inf
+        vectors = {g: vectors_per_pass(g, draws, self.positions_per_input) for g in GRANULARITIES}
+        return {
+            "rse_by_granularity": rse,
+            "vectors_by_granularity": vectors,
+            "rse_at_same_cost": rse_at_same_cost(rse, vectors, self.granularity),
+        }
 
     def standard_errors(self, estimator: str) -> Diagonal:
         """Standard error of each entry of the running estimate, ``sqrt(label + data)``.

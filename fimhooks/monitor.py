@@ -107,13 +107,16 @@ class FisherMonitor:
             ``[T, N, ...]`` inputs (the output's is always the first). The layers' own
             batch axes are read from the data flow; this one is needed where the model
             replays as a whole (parameters of its own, such as a class token).
-        granularity: Where Î₁ squares the score (docs/math.md §7d): ``"token"`` (default)
-            once per observation; ``"input"`` once per input, the square of its score
-            summed over its positions divided by their number: the same Fisher, with more
-            label noise (reported), at the cost of per-input gradients. Outputs with one
-            observation per input give the same numbers either way. ``"batch"``: once
-            per step, the batch's score (one backward of the sampled-label loss, no
+        granularity: Where Î₁ squares the score (docs/math.md §7d): ``"token"`` once per
+            observation; ``"input"`` once per input, the square of its score summed over
+            its positions divided by their number: the same Fisher, with more label noise
+            (reported), for one backward per draw instead of one per position. Outputs
+            with one observation per input give the same numbers either way. ``"batch"``:
+            once per step, the batch's score (one backward of the sampled-label loss, no
             per-input tensor): ``"I1"`` only (its default), without a data variance.
+            ``"auto"`` (default): ``"input"``, or ``"token"`` where ``"EF"``, ``bounds``
+            or ``block_errors`` are asked for (they are per observation); estimates name
+            ``"token"`` where every input had one position.
         backend: ``"auto"`` (default): the chain backend where the forward pass is a chain
             of supported layers, else the general one; ``"general"``: always the general
             backend (any graph); ``"chain"``: the chain backend, an error where it does not
@@ -144,7 +147,7 @@ class FisherMonitor:
         block_errors: bool = False,
         verify: str = "first",
         batch_axis: int = 0,
-        granularity: str = "token",
+        granularity: str = "auto",
         backend: str = "auto",
     ):
         if not isinstance(model, nn.Module):
@@ -159,7 +162,7 @@ class FisherMonitor:
             "verify": (verify, VERIFY_OPTIONS),
             "batchnorm": (batchnorm, bn.OPTIONS),
             "backend": (backend, BACKEND_OPTIONS),
-            "granularity": (granularity, GRANULARITIES),
+            "granularity": (granularity, ("auto",) + GRANULARITIES),
         }
         checks.check_options(mc_samples, every, ema_decay, output, batch_axis, choices)
         check_max_memory(max_memory)
@@ -175,7 +178,8 @@ class FisherMonitor:
         loss_reduction = getattr(likelihood, "reduction", None)
         checks.check_empirical(estimators, self.likelihood, loss_reduction)
         extras = {"bounds": bounds, "block_errors": block_errors}
-        checks.check_granularity(estimators, granularity, backend, extras)
+        self._granularity = checks.resolve_granularity(granularity, estimators, extras)
+        checks.check_granularity(estimators, self._granularity, backend, extras)
         self._sampler, self._warn = Sampler(self.seed), OnceWarnings()
         self._recorder = Recorder(model, output, batchnorm, self._on_output_grad)
         self._collector = Collector(
@@ -185,7 +189,7 @@ class FisherMonitor:
             default_estimators=default_estimators, mc_samples=mc_samples, bounds=self.bounds,
             block_errors=self.block_errors, batchnorm=batchnorm, verify=verify,
             batch_axis=batch_axis, backend=backend, budget=Budget(max_memory),
-            sampler=self._sampler, warn=self._warn, granularity=granularity,
+            sampler=self._sampler, warn=self._warn, granularity=self._granularity,
         )  # fmt: skip
         for option, value in (("bounds", bounds), ("block_errors", block_errors)):
             if value and not self._collector.exact_pass:
@@ -360,13 +364,19 @@ class FisherMonitor:
             layer_types={path: type(m).__name__ for path, m in self.model.named_modules()},
             exact_pass=self._collector.exact_pass,
             label_noise=self._collector.label_noise,
-            granularity=self.granularity,
+            granularity=self._granularity_used(),
             bounds=self.bounds,
             block_errors=self.block_errors,
             num_outputs=self._store.num_outputs,
+            positions_per_input=self._store.positions_per_input,
             skipped=self.skipped,
             generic_layers=self._collector.generic_layers,
         )
+
+    def _granularity_used(self) -> str:
+        """Where Î₁ squared the score: ``"auto"`` resolved, ``"token"`` if no input had positions."""
+        single = self._store.positions_per_input <= 1
+        return "token" if self.granularity == "auto" and single else self._granularity
 
     def progress(self, iterable, **tqdm_options):
         """Iterate under a tqdm bar showing Fisher traces and the worst relative error.

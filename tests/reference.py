@@ -49,7 +49,8 @@ def per_input_reference(
             attention mask), passed one input at a time alongside ``x``.
 
     Returns:
-        ``{quantity: {param name: [N, *param.shape]}}``.
+        ``{quantity: {param name: [N, *param.shape]}}``; ``v1_input`` is ``v1`` with the
+        cross terms of an input's square, ``(1/T²)(Σ_t v_t + 2[(Σ_t g_t)² − Σ_t g_t²])``.
     """
     name = _NAMES.get(type(likelihood), likelihood if isinstance(likelihood, str) else "gaussian")
     class_axis = 1 if isinstance(likelihood, nn.CrossEntropyLoss) else -1
@@ -74,7 +75,7 @@ def per_input_reference(
         axis = class_axis - 1 if class_axis > 0 else -1  # within one input's output
         return h.movedim(axis, -1).reshape(-1, h.shape[axis])
 
-    rows = {key: [] for key in SCALES}
+    rows = {key: [] for key in (*SCALES, "v1_input")}
     for n in range(inputs[0].shape[batch_axis]):
         xn = tuple(a.select(batch_axis, n) for a in inputs)
         f = functools.partial(positions, **{k: a[n] for k, a in keywords.items()})
@@ -90,6 +91,9 @@ def per_input_reference(
         count = len(terms)
         for key, power in SCALES.items():
             rows[key].append(sum(t[key] for t in terms) / count**power)
+        g = torch.stack([t["exact"] for t in terms])
+        cross = g.sum(0) ** 2 - (g * g).sum(0)
+        rows["v1_input"].append((sum(t["v1"] for t in terms) + 2 * cross) / count**2)
     return {key: _unflatten(torch.stack(v), names, shapes, sizes) for key, v in rows.items()}
 
 
@@ -183,6 +187,14 @@ def estimator_reference(model, likelihood, x, mc_samples: int, sigma: float = 1.
         "v2": {k: v.sum(0) / (n**2 * mc_samples) for k, v in per_input["v2"].items()},
         "data": {k: v.var(0) / n for k, v in per_input["exact"].items()},
         "mean_I2": {k: v.mean(0) for k, v in per_input["mean_I2"].items()},
+    }
+    scale = n**2 * mc_samples
+    between = {k: v.sum(0) ** 2 - (v * v).sum(0) for k, v in per_input["exact"].items()}
+    input_v1 = {k: v.sum(0) / scale for k, v in per_input["v1_input"].items()}
+    out["v1_by_granularity"] = {
+        "token": out["v1"],
+        "input": input_v1,
+        "batch": {k: v + 2 * between[k] / scale for k, v in input_v1.items()},
     }
     return out
 

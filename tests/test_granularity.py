@@ -247,7 +247,10 @@ def test_input_granularity_variance_is_the_enumerated_closed_form(mc_samples):
     torch.testing.assert_close(flat(est.fisher("exact")), fisher)
     torch.testing.assert_close(flat(est.variance("I1")), variance)
     monitor.remove()
-    token = fimhooks.FisherMonitor(model, "categorical", estimators=("I1", "exact"))
+    token = fimhooks.FisherMonitor(
+        model, "categorical", estimators=("I1", "exact"), granularity="token",
+        mc_samples=mc_samples,
+    )  # fmt: skip
     token_variance = flat(collect(token, model, x, mask, steps=1).variance("I1"))
     assert (token_variance < variance).any()  # the cross terms are there
 
@@ -504,21 +507,34 @@ def test_a_hugging_face_gpt2_at_the_coarser_granularities(granularity):
     assert z[noisy].abs().max() < Z
 
 
+def closed_over_passes(model, batches, likelihood, granularity, mc_samples, output=None):
+    """Enumerated closed form of the running Î₁'s label noise over passes ``(x, mask)``."""
+    total, inputs = 0.0, 0
+    for x, mask in batches:
+        args = (model, x, likelihood) + ((output,) if output else ())
+        scores, probs = score_table(*args)
+        g, v = moments(scores, probs)
+        weights = weights_of(mask) if mask is not None else torch.ones(len(x), 1).double()
+        variance = label_variance(g, v, weights, granularity)
+        total = total + (variance if granularity == "batch" else variance.sum(0))
+        inputs += len(x)
+    return total / (inputs**2 * mc_samples)
+
+
 @pytest.mark.parametrize("collected", ["token", "input"])
-def test_either_granularitys_variance_from_one_monitor(collected):
-    # the exact pass keeps the cross terms, so one monitor gives both closed forms
+def test_every_granularitys_variance_from_one_monitor(collected):
+    # the exact pass keeps the cross terms, so one monitor gives all three closed forms
     model, x, mask = lm_batch()
-    scores, probs = score_table(model, x, "categorical")
-    g, v = moments(scores, probs)
+    passes = [(x, mask), (x[:2].flip(1), mask[:2])]  # the batch's cross terms are per pass
     monitor = fimhooks.FisherMonitor(
         model, "categorical", estimators=("I1", "exact"), granularity=collected, mc_samples=2
     )
-    est = collect(monitor, model, x, mask, steps=1)
-    for granularity in ("token", "input"):
-        closed = label_variance(g, v, weights_of(mask), granularity).sum(0) / (len(x) ** 2 * 2)
+    for tokens, m in passes:
+        collect(monitor, model, tokens, m, steps=1)
+    est = monitor.estimates()
+    for granularity in GRANULARITIES:
+        closed = closed_over_passes(model, passes, "categorical", granularity, 2)
         torch.testing.assert_close(flat(est.variance("I1", granularity=granularity)), closed)
-    with pytest.raises(ValueError, match="compares Î₁ at granularities"):
-        est.variance("I1", granularity="batch")
     stats = est.layer_statistics()["mix"]["I1"]["rse_by_granularity"]
     names = ("mix.weight", "mix.bias")
     data = sum(est.data_variance()[n].sum() for n in names)
@@ -526,4 +542,86 @@ def test_either_granularitys_variance_from_one_monitor(collected):
     for granularity, rse in stats.items():
         label = sum(est.variance("I1", granularity=granularity)[n].sum() for n in names)
         assert rse == pytest.approx(((data + label) / norm).sqrt().item(), rel=1e-12)
-    assert stats["token"] < stats["input"]  # the cross terms: more noise at "input"
+    assert stats["token"] < stats["input"] < stats["batch"]  # more cross terms, more noise
+
+
+@pytest.mark.parametrize("backend", ["chain", "general"])
+def test_the_batch_closed_form_on_a_chain_of_layers(backend):
+    # one observation per input: token and input agree, the batch adds the inputs' cross terms
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    passes = [(torch.randn(3, 3, dtype=torch.float64), None) for _ in range(2)]
+    monitor = fimhooks.FisherMonitor(
+        model, "bernoulli", estimators=("I1", "exact"), backend=backend
+    )
+    for x, _ in passes:
+        with monitor:
+            model(x).sum().backward()
+    est = monitor.estimates()
+    for granularity in GRANULARITIES:
+        closed = closed_over_passes(model, passes, "bernoulli", granularity, 1)
+        torch.testing.assert_close(flat(est.variance("I1", granularity=granularity)), closed)
+    token, batch = (flat(est.variance("I1", granularity=g)) for g in ("token", "batch"))
+    assert (batch > token).any()
+
+
+# --- the default and the guidance across granularities -------------------------------------
+
+
+def test_the_default_squares_per_input_where_inputs_have_positions():
+    model, x, mask = lm_batch()
+    auto = fimhooks.FisherMonitor(model, "categorical", estimators=("I1", "exact"), seed=3)
+    est = collect(auto, model, x, mask, steps=1)
+    auto.remove()
+    explicit = fimhooks.FisherMonitor(
+        model, "categorical", estimators=("I1", "exact"), granularity="input", seed=3
+    )
+    same = collect(explicit, model, x, mask, steps=1)
+    explicit.remove()
+    assert auto.granularity == "auto" and est.granularity == "input"
+    torch.testing.assert_close(flat(est.fisher("I1")), flat(same.fisher("I1")))
+    # per observation where a per-observation quantity is asked for
+    bounded = fimhooks.FisherMonitor(model, "categorical", estimators=("I1", "exact"), bounds=True)
+    assert collect(bounded, model, x, mask, steps=1).granularity == "token"
+    bounded.remove()
+    mlp = nn.Sequential(nn.Linear(3, 2)).double()
+    plain = fimhooks.FisherMonitor(mlp, "categorical", estimators=("I1", "exact"))
+    with plain:
+        mlp(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    assert plain.estimates().granularity == "token"  # one position: the same estimator
+
+
+def test_the_recommended_granularity_has_the_least_variance_per_vector():
+    model, x, mask = lm_batch()
+    monitor = fimhooks.FisherMonitor(model, "categorical", estimators=("I1", "exact"), mc_samples=2)
+    est = collect(monitor, model, x, mask, steps=1)
+    passes = [(x, mask)]
+    names = ("mix.weight", "mix.bias")
+    data = sum(est.data_variance()[n].sum() for n in names)
+    norm = sum((est.fisher("I1")[n] ** 2).sum() for n in names)  # the rse of Î₁ itself
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    T = x.shape[1]
+    vectors = {"token": 2 * T, "input": 2, "batch": 2}
+    expected = {}
+    for granularity in GRANULARITIES:
+        closed = closed_over_passes(model, passes, "categorical", granularity, 2)
+        by_name = dict(zip(sizes, closed.split(list(sizes.values()))))
+        label = sum(by_name[n].sum() for n in names)
+        expected[granularity] = ((data + label) / norm).sqrt().item()
+    layer = est.layer_statistics()["mix"]
+    for granularity, rse in layer["I1"]["rse_by_granularity"].items():
+        assert rse == pytest.approx(expected[granularity], rel=1e-10)
+    assert layer["I1"]["vectors_by_granularity"] == vectors
+    best = min(expected, key=lambda g: expected[g] ** 2 * vectors[g])
+    assert layer["recommended_granularity"] == best
+    at_cost = layer["I1"]["rse_at_same_cost"]
+    assert at_cost["input"] == pytest.approx(expected["input"])  # this monitor's own
+    assert at_cost["token"] == pytest.approx(expected["token"] * T**0.5)
+    assert "best I1 at" in est.summary()
+    state = monitor.state_dict()
+    monitor.remove()
+    restored = fimhooks.FisherMonitor(
+        model, "categorical", estimators=("I1", "exact"), mc_samples=2
+    )
+    restored.load_state_dict(state)
+    assert restored.estimates().positions_per_input == T

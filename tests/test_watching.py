@@ -76,16 +76,21 @@ def test_json_log_has_one_documented_line_per_collected_step():
     assert last["version"] == VERSION and last["inputs"] == 3 * len(x)
     assert set(last) == {
         "version", "step", "backward", "inputs", "skipped", "time", "estimators",
-        "target_rse", "rse_bins", "layers",
+        "granularity", "target_rse", "rse_bins", "layers",
     }  # fmt: skip
+    assert last["granularity"] == "token"  # one observation per input
     assert list(last["layers"]) == ["0", "2"]
     layer = last["layers"]["0"]
     assert {"module", "params", "recommended", "zero_v2", "I1", "I2", "exact"} <= set(layer)
+    assert layer["recommended_granularity"] == "token"  # input is the same, batch noisier
     assert layer["module"] == "Linear"
     assert set(layer["I1"]) == {
         "trace", "rse", "label_share", "data_share", "inputs_needed", "draws_suggested",
-        "rse_histogram",
+        "rse_histogram", "rse_by_granularity", "vectors_by_granularity", "rse_at_same_cost",
     }  # fmt: skip
+    rse = layer["I1"]["rse_by_granularity"]
+    assert rse["token"] == pytest.approx(rse["input"]) and rse["batch"] > rse["input"]
+    assert layer["I1"]["vectors_by_granularity"] == {"token": 1, "input": 1, "batch": 1}
     assert len(layer["I1"]["rse_histogram"]) == len(last["rse_bins"]) - 1
     assert sum(layer["exact"]["rse_histogram"]) <= layer["params"]
     assert ("fimhooks/0/I1/trace", layer["I1"]["trace"], 3) in writer.scalars

@@ -2,7 +2,7 @@
 
 Every case is data: a builder (a float64 model, seeded, nothing downloaded), an input maker,
 a likelihood, the loss the user trains with, and options. One parametrized test checks
-``fisher("exact")``, ``variance("I1")`` and ``data_variance()`` of one batch against
+``fisher("exact")``, ``variance("I1")`` (at every granularity) and ``data_variance()`` of one batch against
 ``reference.estimator_reference`` (docs/math.md §9), parameter by parameter, and reports
 every parameter that differs rather than the first.
 
@@ -616,6 +616,10 @@ def test_zoo_matches_brute_force(build, make_inputs, likelihood, loss, options):
     largest = max(v.abs().max() for v in ref["exact"].values())
     floor = {k: 1e-6 * largest**2 for k in ref["exact"]}
     found = _differences(est.fisher("exact"), ref["exact"], "exact", rtol)
-    found += _differences(est.variance("I1"), ref["v1"], "v1", rtol)
+    by_granularity = ref["v1_by_granularity"]
+    found += _differences(est.variance("I1"), by_granularity[est.granularity], "v1", rtol)
+    for granularity, expected in by_granularity.items():
+        at = est.variance("I1", granularity=granularity)
+        found += _differences(at, expected, f"v1 at {granularity}", rtol)
     found += _differences(est.data_variance(), ref["data"], "data variance", rtol, floor)
     assert not found, f"{len(found)} differences:\n" + "\n".join(found)

@@ -38,6 +38,7 @@ from fimhooks.engine.verification import (
     tolerance,
     verification_draw,
 )
+from fimhooks.fisher.granularity import with_cross_terms_between_inputs
 from fimhooks.fisher.quantities import (
     CLOSED_FORM,
     DRAWS,
@@ -202,11 +203,8 @@ class Collector:
             return
         draw = self.draw(record, grad, positions, observed)
         if self.granularity == "batch":  # autograd alone, no per-input rule to verify
-            step.add(
-                self.batch.batch_sums(record, draw, self.plan()),
-                draw.num_inputs,
-                positions.shape[2],
-            )
+            sums = self.batch.batch_sums(record, draw, self.plan())
+            step.add(sums, draw.num_inputs, positions.shape[2], positions.shape[1])
             return
         if self.verify == "always" or (
             self.verify == "first" and record.signature not in self._verified
@@ -225,7 +223,10 @@ class Collector:
                 return
             if any_needs(self.estimators, "needs_curvature"):
                 self.check_no_curvature(record, uses)
-        step.add(backend.batch_sums(record, draw, self.plan()), draw.num_inputs, positions.shape[2])
+        sums = backend.batch_sums(record, draw, self.plan())
+        if "xb" in self.terms:
+            sums = with_cross_terms_between_inputs(sums)
+        step.add(sums, draw.num_inputs, positions.shape[2], positions.shape[1])
 
     def check(self, record: ForwardRecord) -> None:
         """Clear errors for what the model's output or forward pass rules out."""

@@ -19,14 +19,19 @@ class Step:
         num_inputs: Inputs of the step (observed positions' inputs).
         nonfinite: Whether an output or statistic was not finite (the step is skipped).
         num_outputs: Outputs per position (``C``), ``None`` where no batch was seen.
+        positions: Positions per input of its outputs (``T``, padded; the most of its passes),
+            ``0`` where no batch was seen; under ``torch.distributed`` the ranks' mean.
     """
 
     sums: Dict[str, BatchSums] = field(default_factory=dict)
     num_inputs: int = 0
     nonfinite: bool = False
     num_outputs: Optional[int] = None
+    positions: float = 0
 
-    def add(self, sums: Dict[str, BatchSums], num_inputs: int, num_outputs: int) -> None:
+    def add(
+        self, sums: Dict[str, BatchSums], num_inputs: int, num_outputs: int, positions: int = 1
+    ) -> None:
         """Add one backward pass's sums (a block may hold several)."""
         for name, value in sums.items():
             held = self.sums.get(name)
@@ -34,6 +39,7 @@ class Step:
         self.num_inputs += num_inputs
         if num_inputs:
             self.num_outputs = num_outputs
+            self.positions = max(self.positions, positions)
 
     @property
     def finite(self) -> bool:

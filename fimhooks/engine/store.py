@@ -35,6 +35,7 @@ class Store:
         self.skipped = 0
         self.collected_steps = 0
         self.num_outputs = 1
+        self.positions = 0.0  # Σ over the added steps of their positions per input
 
     def commit(self, step: Step) -> str:
         """Add a step to the statistics, unless it is not finite, empty or all masked.
@@ -55,7 +56,14 @@ class Store:
                 self.accumulators[name] = RunningDiagonal(self.ema_decay, self.mc_samples)
             self.accumulators[name].update(sums, step.num_inputs)
         self.collected_steps += 1
+        self.positions += step.positions
         return ADDED
+
+    @property
+    def positions_per_input(self) -> float:
+        """Mean positions per input (``T``, padded) over the added steps; 1 before any."""
+        steps = max((a.num_steps for a in self.accumulators.values()), default=0)
+        return self.positions / steps if steps and self.positions else 1.0
 
     def snapshot(self) -> Dict[str, RunningDiagonal]:
         """Detached copies of the accumulators."""
@@ -63,7 +71,7 @@ class Store:
 
     def reset(self) -> None:
         """Forget the statistics (the count of collected steps stays)."""
-        self.accumulators, self.skipped = {}, 0
+        self.accumulators, self.skipped, self.positions = {}, 0, 0.0
 
     def state_dict(self) -> dict:
         """The counts and every accumulator's state."""
@@ -71,6 +79,7 @@ class Store:
             "skipped": self.skipped,
             "collected_steps": self.collected_steps,
             "num_outputs": self.num_outputs,
+            "positions": self.positions,
             "accumulators": {n: a.state_dict() for n, a in self.accumulators.items()},
         }
 
@@ -79,6 +88,7 @@ class Store:
         self.skipped = state["skipped"]
         self.collected_steps = state["collected_steps"]
         self.num_outputs = state["num_outputs"]
+        self.positions = state.get("positions", 0.0)  # older states: unknown
         self.accumulators = {
             name: RunningDiagonal.from_state_dict(acc).to(devices[name])
             for name, acc in state["accumulators"].items()

@@ -27,6 +27,8 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
+from fimhooks.fisher.diagonal_terms import BatchSums
+
 #: The granularities, finest first.
 GRANULARITIES: Tuple[str, ...] = ("token", "input", "batch")
 
@@ -34,6 +36,16 @@ GRANULARITIES: Tuple[str, ...] = ("token", "input", "batch")
 def _spread(weights: Tensor, like: Tensor) -> Tensor:
     """``weights [N, T]`` broadcast against ``like [..., N, T, *P]``."""
     return weights.reshape(*weights.shape, *[1] * (like.dim() - weights.dim()))
+
+
+def vectors_per_pass(granularity: str, draws: int, positions: float) -> float:
+    """Vectors Î₁ backpropagates through a pass at ``granularity`` (its cost, docs/math.md §7d).
+
+    ``"token"`` one per position and draw (``T·M``, each position's score needs its own),
+    ``"input"`` and ``"batch"`` one per draw (``M``, each input's positions summed first);
+    ``"batch"`` saves the per-input parameter-sized tensors, which vectors do not count.
+    """
+    return draws * (positions if granularity == "token" else 1)
 
 
 def summands(scores: Tensor, weights: Tensor, granularity: str) -> Tensor:
@@ -142,4 +154,25 @@ def batch_terms(scores: Tensor, terms) -> Dict[str, Tensor]:
     out = {"I1": squares.mean(0)} if "I1" in terms else {}
     if "v1" in terms:
         out["v1"] = draw_variance(squares)
+    return out
+
+
+def cross_terms_between_inputs(total: Tensor, squares: Tensor) -> Tensor:
+    """``(Σ_n e_n)² − Σ_n e_n²`` from a pass's batch sums of ``exact``: ``total``, ``squares``.
+
+    What squaring the score summed over the pass's inputs adds (halved) to the label-noise
+    variance of the sum of their ``"input"`` summands; ``≥ 0`` (rounding clamped).
+    """
+    return (total * total - squares).clamp_min(0.0)
+
+
+def with_cross_terms_between_inputs(sums: Dict[str, BatchSums]) -> Dict[str, BatchSums]:
+    """One backward pass's batch sums with ``xb`` added where ``exact``'s are there."""
+    out = {}
+    for name, batch in sums.items():
+        dense = batch.dense()
+        if "exact" in dense:
+            xb = cross_terms_between_inputs(dense["exact"], dense["exact_sq"])
+            batch = BatchSums({**batch.sums, "xb": xb}, batch.rank_ones, batch.aliases)
+        out[name] = batch
     return out

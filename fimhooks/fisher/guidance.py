@@ -10,7 +10,7 @@ and ``D = Σ_i Var_x g_i`` the data noise of one input. Its relative standard er
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Dict, Optional
 
 from fimhooks.fisher.quantities import ESTIMATOR_SPECS
 
@@ -57,3 +57,19 @@ def cost_per_input(estimator: str, draws: int, outputs: int) -> int:
     Fisher.
     """
     return ESTIMATOR_SPECS[estimator].directions_per_input(draws, outputs)
+
+
+def recommended_granularity(rse: Dict[str, float], vectors: Dict[str, float]) -> str:
+    """The granularity of least variance per backpropagated vector, ``argmin rse² · vectors``.
+
+    Ties go to the first (finest) of ``rse``: on outputs with one position per input
+    ``"token"`` and ``"input"`` are the same estimator.
+    """
+    return min(rse, key=lambda g: rse[g] ** 2 * vectors[g])
+
+
+def rse_at_same_cost(
+    rse: Dict[str, float], vectors: Dict[str, float], own: str
+) -> Dict[str, float]:
+    """Each granularity's rse had it spent the vectors that ``own`` did: ``rse · √(c / c_own)``."""
+    return {g: r * math.sqrt(vectors[g] / vectors[own]) for g, r in rse.items()}

@@ -78,6 +78,9 @@ _BASE_TERMS = (
     Term("v2", input_power=4, summand=False, label_variance=True),
     # the cross terms an input's square adds to v1: (Σ_t w g)² − Σ_t w² g² (docs/math.md §7d)
     Term("x1", input_power=4, summand=False, label_variance=True),
+    # the cross terms between a backward pass's inputs that squaring its summed score adds:
+    # (Σ_n e_n)² − Σ_n e_n², e_n an input's exact summand; formed from exact's batch sums
+    Term("xb", input_power=4, summand=False, label_variance=True),
 )
 #: The two sides of a bound term's name: ``"v1_lower"`` bounds ``v1`` from below.
 BOUND_SIDES = ("lower", "upper")
@@ -161,14 +164,15 @@ def terms_for(
     2``, the label-noise variances of those that draw labels, estimated from the spread
     among the draws (docs/math.md §7d). With the exact pass, ``exact``
     (the data variance's summand) and, for each estimator, its summand and its variance
-    term (for Î₁ also ``x1``, its cross terms between an input's positions); with ``bounds``, also the two bound terms of each estimator's bounded term
-    (docs/math.md §7).
+    term (for Î₁ also ``x1`` and ``xb``, its cross terms between an input's positions
+    and between a pass's inputs); with ``bounds``, also the two bound terms of each
+    estimator's bounded term (docs/math.md §7).
     """
     specs = [ESTIMATOR_SPECS[e] for e in estimators]
     if not any(s.needs_exact_pass for s in specs):
         spread = {s.variance for s in specs if s.variance} if mc_samples >= 2 else set()
         return frozenset(s.name for s in specs) | spread
-    terms = {"exact"} | ({"x1"} if "I1" in estimators else set())
+    terms = {"exact"} | ({"x1", "xb"} if "I1" in estimators else set())
     for spec in specs:
         terms |= {spec.name} | ({spec.variance} if spec.variance else set())
         if bounds and spec.bounded:

@@ -5,7 +5,7 @@ Schema of a line (``version`` 1)::
     {"version": 1, "step": collected steps so far, "backward": backward passes seen
      inside `with monitor:`, "inputs": inputs accumulated, "skipped": batches skipped,
      "time": seconds since the log was opened, "estimators": ["I1", ...],
-     "target_rse": 0.05, "rse_bins": [bin edges],
+     "granularity": where Î₁ squares the score, "target_rse": 0.05, "rse_bins": [bin edges],
      "layers": {layer path: FisherEstimates.layer_statistics() entry}}
 """
 
@@ -33,6 +33,7 @@ def log_record(estimates, step: int, backward: int, seconds: float, target: floa
         "skipped": estimates.skipped,
         "time": seconds,
         "estimators": list(estimates.estimators),
+        "granularity": estimates.granularity,
         "target_rse": target,
         "rse_bins": RSE_BINS,
         "layers": _finite(estimates.layer_statistics(target)),

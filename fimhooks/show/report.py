@@ -29,6 +29,8 @@ def layer_table(record: dict) -> List[List[str]]:
     biased = [e for e in estimators if "bias" in first[e]]
     header += [f"bias {e}" for e in biased] + [f"bound tightness {e}" for e in bounded]
     header += ["zero-variance I2", "recommended"]
+    granular = "recommended_granularity" in first
+    header += ["I1 rse at token / input / batch", "I1 best at"] if granular else []
     rows = [header]
     for layer, stats in record["layers"].items():
         row = [layer or "<model>", stats["module"], str(stats["params"])]
@@ -41,6 +43,9 @@ def layer_table(record: dict) -> List[List[str]]:
         row += [number(stats[e]["bound_tightness"]) for e in bounded]
         zero = stats.get("zero_v2")
         row += ["n/a" if zero is None else f"{zero}/{stats['params']}", stats["recommended"]]
+        if granular:
+            rse = stats["I1"]["rse_by_granularity"]
+            row += [" / ".join(number(rse[g]) for g in rse), stats["recommended_granularity"]]
         rows.append(row)
     return rows
 
@@ -75,6 +80,13 @@ def write_report(records: List[dict], out_dir: Path, title: str = "fimhooks repo
         "worth taking; 'recommended' = the estimator reaching the target with the fewest "
         "backpropagated vectors."
     )
+    if any("recommended_granularity" in s for s in last["layers"].values()):
+        intro += (
+            f" Î₁ squares the score at granularity '{last.get('granularity', 'token')}'; "
+            "'I1 rse at' = the rse it would have had squared per observation, per input or "
+            "per batch on the same inputs; 'I1 best at' = the granularity of least variance "
+            "per backpropagated vector."
+        )
     if any("bound_tightness" in s[e] for s in last["layers"].values() for e in last["estimators"]):
         intro += (
             " 'bound tightness' = the layer's upper bound (Soen & Sun 2024, Thm 4.1) over "

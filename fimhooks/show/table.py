@@ -20,13 +20,16 @@ def summary_table(estimates: "FisherEstimates", target: float) -> str:
     sampled = [e for e in estimators if label_sampled(e)] if known else []
     biased = [e for e in estimators if ESTIMATOR_SPECS[e].needs_data_labels] if exact_pass else []
     bounded = [e for e in estimators if ESTIMATOR_SPECS[e].bounded] if estimates.has_bounds else []
-    zero_v2 = "zero_v2" in next(iter(layers.values()))
+    first = next(iter(layers.values()))
+    zero_v2 = "zero_v2" in first
+    granular = "recommended_granularity" in first
     header = ["layer", "module", "params"]
     for e in estimators:
         header += [f"tr {e}", f"rse {e}", f"N@{target:.0%} {e}"]
     header += [f"label share {e}" for e in sampled] + [f"M {e}" for e in sampled]
     header += [f"bias {e}" for e in biased] + [f"tight {e}" for e in bounded]
     header += ["zero v2", "best"] if zero_v2 else ["best"]
+    header += ["best I1 at"] if granular else []
     rows = []
     for layer, stats in layers.items():
         row = [layer or "<model>", stats["module"], stats["params"]]
@@ -40,11 +43,19 @@ def summary_table(estimates: "FisherEstimates", target: float) -> str:
         if zero_v2:
             row.append(f"{stats['zero_v2']}/{stats['params']}")
         row.append(stats["recommended"])
+        if granular:
+            row.append(stats["recommended_granularity"])
         rows.append(row)
     title = f"fimhooks: diagonal Fisher over {estimates.num_inputs} inputs" + (
         f", {estimates.skipped} batches skipped" if estimates.skipped else ""
     )
     legend = _legend(target, sampled, biased, bounded, zero_v2, estimates.generic_layers)
+    if granular:
+        legend += (
+            "\nbest I1 at: the granularity where Î₁ has the least variance per backpropagated "
+            f"vector (this run's is {estimates.granularity!r}; per layer in "
+            "layer_statistics(): rse_by_granularity, rse_at_same_cost)."
+        )
     if sampled and estimates.label_noise == DRAWS:
         legend += (
             "\nLabel noise of every layer: estimated from the spread among the label draws "
