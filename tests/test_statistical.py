@@ -73,3 +73,36 @@ def test_empirical_variance_matches_label_plus_data_noise(likelihood):
             assert max_abs(error[zero]) <= 1e-10 * expected[name].abs().max()
             z = error[~zero] / spread[~zero]
             assert max_abs(z) < Z_BOUND, f"{estimator} {name}: z={z}"
+
+
+@pytest.mark.parametrize("draws", [1, 3])
+def test_categorical_labels_follow_their_probabilities(draws):
+    from fimhooks.fisher.likelihoods import categorical_labels
+
+    p = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float32)
+    rows = 20000
+    generator = torch.Generator().manual_seed(11)
+    labels = categorical_labels(p.repeat(rows, 1), draws, generator).reshape(rows, 2, draws)
+    for i, q in enumerate(p.double()):
+        counts = torch.bincount(labels[:, i].flatten(), minlength=4).double()
+        n = rows * draws
+        expected = n * q
+        assert counts[q == 0].sum() == 0  # a class of probability 0 is never drawn
+        z = (counts - expected) / (n * q * (1 - q)).sqrt().clamp_min(1e-12)
+        assert z[q > 0].abs().max() < Z_BOUND
+
+
+def test_masked_positions_with_non_finite_outputs_draw_nothing():
+    # without the exact pass labels are drawn at every position, masked ones zeroed
+    from fimhooks.engine.observations import draw_labels
+    from fimhooks.fisher.likelihoods import Categorical
+
+    positions = torch.randn(2, 3, 4)
+    positions[1, 2] = float("nan")
+    observed = torch.tensor([[True, True, True], [True, True, False]])
+    generator = torch.Generator().manual_seed(0)
+    for scaled in (False, True):
+        draw = draw_labels(Categorical(), positions, observed, 2, generator, False, scaled=scaled)
+        held = draw.directions[:]
+        assert torch.isfinite(held).all() and (held[:, 1, 2] == 0).all()
+        assert torch.allclose(held[:, 0].sum(-1), torch.zeros(2, 3), atol=1e-6)  # e_y − p

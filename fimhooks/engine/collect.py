@@ -264,6 +264,7 @@ class Collector:
         draw = draw_labels(
             self.likelihood, positions, observed, self.mc_samples, generator,
             self.exact_pass, self.bounds, self.block_errors,
+            scaled=self.granularity != "token",
         )  # fmt: skip
         if any_needs(self.estimators, "needs_data_labels"):
             read = (self.likelihood, self.class_axis, self.loss_reduction)

@@ -146,6 +146,8 @@ class LabelDraw:
             for the empirical Fisher; ``with_data_residuals``), else 0; ``None`` without it.
         gram_pairing: The likelihood's ``(α, β)`` of ``blocks`` when block errors are
             collected, else ``None``.
+        scaled: Whether the held residuals are already times ``√(1/T_n)``
+            (``draw_labels(scaled=True)``).
     """
 
     directions: Directions
@@ -157,6 +159,7 @@ class LabelDraw:
     bound_factors: Optional[Tensor] = None
     data_weights: Optional[Tensor] = None
     gram_pairing: Optional[Tuple[float, float]] = None
+    scaled: bool = False
 
     def to(self, dtype: torch.dtype) -> "LabelDraw":
         """The same draw in another precision."""
@@ -173,6 +176,7 @@ class LabelDraw:
             bound_factors=cast(self.bound_factors),
             data_weights=cast(self.data_weights),
             gram_pairing=self.gram_pairing,
+            scaled=self.scaled,
         )
 
 
@@ -185,8 +189,9 @@ def draw_labels(
     exact_pass: bool,
     bounds: bool = False,
     block_errors: bool = False,
+    scaled: bool = False,
 ) -> LabelDraw:
-    """Draw labels at the observed positions only (masked ones are neither drawn nor counted).
+    """Draw labels for a step; masked positions are not counted (and their vectors are 0).
 
     Args:
         likelihood: The likelihood.
@@ -197,21 +202,37 @@ def draw_labels(
         exact_pass: Backpropagate ``C`` directions per position (else the ``M`` residuals).
         bounds: Also the factors of the bounds (docs/math.md §7; needs ``exact_pass``).
         block_errors: Also the likelihood's Gram pairing of the block errors (``blocks``).
+        scaled: Without the exact pass, hold each position's residuals times the square
+            root of its weight, ``√(1/T_n)`` (``scaled_residuals``; granularities
+            ``"input"`` and ``"batch"``).
     """
-    h = positions[observed]  # [P, C]
     counts = observed.sum(1)
     position_weights = observed / counts.clamp_min(1).unsqueeze(1).to(positions.dtype)
-    if exact_pass:
-        directions = Directions(positions, observed, likelihood)
-        weights, fourth = likelihood.weights(h), likelihood.fourth_weights(h)
-        coefficients = likelihood.sample_coefficients(h, mc_samples, generator)
-        per_position = [_scatter(weights, observed), _scatter(fourth, observed)]
-        per_position.append(_scatter(coefficients, observed))
-    else:
-        residuals = likelihood.sampled_residuals(h, mc_samples, generator)
-        held = _scatter(residuals.transpose(0, 1), observed).permute(2, 0, 1, 3)
-        directions = Directions(positions, observed, held=held)
-        per_position = [None, None, None]
+    if not exact_pass:  # drawn at every position in place, masked ones then zeroed
+        N, T, C = positions.shape
+        if not observed.all():  # a masked position's output may be anything
+            positions = positions.masked_fill(~observed[..., None], 0)
+        flat = positions.reshape(N * T, C)
+        residuals = likelihood.sampled_residuals(flat, mc_samples, generator)
+        held = residuals.reshape(mc_samples, N, T, C)
+        if scaled:
+            held.mul_(position_weights.sqrt().to(held.dtype)[None, :, :, None])
+        held.masked_fill_(~observed[None, :, :, None], 0)
+        return LabelDraw(
+            Directions(positions, observed, held=held),
+            None,
+            None,
+            None,
+            position_weights=position_weights.to(positions.dtype),
+            num_inputs=int((counts > 0).sum()),
+            scaled=scaled,
+        )
+    h = positions[observed]  # [P, C]
+    directions = Directions(positions, observed, likelihood)
+    weights, fourth = likelihood.weights(h), likelihood.fourth_weights(h)
+    coefficients = likelihood.sample_coefficients(h, mc_samples, generator)
+    per_position = [_scatter(weights, observed), _scatter(fourth, observed)]
+    per_position.append(_scatter(coefficients, observed))
     return LabelDraw(
         directions,
         *per_position,
@@ -306,6 +327,8 @@ def scaled_residuals(draw: LabelDraw) -> Tensor:
         draw: A draw without the exact pass (its directions are the sampled residuals).
     """
     held = draw.directions[:]
+    if draw.scaled:
+        return held
     return held * draw.position_weights.sqrt()[None, :, :, None].to(held.dtype)
 
 
