@@ -328,3 +328,24 @@ def test_an_accumulator_restores_from_its_state_and_moves_exactly(ema_decay):
     for get in ("fisher", "label_variance", "sample_variance"):
         torch.testing.assert_close(getattr(restored, get)("I1"), getattr(acc, get)("I1"))
     assert restored.effective_inputs() == acc.effective_inputs()
+
+
+@pytest.mark.parametrize("draws", [1, 3])
+def test_sampled_square_sums_are_the_term_by_term_batch_sums(draws):
+    # the column-block path of the sampled residuals gives the numbers of the general one
+    from fimhooks.fisher.diagonal_terms import (
+        COLUMN_BLOCK,
+        batch_sums,
+        direction_sums,
+        finish_terms,
+        sampled_square_sums,
+    )
+
+    U = torch.randn(draws, 5, 3, COLUMN_BLOCK + 7, dtype=torch.float64)  # a ragged last block
+    wanted = {"I1", "v1"} if draws > 1 else {"I1"}
+    terms = finish_terms(direction_sums(U, None, None, None, None, wanted), 0.0, wanted, draws)
+    expected = batch_sums(terms).sums
+    fused = sampled_square_sums(U, wanted)
+    assert fused.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(fused[key], value)

@@ -176,10 +176,10 @@ class Collector:
         """Layers replayed by the generic rule so far."""
         return tuple(self.backends["general"].generic_layers)
 
-    def plan(self, terms: Optional[frozenset] = None) -> StepPlan:
-        """What the backends compute: the estimators' terms, or ``terms`` alone (per token)."""
+    def plan(self, terms: Optional[frozenset] = None, granularity: str = "token") -> StepPlan:
+        """What the backends compute: the estimators' terms, or ``terms`` alone at ``granularity``."""
         kappa, whole = self.likelihood.kappa, terms is None
-        granularity = self.granularity if whole else "token"
+        granularity = self.granularity if whole else granularity
         return StepPlan(
             terms or self.terms, kappa, self.budget, self.kronecker and whole, granularity
         )
@@ -337,7 +337,10 @@ class Collector:
             return
         truth = autograd_squares(h, self.to_output(h), draw, params)
         limit = tolerance([h.dtype] + [c.output.dtype for c in record.calls])  # (relative, eps)
-        plan, layer_of = self.plan(frozenset({"I1"})), self._structure().layer_of.get
+        # one direction per input: its position-summed backward (one pass, not one per
+        # position) gives the same per-input gradients through the same rules
+        plan = self.plan(frozenset({"I1"}), granularity="input")
+        layer_of = self._structure().layer_of.get
         chain, general = self.backends["chain"], self.backends["general"]
         if self.backend != "general" and chain.applies(record, draw):
             errors = disagreements(chain.batch_sums(record, draw, plan, rows), truth, *limit)

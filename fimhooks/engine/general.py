@@ -34,6 +34,7 @@ from fimhooks.fisher.diagonal_terms import (
     direction_sums,
     finish_terms,
     rank_one_batch_sums,
+    sampled_square_sums,
 )
 from fimhooks.fisher.granularity import input_terms, squared_weighted_fisher, weighted_scores
 
@@ -123,6 +124,10 @@ def _input_chunk_sums(
     rank_one = {name: id(u[0][0]) for name, u in uses.items() if _is_rank_one(u, draw)}
     # an input's cross terms between positions: where it has several and exact is reduced
     cross_terms = "x1" in terms and draw.directions.shape[2] > 1 and draw.weights is not None
+    # the sampled residuals alone at one position per input: sums formed straight from U
+    fused = draw.weights is None and draw.data_weights is None and draw.directions.shape[2] == 1
+    fused = fused and len(chunks) == 1
+    direct: Dict[str, BatchSums] = {}
     per_input: Dict[object, dict] = {}  # by parameter name, or by call for rank-one layers
     partial: Dict[object, dict] = {}
     scores: Dict[object, Tensor] = {}  # square_inputs: Σ_t s_t a_t, [M, n, *P]
@@ -138,7 +143,11 @@ def _input_chunk_sums(
             if key != name:
                 U = captured[key]
             else:
-                U = sum(_use_grads(c, local, captured[id(c)], samples) for c, local in param_uses)
+                grads = [_use_grads(c, local, captured[id(c)], samples) for c, local in param_uses]
+                U = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
+                if fused:
+                    direct[name] = BatchSums(sampled_square_sums(U, terms))
+                    continue
             sums = _direction_sums(U, draw, positions, directions, samples, terms)
             partial[key] = add_sums(partial.get(key), sums)
         if directions[-1] != K - 1:
@@ -158,7 +167,7 @@ def _input_chunk_sums(
         partial = {}
     for key in squared:
         per_input[key] = input_terms(per_input[key], scores.get(key), squared[key])
-    sums = {}
+    sums = dict(direct)
     for name, param_uses in uses.items():
         terms_of = per_input.get(rank_one.get(name, name))
         if not terms_of:

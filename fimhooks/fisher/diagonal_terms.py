@@ -103,6 +103,43 @@ def direction_sums(
     return out
 
 
+#: Entries per column block of ``sampled_square_sums`` (its temporaries stay in cache).
+COLUMN_BLOCK = 1024
+
+
+def sampled_square_sums(U: Tensor, wanted) -> Dict[str, Tensor]:
+    """Batch sums of Î₁ from the sampled residuals' images, one observation per input.
+
+    The numbers of ``batch_sums(finish_terms(direction_sums(U, None, None, ...)))`` for
+    held residuals (no data's direction): ``I1``, the mean over the ``M`` draws of ``U²``,
+    summed over inputs with its squares (``I1_sq``), and with ``v1`` the spread of ``U²``
+    among the draws. Formed ``COLUMN_BLOCK`` entries at a time: no ``[n, *P]``
+    temporary is allocated, which costs more than the arithmetic on large parameters.
+
+    Args:
+        U: ``[M, n, *P]``.
+        wanted: The terms wanted (``"I1"``, ``"v1"``).
+
+    Returns:
+        ``{"I1", "I1_sq"[, "v1"]: [*P]}``.
+    """
+    M, n = U.shape[:2]
+    flat = U.reshape(M, n, -1)
+    keys = ("I1", "I1_sq") + (("v1",) if "v1" in wanted else ())
+    out = {key: flat.new_empty(flat.shape[2]) for key in keys}
+    for start in range(0, flat.shape[2], COLUMN_BLOCK):
+        block = slice(start, start + COLUMN_BLOCK)
+        squares = flat[:, :, block].square()  # [M, n, w]
+        mean = squares[0] if M == 1 else squares.mean(0)
+        torch.sum(mean, 0, out=out["I1"][block])
+        torch.sum(mean * mean, 0, out=out["I1_sq"][block])
+        if "v1" in out:
+            total = squares.sum(0)
+            spread = (squares.square().sum(0) - total * total / M) / (M - 1)
+            torch.sum(spread, 0, out=out["v1"][block])
+    return {key: value.reshape(U.shape[2:]) for key, value in out.items()}
+
+
 def add_sums(a: Optional[Dict[str, Tensor]], b: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """Direction sums of two chunks of directions together."""
     return dict(b) if a is None else {key: a[key] + value for key, value in b.items()}
