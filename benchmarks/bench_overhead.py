@@ -199,8 +199,11 @@ def make_problem(name: str, batch: int, device: str):
 
 
 def sampled_labels(loss_fn, output):
-    """Labels drawn from the model, as fimhooks does (``torch.multinomial`` takes ~10 ms for
-    one draw of 1024 × 512 probabilities on CPU, fimhooks' CDF inversion under 1 ms)."""
+    """Labels drawn from the model, as fimhooks draws them.
+
+    ``torch.multinomial`` takes ~10 ms for one draw of 1024 × 512 probabilities on CPU,
+    fimhooks' CDF inversion under 1 ms.
+    """
     from fimhooks.fisher.likelihoods import categorical_labels
 
     with torch.no_grad():
