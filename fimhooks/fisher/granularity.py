@@ -151,7 +151,8 @@ def batch_terms(scores: Tensor, terms) -> Dict[str, Tensor]:
         step's sums (the estimate is ``I1 / N``).
     """
     squares = scores * scores
-    out = {"I1": squares.mean(0)} if "I1" in terms else {}
+    mean = squares[0] if len(squares) == 1 else squares.mean(0)
+    out = {"I1": mean} if "I1" in terms else {}
     if "v1" in terms:
         out["v1"] = draw_variance(squares)
     return out
