@@ -194,24 +194,24 @@ class FisherEstimates:
                 f"granularity 'token' or 'input'); got {estimator!r} at {granularity!r} "
                 f"from a monitor at {self.granularity!r} (label noise: {self.label_noise})."
             )
-        level = GRANULARITIES.index
+        # +1 where the target squares per input or batch and this monitor per token, −1
+        # the other way round (its v1 holds them), else 0
+        x1_sign = (granularity != "token") - (self.granularity != "token")
 
         def at(acc):
-            token = acc.label_variance("I1")
-            cross = {t: acc.label_variance_term(t) for t in ("x1", "xb")}
-            if cross["x1"] is not None and level(self.granularity) >= level("input"):
-                token = token - 2 * cross["x1"]  # this monitor's v1 holds them
-            if cross["x1"] is not None and level(granularity) >= level("input"):
-                token = token + 2 * cross["x1"]
-            if granularity == "batch":
-                if cross["xb"] is None:
-                    raise ValueError(
-                        "the cross terms between inputs were not collected (statistics "
-                        "saved by an older version): variance(e, granularity='batch') "
-                        "needs a monitor that collected them."
-                    )
-                token = token + 2 * cross["xb"]
-            return token
+            v1, x1 = acc.label_variance("I1"), acc.label_variance_term("x1")
+            if x1 is not None:
+                v1 = v1 + 2 * x1_sign * x1
+            if granularity != "batch":
+                return v1
+            xb = acc.label_variance_term("xb")
+            if xb is None:
+                raise ValueError(
+                    "the cross terms between inputs were not collected (statistics saved "
+                    "by an older version): variance(e, granularity='batch') needs a "
+                    "monitor that collected them."
+                )
+            return v1 + 2 * xb
 
         return {n: at(a) for n, a in self._acc.items()}
 

@@ -30,7 +30,7 @@ class Step:
     positions: float = 0
 
     def add(
-        self, sums: Dict[str, BatchSums], num_inputs: int, num_outputs: int, positions: int = 1
+        self, sums: Dict[str, BatchSums], num_inputs: int, num_outputs: int, positions: int
     ) -> None:
         """Add one backward pass's sums (a block may hold several)."""
         for name, value in sums.items():

@@ -117,9 +117,8 @@ class Categorical(Likelihood):
         residuals = p.neg_().unsqueeze(0)
         if mc_samples > 1:
             residuals = residuals.repeat(mc_samples, 1, 1)
-        rows = torch.arange(len(p), device=p.device)
-        for m in range(mc_samples):
-            residuals[m, rows, labels[:, m]] += 1
+        draws = torch.arange(mc_samples, device=p.device).unsqueeze(1)
+        residuals[draws, torch.arange(len(p), device=p.device), labels.T] += 1
         return residuals
 
     def data_residuals(self, h, grad, scale=None):  # noqa: D102
